@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - venv + install, train a LoRA on sample_images/ with the tiny model, export, render samples
+#   make test   - venv + install, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/sdlora: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU-only machine: take the CPU wheel of torch first so pip does not pull a multi-GB CUDA build.
+	# GPU users keep whatever torch their CUDA setup needs.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch==2.13.0; fi
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(BIN)/sdlora
+
+install: $(BIN)/sdlora
+
+demo: install
+	$(BIN)/sdlora demo
+
+test: install
+	# open-clip-torch is only the reference the tokenizer test compares against (no runtime dependency).
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,332 @@
+"""Typed training configuration: dataclasses mirroring the TOML tables, loading, overrides, validation.
+
+Every problem is collected and raised as one `ConfigError` that names the full key (`train.learning_rate`)
+and, for choices, the allowed values. Nothing is silently corrected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem, one per line."""
+
+
+@dataclass
+class ModelConfig:
+    # A diffusers folder, a single-file .safetensors checkpoint, or an embedded tiny model:
+    # "tiny-sd15" / "tiny-sdxl" (random weights, for tests and the demo).
+    base_model: str = "tiny-sd15"
+    # Optional separate VAE (diffusers folder or .safetensors); "" keeps the checkpoint's own.
+    vae: str = ""
+    # "" reads it from the scheduler config; set "v_prediction" for SD2.x 768-v checkpoints.
+    prediction_type: Literal["", "epsilon", "v_prediction"] = ""
+    # .ckpt/.pt/.bin files are pickles that can run code when loaded; refused unless this is true.
+    allow_unsafe_pickle: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Image folders. A folder named "<N>_<name>" repeats its images N times per epoch (kohya convention).
+    dirs: list[str] = field(default_factory=lambda: ["sample_images"])
+    # Training side length in pixels; buckets keep about resolution**2 pixels.
+    resolution: int = 512
+    # Sidecar caption files tried in this order (img.png + img.txt); metadata.jsonl is read too.
+    caption_extensions: list[str] = field(default_factory=lambda: [".txt", ".caption"])
+    # Repeats for folders without an "<N>_" prefix.
+    repeats: int = 1
+    # Prepended to every caption, e.g. your trigger word "zkstyle".
+    caption_prefix: str = ""
+    # Shuffle comma-separated tags, keeping the first keep_tokens tags in place.
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    # Probability of training on an empty caption (teaches the unconditional case).
+    caption_dropout: float = 0.0
+    # Probability of dropping each (non-kept) tag.
+    tag_dropout: float = 0.0
+    # Random horizontal flips; avoid for subjects with asymmetric details (text, logos).
+    flip_aug: bool = False
+    # Random crop instead of center crop when an image does not match its bucket exactly.
+    random_crop: bool = False
+    # Aspect-ratio bucketing: sides between min and max, multiples of bucket_step.
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_step: int = 64
+    # Images smaller than their bucket are upscaled at most this much; smaller ones get a smaller bucket.
+    max_upscale: float = 2.0
+    # Encode every image once with the VAE: "memory", "disk" (reused across runs), or "none".
+    cache_latents: Literal["none", "memory", "disk"] = "memory"
+    # Encode captions once; only possible when the text encoder is frozen and captions never change.
+    cache_text_encoder_outputs: bool = False
+    # Skip unreadable images with a warning instead of stopping before step 1.
+    skip_bad_images: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    # Scale = alpha / rank (alpha / sqrt(rank) with use_rslora). alpha = rank gives scale 1.
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # "attn": to_q/k/v/out; "attn_mlp": + proj_in/proj_out/ff (kohya's default set); "all": + resnet convs.
+    targets: Literal["attn", "attn_mlp", "all"] = "attn"
+    # Kaiming-uniform A / zero B ("default") or Gaussian A ("gaussian"); both start as a no-op.
+    init: Literal["default", "gaussian"] = "default"
+    use_rslora: bool = False
+    train_unet: bool = True
+    train_text_encoder: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    output_name: str = "lora"
+    seed: int = 42
+    max_train_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    # UNet / text encoder learning rates; unset means learning_rate.
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    weight_decay: float = 1e-2
+    # diffusers scheduler names.
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = 0
+    # LoRA+ (arXiv 2402.12354): the up (B) matrices learn this many times faster; 0 disables.
+    loraplus_lr_ratio: float = 0.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    # Offset noise (https://www.crosslabs.org/blog/diffusion-with-offset-noise); ~0.05 helps dark/bright images.
+    noise_offset: float = 0.0
+    # Min-SNR loss weighting (arXiv 2303.09556); 5 is the paper's value, 0 disables.
+    min_snr_gamma: float = 0.0
+    # Rescale betas to zero terminal SNR (arXiv 2305.08891); use with v-prediction.
+    zero_terminal_snr: bool = False
+    # Save a LoRA file every N steps / epochs (0 = never); the final one is always saved.
+    save_every_n_steps: int = 0
+    save_every_n_epochs: int = 1
+    # Keep only the newest K intermediate LoRA files and checkpoints (0 = keep all).
+    save_last_k: int = 3
+    # Full training state (for --resume) is written every N steps (0 = only with the LoRA saves).
+    checkpoint_every_n_steps: int = 0
+    # Log loss every N steps: reading the loss forces a device sync, so not every step.
+    log_every_n_steps: int = 10
+    # Loss on these parts only: a mask image beside each image (img.png + img_mask.png), white = train.
+    masked_loss: bool = False
+
+
+@dataclass
+class SampleConfig:
+    # Prompts rendered during training; A1111/kohya flags allowed: "a cat --n blurry --w 512 --h 768 --d 7".
+    prompts: list[str] = field(default_factory=list)
+    every_n_steps: int = 0
+    every_n_epochs: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    seed: int = 1
+    width: int = 0  # 0 = the training resolution
+    height: int = 0
+    sampler: Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"] = "euler"
+
+
+@dataclass
+class ExportConfig:
+    # Dtype of the exported LoRA tensors.
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    # "kohya": one .safetensors that ComfyUI/A1111/Forge/diffusers load; "peft" also writes diffusers format.
+    formats: list[Literal["kohya", "peft"]] = field(default_factory=lambda: ["kohya"])
+    title: str = ""
+    description: str = ""
+    author: str = ""
+    trigger_phrase: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when path is None), apply `table.key=value` overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or any key is unknown, mistyped or out of range.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    errors: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, errors)
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors += _check_ranges(cfg)
+    if errors:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + "; ".join(errors))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested values (for TOML/JSON snapshots and metadata); None values are dropped."""
+    return _drop_none(dataclasses.asdict(cfg))
+
+
+def dump_toml(cfg: Config) -> str:
+    """Serialise a config back to TOML that `load_config` reads to the same values."""
+    lines = []
+    for table, values in config_to_dict(cfg).items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().lstrip("-").split(".")
+    if not sep or len(parts) != 2:
+        errors.append(f"override {item!r}: expected table.key=value, e.g. train.learning_rate=1e-4")
+        return
+    table, name = parts
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: train.optimizer=adamw
+    raw.setdefault(table, {})
+    if not isinstance(raw[table], dict):
+        errors.append(f"{table}: must be a table")
+        return
+    raw[table][name] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.')}: must be a table")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            errors.append(f"unknown key {prefix}{key} (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name in fields:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", errors)
+        else:
+            problem = _type_problem(raw[name], hint)
+            if problem:
+                errors.append(f"{prefix}{name}: {problem}")
+            else:
+                kwargs[name] = float(raw[name]) if hint is float and isinstance(raw[name], int) else raw[name]
+    return cls(**kwargs)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None if value fits the type hint, else why not (naming the allowed values for Literal)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        return None if value in args else f"{value!r} is not one of {', '.join(repr(a) for a in args)}"
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _type_problem(value, options[0]) if value is not None else None
+    if origin is list:
+        if not isinstance(value, list):
+            return f"expected a list, got {type(value).__name__} {value!r}"
+        for v in value:
+            problem = _type_problem(v, args[0])
+            if problem:
+                return f"list item: {problem}"
+        return None
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    return None if ok else f"expected {hint.__name__}, got {type(value).__name__} {value!r}"
+
+
+def _check_ranges(cfg: Config) -> list[str]:
+    d, lo, t, s = cfg.data, cfg.lora, cfg.train, cfg.sample
+    checks = [
+        (d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution: must be a multiple of 8, at least 64"),
+        (d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step: must be a positive multiple of 8"),
+        (d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket,
+         "data.min_bucket_reso <= data.resolution <= data.max_bucket_reso must hold"),
+        (d.repeats >= 1, "data.repeats: must be at least 1"),
+        (d.keep_tokens >= 0, "data.keep_tokens: must be >= 0"),
+        (0 <= d.caption_dropout <= 1 and 0 <= d.tag_dropout <= 1, "data.caption_dropout/tag_dropout: must be in [0, 1]"),
+        (d.max_upscale >= 1, "data.max_upscale: must be >= 1"),
+        (bool(d.dirs), "data.dirs: give at least one image folder"),
+        (not (d.cache_text_encoder_outputs and lo.train_text_encoder),
+         "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its outputs)"),
+        (not (d.cache_text_encoder_outputs and (d.shuffle_caption or d.caption_dropout or d.tag_dropout)),
+         "data.cache_text_encoder_outputs: cannot be combined with shuffle_caption/caption_dropout/tag_dropout"),
+        (not (d.cache_latents != "none" and d.random_crop),
+         "data.cache_latents: cannot be combined with data.random_crop (set cache_latents = \"none\")"),
+        (lo.rank >= 1, "lora.rank: must be at least 1"),
+        (lo.alpha > 0, "lora.alpha: must be > 0"),
+        (0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)"),
+        (lo.train_unet or lo.train_text_encoder, "lora.train_unet/train_text_encoder: at least one must be true"),
+        (t.max_train_steps >= 1, "train.max_train_steps: must be at least 1"),
+        (t.batch_size >= 1, "train.batch_size: must be at least 1"),
+        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be at least 1"),
+        (t.learning_rate > 0, "train.learning_rate: must be > 0"),
+        (t.loraplus_lr_ratio >= 0, "train.loraplus_lr_ratio: must be >= 0"),
+        (t.log_every_n_steps >= 1, "train.log_every_n_steps: must be at least 1"),
+        (min(t.save_every_n_steps, t.save_every_n_epochs, t.save_last_k, t.checkpoint_every_n_steps) >= 0,
+         "train.save_*/checkpoint_every_n_steps: must be >= 0"),
+        (bool(t.output_name) and "/" not in t.output_name and "\\" not in t.output_name,
+         "train.output_name: must be a plain file name"),
+        (s.width % 8 == 0 and s.height % 8 == 0, "sample.width/height: must be multiples of 8"),
+        (s.steps >= 1, "sample.steps: must be at least 1"),
+    ]
+    return [message for ok, message in checks if not ok]

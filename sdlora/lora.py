@@ -1,0 +1,141 @@
+"""LoRA on the UNet and text encoders through peft: which modules, injection, and reading the weights back.
+
+peft creates, initialises and runs the layers; this module only picks target modules (a small per-component
+table) and exposes each adapted module as (down, up, alpha) for export and resume.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.lora import LoraLayer
+
+from .config import LoraConfig
+
+ADAPTER = "default"
+
+# Module-name patterns (full match against named_modules()) per component and target set. Each set contains the
+# previous one. "attn_mlp" is kohya's default LoRA set: every Linear / 1x1 conv inside the transformer blocks and
+# the text encoder's attention + MLP (SD1.5: 192 UNet + 72 text-encoder modules).
+_UNET_ATTN = r".*(attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0))"
+_UNET_MLP = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+# LoCon-style: the ResNet convs, their time projections and the down/up-sampling convs (kohya's conv_dim set).
+_UNET_CONV = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(downsamplers|upsamplers)\.0\.conv)"
+_TE_ATTN = r".*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+_TE_MLP = r".*layers\.\d+\.mlp\.(fc1|fc2)"
+
+TARGETS = {
+    "unet": {"attn": [_UNET_ATTN], "attn_mlp": [_UNET_ATTN, _UNET_MLP], "all": [_UNET_ATTN, _UNET_MLP, _UNET_CONV]},
+    "text_encoder": {"attn": [_TE_ATTN], "attn_mlp": [_TE_ATTN, _TE_MLP], "all": [_TE_ATTN, _TE_MLP]},
+}
+
+
+@dataclass
+class LoraWeights:
+    """One adapted module: delta W = (alpha / rank) * up @ down, with down [r, in(, kh, kw)] and up [out, r(, 1, 1)]."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def component_kind(component: str) -> str:
+    """'unet' or 'text_encoder' (also for SDXL's text_encoder_2)."""
+    return "unet" if component == "unet" else "text_encoder"
+
+
+def target_module_names(model: torch.nn.Module, component: str, targets: str) -> list[str]:
+    """Names of the Linear/Conv2d modules of `model` that LoRA adapts for this target set."""
+    pattern = re.compile("|".join(f"(?:{p})" for p in TARGETS[component_kind(component)][targets]))
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and pattern.fullmatch(name)
+    ]
+
+
+def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig) -> list[str]:
+    """Freeze `model` and add a trainable fp32 LoRA adapter (peft) to its target modules; returns their names."""
+    names = target_module_names(model, component, cfg.targets)
+    if not names:
+        raise ValueError(f"no LoRA target modules found in the {component} for targets={cfg.targets!r}")
+    model.requires_grad_(False)
+    peft_config = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        init_lora_weights=True if cfg.init == "default" else "gaussian",
+        use_rslora=cfg.use_rslora,
+        target_modules=names,
+    )
+    model.add_adapter(peft_config, adapter_name=ADAPTER)
+    # Adapter weights stay fp32 whatever the base dtype: fp16 updates of small LoRA values underflow.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return names
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraWeights]:
+    """Every LoRA-adapted module of `model` as {module name: LoraWeights} (fp32 copies, detached).
+
+    The exported alpha is scaling * rank, so rsLoRA (scaling = alpha / sqrt(r)) exports as an ordinary LoRA.
+    """
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            down = module.lora_A[ADAPTER].weight.detach().float().clone()
+            up = module.lora_B[ADAPTER].weight.detach().float().clone()
+            layers[name] = LoraWeights(down, up, module.scaling[ADAPTER] * down.shape[0])
+    return layers
+
+
+def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> None:
+    """Copy (down, up, alpha) into an injected adapter, e.g. to continue training from an existing LoRA.
+
+    Raises:
+        ValueError: a module is missing from the model or has another shape/rank.
+    """
+    modules = dict(model.named_modules())
+    for name, weights in layers.items():
+        module = modules.get(name)
+        if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
+            raise ValueError(f"LoRA module {name} is not adapted in this model (different targets or architecture)")
+        a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+        if a.shape != weights.down.shape or b.shape != weights.up.shape:
+            raise ValueError(
+                f"LoRA module {name}: shapes {tuple(weights.down.shape)}/{tuple(weights.up.shape)} do not fit "
+                f"{tuple(a.shape)}/{tuple(b.shape)} (set lora.rank to the file's rank)"
+            )
+        with torch.no_grad():
+            a.copy_(weights.down)
+            # Fold the file's alpha into B so the effective delta is preserved under this adapter's scaling.
+            b.copy_(weights.up * (weights.alpha / weights.rank) / module.scaling[ADAPTER])
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(models: list[torch.nn.Module]) -> tuple[int, int]:
+    """(trainable, total) parameter counts over several models."""
+    trainable = sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
+    total = sum(p.numel() for m in models for p in m.parameters())
+    return trainable, total
+
+
+def is_up_weight(param_name: str) -> bool:
+    """True for LoRA B (up) matrices, which LoRA+ trains with a higher learning rate."""
+    return ".lora_B." in param_name
+
+
+def effective_scale(cfg: LoraConfig) -> float:
+    return cfg.alpha / (math.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)

@@ -1,0 +1,112 @@
+"""The embedded tiny models: random-init SD1.x- and SDXL-shaped pipelines built from shipped configs.
+
+No weights can be downloaded in tests or the demo, so we build the *real* architectures (UNet2DConditionModel,
+CLIPTextModel(WithProjection), AutoencoderKL, the real CLIP tokenizer) at tiny widths, deterministically from a
+seed, and save them as ordinary diffusers folders: every later code path (load, train, export, generate) is the
+one a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
+DEFAULT_SEED = 0
+
+
+def tokenizer_files() -> Path:
+    """Folder holding the real CLIP BPE vocabulary (vocab.json, merges.txt) shipped as package data."""
+    return Path(str(resources.files("sdlora") / "tokenizer"))
+
+
+def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP tokenizer from package data. SD1.x pads with <|endoftext|>; SDXL's second one with '!'."""
+    from transformers import CLIPTokenizer
+
+    folder = tokenizer_files()
+    return CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
+
+
+def tiny_model_path(name: str, seed: int = DEFAULT_SEED) -> Path:
+    """Path of the cached tiny model `name`, building it on first use.
+
+    The cache key hashes the shipped configs and the seed, so editing a config rebuilds the model.
+    Set SDLORA_CACHE to move the cache (default ~/.cache/sdlora).
+    """
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    digest = hashlib.sha256(f"{seed}".encode())
+    for config in sorted(_config_dir(name).glob("*.json")):
+        digest.update(config.read_bytes())
+    cache = Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora"))
+    out = cache / f"{name}-{digest.hexdigest()[:12]}"
+    if not (out / "model_index.json").is_file():
+        build_tiny_model(name, out, seed)
+    return out
+
+
+def build_tiny_model(name: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -> Path:
+    """Build tiny model `name` from its shipped configs with `seed` and save it as a diffusers folder.
+
+    The folder is written under a temporary name and renamed, so an interrupted build leaves nothing half-made.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    pipe = _build_pipeline(name, seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _config_dir(name: str) -> Path:
+    return Path(str(resources.files("sdlora") / "model_configs" / name))
+
+
+def _read(name: str, part: str) -> dict:
+    config = json.loads((_config_dir(name) / f"{part}.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _build_pipeline(name: str, seed: int):
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def seeded(offset: int):
+        # Each component gets its own seed so adding a component never changes the others' weights.
+        torch.manual_seed(seed * 1000 + offset)
+
+    seeded(0)
+    unet = UNet2DConditionModel(**_read(name, "unet"))
+    seeded(1)
+    vae = AutoencoderKL(**_read(name, "vae"))
+    scheduler_config = json.loads((_config_dir(name) / "scheduler.json").read_text())
+    scheduler = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
+    seeded(2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_read(name, "text_encoder")))
+    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet, scheduler=scheduler)
+    if name == "tiny-sdxl":
+        seeded(3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_read(name, "text_encoder_2")))
+        return diffusers.StableDiffusionXLPipeline(
+            **common, text_encoder_2=text_encoder_2, tokenizer_2=load_clip_tokenizer(pad_token="!")
+        )
+    return diffusers.StableDiffusionPipeline(
+        **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
