@@ -73,6 +73,8 @@ class DataConfig:
     cache_text_encoder_outputs: bool = False
     # Skip unreadable images with a warning instead of stopping before step 1.
     skip_bad_images: bool = False
+    # Worker processes decoding images (only used when latents are not cached).
+    num_workers: int = 0
 
 
 @dataclass
@@ -305,6 +307,7 @@ def _check_ranges(cfg: Config) -> list[str]:
         (d.keep_tokens >= 0, "data.keep_tokens: must be >= 0"),
         (0 <= d.caption_dropout <= 1 and 0 <= d.tag_dropout <= 1, "data.caption_dropout/tag_dropout: must be in [0, 1]"),
         (d.max_upscale >= 1, "data.max_upscale: must be >= 1"),
+        (d.num_workers >= 0, "data.num_workers: must be >= 0"),
         (bool(d.dirs), "data.dirs: give at least one image folder"),
         (not (d.cache_text_encoder_outputs and lo.train_text_encoder),
          "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its outputs)"),

@@ -1,0 +1,443 @@
+"""The LoRA training recipe. `train(cfg)` reads top to bottom: data, models, LoRA, caches, optimizer, loop, export.
+
+Every random choice in a step (noise, timesteps, augmentation, dropout) is derived from (seed, step) or
+(seed, epoch, position), never from RNG state carried between steps; that is what makes a resumed run
+bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .atomic import write_text
+from .cache import build_latent_cache, encode_latents
+from .config import Config, TrainConfig, config_to_dict, dump_toml
+from .data import ImageRecord, bucket_summary, epoch_batches, load_image, process_caption, sample_rng, scan_dataset, tag_frequency
+from .export import build_metadata, save_kohya_lora, save_peft_lora
+from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
+from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, set_lora_layers, trainable_parameters
+from .models import BaseModel, component_names, encode_prompt, load_base_model, sdxl_time_ids, tokenize
+
+logger = get_logger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None) -> Path:
+    """Train a LoRA as `cfg` says and return the path of the final kohya-format .safetensors file.
+
+    Args:
+        cfg: the validated config.
+        resume: a checkpoint folder, a run folder, or "latest" (the newest checkpoint in train.output_dir).
+        init_lora: {component: {module: LoraWeights}} to start from (e.g. an existing LoRA file).
+    """
+    t = cfg.train
+    out = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device, weight_dtype = accelerator.device, DTYPES[t.mixed_precision]
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+, fine for training
+        torch.backends.cudnn.allow_tf32 = True
+    started_at = time.time()
+
+    # --- data first: a broken dataset must fail before minutes of model loading --------------------------
+    records = scan_dataset(cfg.data)
+
+    # --- models: frozen base in weight_dtype, VAE in fp32, LoRA adapters (fp32) via peft ------------------
+    base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle)
+    base.vae.to(device, torch.float32).requires_grad_(False)
+    modules = {"unet": base.unet, **dict(zip(component_names(base.arch), base.text_encoders))}
+    for module in modules.values():
+        module.requires_grad_(False).to(device, weight_dtype)
+    trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
+    set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
+    for name in trained:
+        inject_lora(modules[name], name, cfg.lora)
+        if init_lora and name in init_lora:
+            set_lora_layers(modules[name], init_lora[name])
+    if t.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for name in trained:
+            if name != "unet":
+                modules[name].gradient_checkpointing_enable()
+    n_trainable, n_total = count_parameters(list(modules.values()))
+    logger.info(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%) "
+                f"in {', '.join(trained)}", main_process_only=True)
+
+    # --- caches: encode images / captions once when nothing about them changes between epochs -------------
+    latent_cache = None
+    if cfg.data.cache_latents != "none":
+        with accelerator.main_process_first():
+            latent_cache = build_latent_cache(records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
+    te_cache = _cache_text_outputs(base, records, cfg) if cfg.data.cache_text_encoder_outputs else None
+
+    # --- optimizer, LR schedule, noise schedule ------------------------------------------------------------
+    optimizer = _make_optimizer(t, {name: modules[name] for name in trained})
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_train_steps)
+    prediction_type = cfg.model.prediction_type or base.prediction_type
+    noise_scheduler = DDPMScheduler.from_config(
+        base.scheduler_config, prediction_type=prediction_type, rescale_betas_zero_snr=t.zero_terminal_snr
+    )
+    prepared = accelerator.prepare(*[modules[name] for name in trained], optimizer)
+    modules.update(zip(trained, prepared[:-1]))
+    optimizer = prepared[-1]
+
+    # --- resume: the adapter, optimizer, schedules and position in the data all come back ----------------
+    global_step, epoch, batch_in_epoch = 0, 0, 0
+    if resume:
+        folder = ckpt.resolve_resume(resume, out)
+        adapters, optimizer_state, state = ckpt.load_checkpoint(folder)
+        _load_adapters(accelerator, modules, trained, adapters)
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
+        logger.info(f"resumed from {folder} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
+
+    n_images = sum(r.repeats for r in records)
+    batches_per_epoch = len(epoch_batches(records, t.batch_size, t.seed, 0))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / accelerator.num_processes / t.gradient_accumulation_steps))
+    logger.info(
+        "***** Running training *****\n"
+        f"  images: {len(records)} ({n_images} with repeats), buckets: {bucket_summary(records)}\n"
+        f"  batch size per device: {t.batch_size}, processes: {accelerator.num_processes}, "
+        f"accumulation: {t.gradient_accumulation_steps}\n"
+        f"  steps: {t.max_train_steps} (~{steps_per_epoch} per epoch), mixed precision: {t.mixed_precision}, "
+        f"prediction: {prediction_type}",
+        main_process_only=True,
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.toml", dump_toml(cfg))
+        accelerator.init_trackers("sdlora", config=_flat_hparams(cfg))
+    run_info = {"started_at": started_at, "records": records, "n_images": n_images, "arch": base.arch,
+                "model_name": Path(cfg.model.base_model).name}
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    progress = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    trained_modules = [modules[name] for name in trained]
+    for module in trained_modules:
+        module.train()
+    encoders = [modules[name] for name in component_names(base.arch)]
+    te_grad = any(name != "unet" for name in trained)
+    gas = t.gradient_accumulation_steps
+    while global_step < t.max_train_steps:
+        batches = _shard(epoch_batches(records, t.batch_size, t.seed, epoch), accelerator)
+        # One optimizer step per group of `gas` micro-batches; the last group of an epoch may be shorter.
+        for start in range(batch_in_epoch, len(batches), gas):
+            group = range(start, min(start + gas, len(batches)))
+            for micro, position in enumerate(group):
+                # All randomness of this micro-batch comes from (seed, step, micro-batch, rank) alone.
+                seed = _step_seed(t.seed, global_step, micro, accelerator.process_index)
+                torch.manual_seed(seed)
+                batch = _load_batch(records, batches[position], cfg, epoch, position, latent_cache, base.tokenizers)
+                with contextlib.ExitStack() as stack:
+                    if position != group[-1]:  # gradients are all-reduced only on the group's last micro-batch
+                        for module in trained_modules:
+                            stack.enter_context(accelerator.no_sync(module))
+                    with accelerator.autocast():
+                        if "latents" in batch:
+                            latents = batch["latents"].to(device)
+                        else:
+                            latents = encode_latents(base.vae, batch["pixels"])
+                        if te_cache is not None:
+                            states, pooled = _from_te_cache(te_cache, batch["captions"], device)
+                        else:
+                            with torch.set_grad_enabled(te_grad):
+                                states, pooled = encode_prompt(base.arch, encoders, batch["input_ids"])
+                        time_ids = None
+                        if base.arch == "sdxl":
+                            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+                        loss = compute_loss(modules["unet"], noise_scheduler, latents, states, pooled, time_ids,
+                                            batch.get("mask"), torch.Generator().manual_seed(seed), t, weight_dtype)
+                    accelerator.backward(loss / len(group))
+                loss_sum += loss.detach()
+                loss_count += 1
+            if t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_([p for m in trained_modules for p in m.parameters() if p.requires_grad],
+                                            t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            progress.update(1)
+
+            # --- after the step: log, save, sample -----------------------------------------------------------
+            epoch_done = group[-1] + 1 == len(batches)
+            final = global_step >= t.max_train_steps
+            if global_step % t.log_every_n_steps == 0 or final:
+                # Reading the loss syncs the device, so it happens only every log_every_n_steps.
+                mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"loss became {mean_loss} at step {global_step}: lower train.learning_rate, or use bf16 / "
+                        "an fp16-safe VAE; the last saved checkpoint in the output folder is intact"
+                    )
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                loss_sum.zero_()
+                loss_count = 0
+            lora_name = None
+            if final:
+                lora_name = t.output_name
+            elif epoch_done and t.save_every_n_epochs and (epoch + 1) % t.save_every_n_epochs == 0:
+                lora_name = f"{t.output_name}-{epoch + 1:06d}"  # kohya's per-epoch naming
+            elif t.save_every_n_steps and global_step % t.save_every_n_steps == 0:
+                lora_name = f"{t.output_name}-step{global_step:08d}"
+            if lora_name or (t.checkpoint_every_n_steps and global_step % t.checkpoint_every_n_steps == 0):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    state = {"global_step": global_step, "epoch": epoch + epoch_done,
+                             "batch_in_epoch": 0 if epoch_done else group[-1] + 1,
+                             "lr_scheduler": lr_scheduler.state_dict(),
+                             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                    _save_checkpoint(accelerator, modules, trained, optimizer, state, out, t.save_last_k)
+                    if lora_name:
+                        _export(accelerator, modules, trained, cfg, run_info, global_step, epoch + epoch_done,
+                                out / f"{lora_name}.safetensors", keep=0 if final else t.save_last_k)
+            s = cfg.sample
+            if s.prompts and accelerator.is_main_process and (
+                final or (s.every_n_steps and global_step % s.every_n_steps == 0)
+                or (epoch_done and s.every_n_epochs and (epoch + 1) % s.every_n_epochs == 0)
+            ):
+                with accelerator.autocast():
+                    render_samples(base, modules, cfg, out / "samples", f"step{global_step:08d}", accelerator)
+            if final:
+                break
+        epoch, batch_in_epoch = epoch + 1, 0
+    progress.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out / f"{t.output_name}.safetensors"
+
+
+def compute_loss(unet, noise_scheduler, latents, states, pooled, time_ids, mask, generator, t: TrainConfig,
+                 weight_dtype) -> torch.Tensor:
+    """The denoising loss of one batch: noise the latents at random timesteps and regress the target."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if t.noise_offset:
+        # Offset noise: a per-channel constant lets the model shift overall brightness (crosslabs.org, 2023).
+        noise = noise + t.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    added = None
+    if time_ids is not None:
+        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(latents.device, weight_dtype)}
+    pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype), added_cond_kwargs=added).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")  # [B, C, h, w]
+    if mask is not None:
+        # Mask images are at pixel resolution; the loss lives on the latent grid.
+        mask = F.interpolate(mask.to(loss.device, loss.dtype), size=loss.shape[-2:], mode="area")
+        loss = loss * mask
+    loss = loss.mean(dim=(1, 2, 3))  # [B]
+    if t.min_snr_gamma:
+        # Min-SNR weighting (arXiv 2303.09556): cap the weight of low-noise timesteps at gamma.
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=t.min_snr_gamma)
+        weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
+        loss = loss * weight
+    return loss.mean()
+
+
+@torch.no_grad()
+def render_samples(base: BaseModel, modules: dict, cfg: Config, folder: Path, tag: str, accelerator=None) -> list[Path]:
+    """Render cfg.sample.prompts with the models as they are now (adapters active); returns the PNG paths."""
+    unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
+    encoders = [unwrap(modules[name]) for name in component_names(base.arch)]
+    unet = unwrap(modules["unet"])
+    pipe = build_pipeline(base.arch, unet, base.vae, encoders, base.tokenizers, base.scheduler_config, cfg.sample.sampler)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = [m.training for m in [unet, *encoders]]
+    for m in [unet, *encoders]:
+        m.eval()
+    s = cfg.sample
+    defaults = GenerationParams(prompt="", steps=s.steps, cfg=s.cfg, seed=s.seed, sampler=s.sampler,
+                                width=s.width or cfg.data.resolution, height=s.height or cfg.data.resolution)
+    paths = []
+    for i, line in enumerate(s.prompts):
+        params = parse_sample_prompt(line, defaults)
+        image = generate(pipe, params, base.scheduler_config)
+        paths.append(save_png(image, folder / f"{tag}-{i:02d}.png", a1111_parameters(params, base.name)))
+    for m, training in zip([unet, *encoders], was_training):
+        m.train(training)
+    return paths
+
+
+def _make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
+    groups = []
+    for name, module in trained.items():
+        lr = (t.unet_lr if name == "unet" else t.text_encoder_lr) or t.learning_rate
+        params = trainable_parameters(module)
+        down = [p for n, p in params.items() if not (t.loraplus_lr_ratio and is_up_weight(n))]
+        up = [p for n, p in params.items() if t.loraplus_lr_ratio and is_up_weight(n)]
+        groups.append({"params": down, "lr": lr, "name": f"{name}"})
+        if up:
+            # LoRA+ (arXiv 2402.12354): B learns faster than A for the same stability.
+            groups.append({"params": up, "lr": lr * t.loraplus_lr_ratio, "name": f"{name}_up"})
+    if t.optimizer == "adamw":
+        fused = torch.cuda.is_available()
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else True)
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=t.learning_rate, weight_decay=t.weight_decay, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("train.optimizer = \"adamw8bit\" needs bitsandbytes: pip install 'sdlora[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=t.weight_decay)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise TrainingError("train.optimizer = \"prodigy\" needs prodigyopt: pip install 'sdlora[prodigy]'") from None
+    # Prodigy estimates the step size itself; the learning rate is a multiplier (1.0 is the usual choice).
+    return Prodigy(groups, weight_decay=t.weight_decay)
+
+
+def _load_batch(records: list[ImageRecord], indices: list[int], cfg: Config, epoch: int, position: int,
+                latent_cache, tokenizers) -> dict:
+    """Collate one batch: latents (cached) or pixels, token ids, SDXL size conditioning, optional masks."""
+    items, captions = [], []
+    for i, index in enumerate(indices):
+        rng = sample_rng(cfg.train.seed, epoch, position * 1024 + i)
+        flip = cfg.data.flip_aug and rng.random() < 0.5
+        if latent_cache is not None:
+            items.append(latent_cache[(index, flip)])
+        else:
+            items.append(load_image(records[index], flip=flip, rng=rng, random_crop=cfg.data.random_crop))
+        captions.append(process_caption(records[index].caption, cfg.data, rng))
+    key = "latents" if latent_cache is not None else "pixels"
+    batch = {
+        key: torch.stack([item[key] for item in items]),
+        "captions": captions,
+        "input_ids": tokenize(tokenizers, captions),
+        "original_size": [item["original_size"] for item in items],
+        "crop_top_left": [item["crop_top_left"] for item in items],
+        "target_size": [item["target_size"] for item in items],
+    }
+    if cfg.train.masked_loss:
+        batch["mask"] = torch.stack([item["mask"] if item["mask"] is not None else torch.ones_like(item[key][:1])
+                                     for item in items])
+    return batch
+
+
+@torch.no_grad()
+def _cache_text_outputs(base: BaseModel, records: list[ImageRecord], cfg: Config) -> dict[str, tuple]:
+    """{caption: (states, pooled)} for every distinct caption; only valid when captions never change."""
+    cache = {}
+    for caption in sorted({process_caption(r.caption, cfg.data, sample_rng(0, 0, 0)) for r in records}):
+        states, pooled = encode_prompt(base.arch, base.text_encoders, tokenize(base.tokenizers, [caption]))
+        cache[caption] = (states[0], None if pooled is None else pooled[0])
+    return cache
+
+
+def _from_te_cache(cache: dict, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    states = torch.stack([cache[c][0] for c in captions]).to(device)
+    pooled = None if cache[captions[0]][1] is None else torch.stack([cache[c][1] for c in captions]).to(device)
+    return states, pooled
+
+
+def _shard(batches: list[list[int]], accelerator) -> list[list[int]]:
+    """This process's share of the epoch's batches; the list is cycled so every process gets as many batches."""
+    world = accelerator.num_processes
+    if world == 1:
+        return batches
+    padded = batches + batches[: (-len(batches)) % world]
+    return padded[accelerator.process_index :: world]
+
+
+def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1009 + micro * 31 + rank) % (2**63)
+
+
+def _adapter_tensors(accelerator, modules: dict, trained: list[str]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name in trained
+            for k, v in trainable_parameters(accelerator.unwrap_model(modules[name])).items()}
+
+
+def _load_adapters(accelerator, modules: dict, trained: list[str], adapters: dict[str, torch.Tensor]) -> None:
+    current = _adapter_tensors(accelerator, modules, trained)
+    if set(current) != set(adapters):
+        raise TrainingError("the checkpoint's adapter does not match this config (lora.rank/targets/train_* changed?)")
+    with torch.no_grad():
+        for key, param in current.items():
+            param.copy_(adapters[key])
+
+
+def _save_checkpoint(accelerator, modules, trained, optimizer, state, out: Path, keep: int) -> None:
+    folder = out / f"checkpoint-{state['global_step']}"
+    ckpt.save_checkpoint(folder, _adapter_tensors(accelerator, modules, trained), optimizer.state_dict(), state)
+    ckpt.prune(ckpt.list_checkpoints(out), keep)
+
+
+def _export(accelerator, modules, trained, cfg: Config, run_info: dict, step: int, epoch: int, path: Path,
+            keep: int) -> None:
+    layers = {name: lora_layers(accelerator.unwrap_model(modules[name])) for name in trained}
+    records = run_info["records"]
+    dirs: dict[str, dict[str, int]] = {}
+    for r in records:
+        entry = dirs.setdefault(r.dataset_dir, {"n_repeats": r.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    info = {
+        "steps": step, "epoch": epoch, "num_train_images": run_info["n_images"],
+        "training_started_at": run_info["started_at"], "training_finished_at": time.time(),
+        "tag_frequency": tag_frequency(records), "dataset_dirs": dirs, "sd_model_name": run_info["model_name"],
+    }
+    metadata = build_metadata(cfg, run_info["arch"], info)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export.dtype]
+    if "kohya" in cfg.export.formats:
+        save_kohya_lora(layers, run_info["arch"], path, metadata, dtype)
+    if "peft" in cfg.export.formats:
+        save_peft_lora(layers, path.with_suffix(""))
+    if keep:
+        intermediate = sorted(path.parent.glob(f"{cfg.train.output_name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        ckpt.prune(intermediate, keep)
+    logging.getLogger(__name__).info("saved %s", path)
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    """TensorBoard hparams take scalars only: dotted keys, lists as JSON strings."""
+    flat = {}
+    for table, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{table}.{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat

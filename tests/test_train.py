@@ -1,0 +1,204 @@
+"""Training on the tiny models: learning happens, only adapters change, resume and caching are exact."""
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdlora.config import load_config
+from sdlora.lora import inject_lora, trainable_parameters
+from sdlora.models import encode_prompt, load_base_model, tokenize
+from sdlora.train import compute_loss, train
+
+REPO = Path(__file__).resolve().parents[1]
+# Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over
+# one token gives q and k no gradient), and SDXL reads text encoder 1's penultimate layer, so its last is unused.
+NO_GRADIENT = re.compile(r"lora_unet_(mid_block|middle_block_1)_.*attn1_to_[qk]\.|lora_te1_text_model_encoder_layers_11_")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "imgs"
+    folder.mkdir()
+    for src in sorted((REPO / "sample_images").glob("*.png"))[:6]:
+        shutil.copy(src, folder / src.name)
+        shutil.copy(src.with_suffix(".txt"), folder / src.with_suffix(".txt").name)
+    return folder
+
+
+def make_cfg(dataset, out, *overrides):
+    return load_config(None, [
+        f'data.dirs=["{dataset.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
+        "data.max_bucket_reso=128", "lora.rank=4", "lora.alpha=4.0", "train.batch_size=2",
+        "train.learning_rate=1e-3", "train.max_train_steps=6", "train.save_every_n_epochs=0",
+        "train.log_every_n_steps=1", f'train.output_dir="{Path(out).as_posix()}"', "export.dtype=fp32",
+        *overrides,
+    ])
+
+
+def adapter(path):
+    return load_file(str(path))
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_loss_decreases_and_only_adapters_change():
+    base = load_base_model("tiny-sd15")
+    unet, te = base.unet, base.text_encoders[0]
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **te.state_dict()}.items()}
+    cfg = load_config(None, ["lora.rank=8", "lora.alpha=8.0"])
+    inject_lora(unet, "unet", cfg.lora)
+    inject_lora(te, "text_encoder", cfg.lora)
+    params = [*trainable_parameters(unet).values(), *trainable_parameters(te).values()]
+    assert all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    ids = tokenize(base.tokenizers, ["zkstyle, a boat", "zkstyle, a tree"])
+    losses = []
+    for _ in range(30):
+        states, _ = encode_prompt("sd1", [te], ids)
+        loss = compute_loss(unet, _ddpm(base), latents, states, None, None, None,
+                            torch.Generator().manual_seed(1), cfg.train, torch.float32)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+    after = {k.replace(".base_layer", ""): v for k, v in {**unet.state_dict(), **te.state_dict()}.items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before), "base weights changed"
+
+
+def _ddpm(base):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(base.scheduler_config)
+
+
+def _tb_losses(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("loss")]
+
+
+def test_train_end_to_end_outputs(dataset, tmp_path):
+    cfg = make_cfg(dataset, tmp_path / "run", "train.save_every_n_steps=3", "train.save_last_k=1",
+                   'sample.prompts=["zkstyle, a cat --d 3"]', "sample.steps=2", "sample.every_n_steps=3")
+    path = train(cfg)
+    assert path == tmp_path / "run" / "lora.safetensors"
+    tensors = adapter(path)
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    ups = {k: v for k, v in tensors.items() if k.endswith("lora_up.weight") and not NO_GRADIENT.match(k)}
+    assert all(v.abs().sum() > 0 for v in ups.values()), "an adapter did not train"
+    files = sorted(p.name for p in (tmp_path / "run").glob("*.safetensors"))
+    assert files == ["lora-step00000003.safetensors", "lora.safetensors"]
+    assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint-*"))] == ["checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == [
+        "step00000003-00.png", "step00000006-00.png"]
+    assert load_config(tmp_path / "run" / "config.toml") == cfg
+    assert len(_tb_losses(tmp_path / "run" / "logs" / "sdlora")) == 6
+
+
+def test_same_seed_same_adapter_and_resume_is_exact(dataset, tmp_path):
+    straight = train(make_cfg(dataset, tmp_path / "a", "train.checkpoint_every_n_steps=3", "train.save_last_k=0"))
+    again = train(make_cfg(dataset, tmp_path / "b"))
+    assert_same(adapter(straight), adapter(again))
+    resumed = train(make_cfg(dataset, tmp_path / "c"), resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert_same(adapter(straight), adapter(resumed))
+
+
+def test_resume_after_kill(dataset, tmp_path):
+    """kill -9 a training process once a checkpoint exists; resuming from it equals an uninterrupted run."""
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "sdlora.cli", "train", str(_write_cfg(dataset, tmp_path, run)),
+            "train.max_train_steps=40", "train.checkpoint_every_n_steps=2", "train.save_last_k=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint-4").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert (run / "checkpoint-4" / "state.json").is_file()
+    cfg = make_cfg(dataset, run, "train.max_train_steps=8")
+    resumed = train(cfg, resume=str(run / "checkpoint-4"))
+    straight = train(make_cfg(dataset, tmp_path / "straight", "train.max_train_steps=8"))
+    assert_same(adapter(straight), adapter(resumed))
+
+
+def _write_cfg(dataset, tmp_path, out):
+    from sdlora.config import dump_toml
+
+    path = tmp_path / "cfg.toml"
+    path.write_text(dump_toml(make_cfg(dataset, out)))
+    return path
+
+
+def test_cached_latents_equal_uncached(dataset, tmp_path):
+    cached = train(make_cfg(dataset, tmp_path / "mem", "data.cache_latents=memory"))
+    disk = train(make_cfg(dataset, tmp_path / "disk", "data.cache_latents=disk"))
+    assert list(dataset.glob(".sdlora_cache/*.safetensors"))
+    disk_again = train(make_cfg(dataset, tmp_path / "disk2", "data.cache_latents=disk"))
+    plain = train(make_cfg(dataset, tmp_path / "none", "data.cache_latents=none"))
+    assert_same(adapter(cached), adapter(disk))
+    assert_same(adapter(disk), adapter(disk_again))
+    assert_same(adapter(cached), adapter(plain), atol=1e-5)
+
+
+def test_text_encoder_cache_equals_frozen_encoder(dataset, tmp_path):
+    frozen = train(make_cfg(dataset, tmp_path / "frozen", "lora.train_text_encoder=false"))
+    cached = train(make_cfg(dataset, tmp_path / "cached", "lora.train_text_encoder=false",
+                            "data.cache_text_encoder_outputs=true"))
+    assert not any(k.startswith("lora_te") for k in adapter(frozen))
+    assert_same(adapter(frozen), adapter(cached), atol=1e-6)
+
+
+def test_sdxl_trains_both_text_encoders(dataset, tmp_path):
+    path = train(make_cfg(dataset, tmp_path / "xl", "model.base_model=tiny-sdxl", "train.max_train_steps=8"))
+    tensors = adapter(path)
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        ups = [v for k, v in tensors.items()
+               if k.startswith(prefix) and k.endswith("lora_up.weight") and not NO_GRADIENT.match(k)]
+        assert ups and all(v.abs().sum() > 0 for v in ups), prefix
+    losses = _tb_losses(tmp_path / "xl" / "logs" / "sdlora")
+    assert len(losses) == 8 and all(l == l for l in losses)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.gradient_accumulation_steps=2", "train.max_train_steps=3"],
+    ["train.optimizer=adafactor", "train.lr_scheduler=cosine", "train.lr_warmup_steps=2"],
+    ["train.min_snr_gamma=5.0", "train.noise_offset=0.05", "train.loraplus_lr_ratio=4.0", "lora.use_rslora=true"],
+    ["model.prediction_type=v_prediction", "train.zero_terminal_snr=true", "lora.targets=all"],
+    ["data.flip_aug=true", "data.shuffle_caption=true", "data.keep_tokens=1", "data.caption_dropout=0.2",
+     "train.masked_loss=true", "data.cache_latents=none", "data.random_crop=true"],
+])
+def test_training_options_run(dataset, tmp_path, overrides):
+    path = train(make_cfg(dataset, tmp_path / "opt", *overrides))
+    losses = _tb_losses(tmp_path / "opt" / "logs" / "sdlora")
+    assert losses and all(0 < l < 10 for l in losses)
+    assert all(torch.isfinite(v).all() for v in adapter(path).values())
+
+
+def test_cli_reports_bad_dataset_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sdlora.cli", "train", str(REPO / "configs" / "tiny.toml"),
+         f'data.dirs=["{(tmp_path / "nope").as_posix()}"]'],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "nope" in result.stderr
+    bad = subprocess.run([sys.executable, "-m", "sdlora.cli", "train", str(REPO / "configs" / "tiny.toml"),
+                          "lora.rnak=4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "lora.rnak" in bad.stderr and "Traceback" not in bad.stderr
