@@ -7,6 +7,7 @@ and, for choices, the allowed values. Nothing is silently corrected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -184,7 +185,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: config file not found")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        # ValueError covers TOMLDecodeError and UnicodeDecodeError; absurdly nested input recurses too deep.
+        except (ValueError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
     errors: list[str] = []
     for item in overrides:
@@ -236,7 +238,7 @@ def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
     table, name = parts
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):
         value = text  # bare words are strings: train.optimizer=adamw
     raw.setdefault(table, {})
     if not isinstance(raw[table], dict):
@@ -288,7 +290,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
                 return f"list item: {problem}"
         return None
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # An int too large for a float would overflow later instead of failing here.
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -316,14 +319,22 @@ def _check_ranges(cfg: Config) -> list[str]:
         (not (d.cache_latents != "none" and d.random_crop),
          "data.cache_latents: cannot be combined with data.random_crop (set cache_latents = \"none\")"),
         (lo.rank >= 1, "lora.rank: must be at least 1"),
-        (lo.alpha > 0, "lora.alpha: must be > 0"),
+        (_positive(lo.alpha), "lora.alpha: must be a finite number > 0"),
         (0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)"),
         (lo.train_unet or lo.train_text_encoder, "lora.train_unet/train_text_encoder: at least one must be true"),
         (t.max_train_steps >= 1, "train.max_train_steps: must be at least 1"),
         (t.batch_size >= 1, "train.batch_size: must be at least 1"),
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be at least 1"),
-        (t.learning_rate > 0, "train.learning_rate: must be > 0"),
-        (t.loraplus_lr_ratio >= 0, "train.loraplus_lr_ratio: must be >= 0"),
+        (_positive(t.learning_rate), "train.learning_rate: must be a finite number > 0"),
+        (t.unet_lr is None or _non_negative(t.unet_lr), "train.unet_lr: must be a finite number >= 0"),
+        (t.text_encoder_lr is None or _non_negative(t.text_encoder_lr),
+         "train.text_encoder_lr: must be a finite number >= 0"),
+        (_non_negative(t.weight_decay), "train.weight_decay: must be a finite number >= 0"),
+        (_non_negative(t.max_grad_norm), "train.max_grad_norm: must be a finite number >= 0 (0 = no clipping)"),
+        (_non_negative(t.noise_offset), "train.noise_offset: must be a finite number >= 0"),
+        (_non_negative(t.min_snr_gamma), "train.min_snr_gamma: must be a finite number >= 0 (0 = off)"),
+        (_non_negative(s.cfg), "sample.cfg: must be a finite number >= 0"),
+        (_non_negative(t.loraplus_lr_ratio), "train.loraplus_lr_ratio: must be >= 0"),
         (t.log_every_n_steps >= 1, "train.log_every_n_steps: must be at least 1"),
         (min(t.save_every_n_steps, t.save_every_n_epochs, t.save_last_k, t.checkpoint_every_n_steps) >= 0,
          "train.save_*/checkpoint_every_n_steps: must be >= 0"),
@@ -333,3 +344,11 @@ def _check_ranges(cfg: Config) -> list[str]:
         (s.steps >= 1, "sample.steps: must be at least 1"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _non_negative(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0

@@ -25,7 +25,18 @@ from . import checkpoint as ckpt
 from .atomic import write_text
 from .cache import build_latent_cache, encode_latents
 from .config import Config, TrainConfig, config_to_dict, dump_toml
-from .data import ImageRecord, bucket_summary, epoch_batches, load_image, process_caption, sample_rng, scan_dataset, tag_frequency
+from .data import (
+    DatasetError,
+    ImageRecord,
+    bucket_summary,
+    epoch_batches,
+    load_image,
+    process_caption,
+    sample_rng,
+    scan_dataset,
+    tag_frequency,
+)
+from .doctor import diagnose
 from .export import build_metadata, save_kohya_lora, save_peft_lora
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
 from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, set_lora_layers, trainable_parameters
@@ -63,9 +74,10 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
 
     # --- data first: a broken dataset must fail before minutes of model loading --------------------------
     records = scan_dataset(cfg.data)
+    _check_dataset(cfg, accelerator)
 
     # --- models: frozen base in weight_dtype, VAE in fp32, LoRA adapters (fp32) via peft ------------------
-    base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle)
+    base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle, cfg.model.prediction_type)
     base.vae.to(device, torch.float32).requires_grad_(False)
     modules = {"unet": base.unet, **dict(zip(component_names(base.arch), base.text_encoders))}
     for module in modules.values():
@@ -137,7 +149,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
         write_text(out / "config.toml", dump_toml(cfg))
         accelerator.init_trackers("sdlora", config=_flat_hparams(cfg))
     run_info = {"started_at": started_at, "records": records, "n_images": n_images, "arch": base.arch,
-                "model_name": Path(cfg.model.base_model).name}
+                "model_name": Path(cfg.model.base_model).name, "prediction_type": prediction_type,
+                "unet_config": dict(base.unet.config)}
 
     # --- the loop ------------------------------------------------------------------------------------------
     progress = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
@@ -403,6 +416,22 @@ def _load_adapters(accelerator, modules: dict, trained: list[str], adapters: dic
             param.copy_(adapters[key])
 
 
+def _check_dataset(cfg: Config, accelerator) -> None:
+    """Run `sdlora doctor`'s checks: errors (an image that only fails when decoded, a bad mask) stop the run
+    here instead of at the step that first reads the file; warnings are logged once."""
+    report = diagnose(cfg.data)
+    errors = [f for f in report.findings if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        where = f"{first.path}: " if first.path is not None else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise DatasetError(f"{where}{first.message}{more}; `sdlora doctor` lists every problem")
+    if accelerator.is_main_process:
+        for f in report.findings:
+            if f.severity == "warning":
+                logging.getLogger(__name__).warning("dataset: %s%s", f"{f.path}: " if f.path else "", f.message)
+
+
 def _save_checkpoint(accelerator, modules, trained, optimizer, state, out: Path, keep: int) -> None:
     folder = out / f"checkpoint-{state['global_step']}"
     ckpt.save_checkpoint(folder, _adapter_tensors(accelerator, modules, trained), optimizer.state_dict(), state)
@@ -421,13 +450,14 @@ def _export(accelerator, modules, trained, cfg: Config, run_info: dict, step: in
         "steps": step, "epoch": epoch, "num_train_images": run_info["n_images"],
         "training_started_at": run_info["started_at"], "training_finished_at": time.time(),
         "tag_frequency": tag_frequency(records), "dataset_dirs": dirs, "sd_model_name": run_info["model_name"],
+        "prediction_type": run_info["prediction_type"],
     }
     metadata = build_metadata(cfg, run_info["arch"], info)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export.dtype]
     if "kohya" in cfg.export.formats:
-        save_kohya_lora(layers, run_info["arch"], path, metadata, dtype)
+        save_kohya_lora(layers, run_info["arch"], path, metadata, dtype, run_info["unet_config"])
     if "peft" in cfg.export.formats:
-        save_peft_lora(layers, path.with_suffix(""))
+        save_peft_lora(layers, path.with_suffix(""), dtype)
     if keep:
         intermediate = sorted(path.parent.glob(f"{cfg.train.output_name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
         ckpt.prune(intermediate, keep)

@@ -1,0 +1,568 @@
+"""The Gradio app (`sdlora app`, `python app.py`): generate with a base model and LoRAs, compare LoRA weights in
+an X/Y grid, read the settings back from a PNG, train a LoRA from a preset.
+
+Every image is rendered by `generate.generate_images`, the function `sdlora generate` calls, so the same
+settings and seed give the same image in both. The app listens on 127.0.0.1 unless told otherwise, runs one
+job at a time, and only opens models and LoRAs inside the folders it was started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .generate import (
+    SAMPLERS,
+    GenerationError,
+    GenerationParams,
+    LoraCache,
+    LoraSpec,
+    a1111_parameters,
+    default_device,
+    default_size,
+    generate_images,
+    list_lora_files,
+    load_pipeline,
+    model_label,
+    parse_a1111_parameters,
+    save_png,
+)
+from .tiny import TINY_MODELS
+
+logger = logging.getLogger(__name__)
+
+SLOTS = 4  # LoRA rows in the Generate tab; more can be added with <lora:name:weight> tags in the prompt
+TINY_SIZE = 128  # the embedded tiny models render colour fields: 128 px is plenty, and fast on a CPU
+MAX_GRID_CELLS = 64
+
+
+class PathError(ValueError):
+    """A name chosen in the UI points outside the folder it must come from."""
+
+
+@dataclass
+class AppSettings:
+    """What the app may read and where it writes; fixed when it starts (nothing in the UI changes them)."""
+
+    models_dir: Path = Path("models")  # diffusers folders and single-file .safetensors checkpoints
+    lora_dir: Path = Path("outputs")  # searched recursively for *.safetensors
+    out_dir: Path = Path("outputs/app")  # every generated PNG, and grids/ for X/Y grids
+    model: str = "tiny-sd15"  # the base model selected at start
+    data_dir: Path = Path(".")  # Train tab: dataset folders must be inside this one
+    configs_dir: Path = Path("configs")  # Train tab: the presets (*.toml)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Folders: what can be picked, and resolving a picked name safely
+# --------------------------------------------------------------------------------------------------------------
+
+def resolve_inside(root: str | Path, name: str) -> Path:
+    """The path of `name` (a relative name as listed in the UI) inside `root`.
+
+    Raises:
+        PathError: empty, absolute, with `..`, or (through a symlink) resolving outside `root`.
+    """
+    if not name or "\x00" in name:
+        raise PathError("no name given")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+        raise PathError(f"{name!r}: only names inside {root} can be used (no absolute paths, no '..')")
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise PathError(f"{name!r} leads outside {root} (a symlink?); only files inside it can be used")
+    return path
+
+
+def model_choices(settings: AppSettings) -> list[str]:
+    """The tiny models, then diffusers folders and single-file .safetensors checkpoints in models_dir."""
+    choices = list(TINY_MODELS)
+    folder = Path(settings.models_dir)
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if (path / "model_index.json").is_file() or (path.is_file() and path.suffix == ".safetensors"):
+                choices.append(path.name)
+    return choices
+
+
+def lora_choices(settings: AppSettings) -> list[str]:
+    """LoRA files in lora_dir as relative names (`run/name.safetensors`), sorted."""
+    root = Path(settings.lora_dir)
+    return [path.relative_to(root).as_posix() for path in list_lora_files(root)]
+
+
+def resolve_model(settings: AppSettings, name: str) -> str:
+    """A tiny model name as is, else the path of a folder or file inside models_dir."""
+    if name in TINY_MODELS:
+        return name
+    if name not in model_choices(settings):
+        raise PathError(f"{name!r} is not a model in {settings.models_dir} (press Refresh after adding one)")
+    return str(resolve_inside(settings.models_dir, name))
+
+
+def size_for_model(settings: AppSettings, name: str) -> int:
+    """Default width/height: 128 for the tiny models, else the model's training size (SDXL 1024, else 512)."""
+    if name in TINY_MODELS:
+        return TINY_SIZE
+    from .models import detect_model
+
+    with contextlib.suppress(Exception):
+        return default_size(detect_model(resolve_model(settings, name)))
+    return 512
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine: one loaded pipeline and its LoRA cache
+# --------------------------------------------------------------------------------------------------------------
+
+class Engine:
+    """The loaded base model and its LoRA cache. Switching models frees the old one; LoRAs stay loaded.
+
+    The queue already runs one job at a time; the lock also serialises direct calls (tests, scripts).
+    """
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.model: str | None = None
+        self.pipe = None
+        self.loras: LoraCache | None = None
+        self.model_seconds = 0.0
+        self.lock = threading.Lock()
+
+    def pipeline(self, model: str):
+        """(pipeline, LoraCache) for `model`, loading it if it is not the current one."""
+        if model != self.model:
+            path = resolve_model(self.settings, model)
+            self.release()
+            started = time.perf_counter()
+            device, dtype = default_device()
+            pipe = load_pipeline(path, device, dtype)
+            pipe.set_progress_bar_config(disable=True)
+            self.pipe, self.loras, self.model = pipe, LoraCache(pipe), model
+            self.model_seconds = time.perf_counter() - started
+            logger.info(f"loaded {model} in {self.model_seconds:.1f} s")
+        return self.pipe, self.loras
+
+    def release(self) -> None:
+        """Free the loaded model (training loads its own copy; two on one GPU may not fit)."""
+        self.pipe = self.loras = self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def slot_specs(self, slots: tuple) -> list[LoraSpec]:
+        """LoraSpecs of the switched-on slots; `slots` is (on, name, weight) per slot, as the UI sends them."""
+        specs = []
+        for i in range(0, len(slots), 3):
+            on, name, weight = slots[i:i + 3]
+            if on and name:
+                specs.append(LoraSpec(resolve_inside(self.settings.lora_dir, name), float(weight)))
+        return specs
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Every failure becomes a gr.Error message in the page; the app itself keeps running."""
+    import gradio as gr
+
+    from .config import ConfigError
+    from .data import DatasetError
+    from .export import LoraFileError
+    from .models import ModelError
+
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (GenerationError, PathError, LoraFileError, ModelError, ConfigError, DatasetError, FileNotFoundError) as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise gr.Error("out of GPU memory: try a smaller size or batch count", print_exception=False) from None
+    except Exception as e:  # a bug: say what it was and keep the traceback in the log
+        logger.exception("job failed")
+        raise gr.Error(f"unexpected {type(e).__name__}: {e}", print_exception=False) from None
+
+
+def _params(prompt, negative, sampler, steps, cfg, width, height, seed) -> GenerationParams:
+    return GenerationParams(
+        prompt=prompt or "", negative_prompt=negative or "", steps=int(steps), cfg=float(cfg),
+        width=int(width), height=int(height), seed=int(seed if seed is not None else -1), sampler=sampler,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Event handlers (plain functions of the UI values, so tests can call them directly)
+# --------------------------------------------------------------------------------------------------------------
+
+def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, count, *slots):
+    """Generate tab: returns (gallery [(path, caption)], the seed used, an info line)."""
+    import gradio as gr
+
+    with engine.lock, _user_errors():
+        specs = engine.slot_specs(slots)
+        params = _params(prompt, negative, sampler, steps, cfg, width, height, seed)
+        model_loaded = model != engine.model
+        pipe, loras = engine.pipeline(model)
+        result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
+                                 lora_dir=engine.settings.lora_dir, model_name=model_label(model))
+    for warning in result.warnings:
+        gr.Warning(warning)
+    gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
+    loading = f"LoRA loading {result.load_seconds:.1f} s"
+    if model_loaded:
+        loading = f"base model loading {engine.model_seconds:.1f} s, {loading}"
+    info = (f"{len(result.paths)} image(s) in {result.generate_seconds:.1f} s ({loading})"
+            f" · saved to {result.paths[0].parent}")
+    return gallery, result.seeds[0], info
+
+
+def read_png_parameters(settings: AppSettings, file):
+    """'Read parameters from PNG': (model, prompt, negative, sampler, steps, cfg, width, height, seed, slot
+    switches..., info). The prompt keeps its <lora:...> tags, which reproduce the LoRAs, so the slots go off."""
+    import gradio as gr
+
+    keep = [gr.skip()] * (9 + SLOTS)
+    if not file:
+        return *keep, ""
+    path = file if isinstance(file, str) else getattr(file, "name", str(file))
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except Exception as e:
+        gr.Warning(f"cannot read this file as an image ({type(e).__name__})")
+        return *keep, ""
+    if not text:
+        gr.Warning("this PNG has no A1111 'parameters' text")
+        return *keep, ""
+    params, fields = parse_a1111_parameters(text, GenerationParams(prompt=""))
+    model = fields.get("Model")
+    notes = []
+    if "unknown sampler" in fields:
+        notes.append(f"unknown sampler {fields['unknown sampler']!r}: kept {params.sampler}")
+    if model and model not in model_choices(settings):
+        notes.append(f"model {model!r} is not in {settings.models_dir}; kept the current one")
+        model = None
+    info = "Read the parameters; LoRAs come from the prompt's <lora:…> tags, so the LoRA slots were switched off."
+    return (model or gr.skip(), params.prompt, params.negative_prompt, params.sampler, params.steps, params.cfg,
+            params.width, params.height, params.seed, *[False] * SLOTS, " ".join([info, *notes]))
+
+
+def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, grid_lora,
+             weights_text, y_axis, y_text, *slots, progress=None):
+    """X/Y grid tab: one LoRA's weights across, seeds or prompts down; saved as one labelled PNG.
+
+    The other switched-on slots stay applied with their weights. Returns (grid path, info line).
+    """
+    with engine.lock, _user_errors():
+        weights = _numbers(weights_text, float, "weights")
+        params = _params(prompt, negative, sampler, steps, cfg, width, height, seed)
+        if params.seed < 0:
+            params = replace(params, seed=random.randrange(2**32))  # one seed for every cell, so columns compare
+        if y_axis == "prompt":
+            rows = [line.strip() for line in (y_text or "").splitlines() if line.strip()] or [params.prompt]
+            row_params = [replace(params, prompt=line) for line in rows]
+            row_labels = rows
+        else:
+            seeds = _numbers(y_text, int, "seeds") if (y_text or "").strip() else [params.seed]
+            row_params = [replace(params, seed=s) for s in seeds]
+            row_labels = [f"seed {s}" for s in seeds]
+        if len(weights) * len(row_params) > MAX_GRID_CELLS:
+            raise GenerationError(f"{len(weights)} x {len(row_params)} cells; the grid takes at most {MAX_GRID_CELLS}")
+        lora_path = resolve_inside(engine.settings.lora_dir, grid_lora)
+        others = [s for s in engine.slot_specs(slots) if Path(s.path) != lora_path]
+        pipe, loras = engine.pipeline(model)
+        cells, total, started = [], len(weights) * len(row_params), time.perf_counter()
+        for r, p in enumerate(row_params):
+            row = []
+            for c, weight in enumerate(weights):
+                if progress is not None:
+                    progress((r * len(weights) + c, total), desc="X/Y grid")
+                result = generate_images(pipe, loras, p, [*others, LoraSpec(lora_path, weight)],
+                                         lora_dir=engine.settings.lora_dir, model_name=model_label(model))
+                row.append(result.images[0])
+            cells.append(row)
+        name = lora_path.stem
+        grid = label_grid(cells, [f"{name}: {w:g}" for w in weights], row_labels)
+        text = a1111_parameters(params, model_label(model)) + (
+            f", X Type: LoRA weight ({name}), X Values: \"{', '.join(f'{w:g}' for w in weights)}\", "
+            f"Y Type: {y_axis}")
+        path = save_png(grid, _next_grid_path(Path(engine.settings.out_dir) / "grids"), text)
+    return str(path), f"{total} cells in {time.perf_counter() - started:.1f} s · saved to {path}"
+
+
+def preset_choices(settings: AppSettings) -> list[str]:
+    """The *.toml presets in configs_dir."""
+    folder = Path(settings.configs_dir)
+    return sorted(p.name for p in folder.glob("*.toml")) if folder.is_dir() else []
+
+
+def preset_values(settings: AppSettings, preset: str | None) -> tuple:
+    """(dataset, trigger, rank, learning rate, steps) of a preset, to fill the Train tab."""
+    from .config import load_config
+
+    cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
+    dirs = cfg.data.dirs
+    return (dirs[0] if dirs else "", cfg.data.caption_prefix, cfg.lora.rank, cfg.train.learning_rate,
+            cfg.train.max_train_steps)
+
+
+def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
+    try:
+        return preset_values(settings, preset)
+    except Exception:  # a broken preset shows its error when used; the page still opens
+        return ("", "", 16, 1e-4, 1000)
+
+
+def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, progress=None):
+    """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors; returns an info line.
+
+    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1).
+    """
+    import json
+
+    from .config import load_config
+    from .train import train
+
+    settings = engine.settings
+    with engine.lock, _user_errors():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
+            raise GenerationError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (at most 64)")
+        data = resolve_inside(settings.data_dir, (dataset or "").strip())
+        if not data.is_dir():
+            raise PathError(f"{dataset!r} is not a folder inside {settings.data_dir}")
+        out = resolve_inside(settings.lora_dir, name)
+        if (out / f"{name}.safetensors").exists():
+            raise PathError(f"{out / name}.safetensors exists; choose another name")
+        overrides = [
+            f"data.dirs=[{json.dumps(data.as_posix())}]", f"data.caption_prefix={json.dumps(trigger or '')}",
+            f"lora.rank={int(rank)}", f"lora.alpha={float(int(rank))}", f"train.learning_rate={float(learning_rate)}",
+            f"train.max_train_steps={int(steps)}", f"train.output_dir={json.dumps(out.as_posix())}",
+            f"train.output_name={json.dumps(name)}",
+        ]
+        cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None, overrides)
+        engine.release()
+        started = time.perf_counter()
+        if progress is not None:
+            progress(0, desc="loading")
+        path = train(cfg)
+    return f"trained in {time.perf_counter() - started:.0f} s: {path} (press Refresh lists to use it)"
+
+
+def _numbers(text: str, kind, what: str) -> list:
+    items = [x for x in re.split(r"[,\s]+", text or "") if x]
+    try:
+        values = [kind(x) for x in items]
+    except ValueError:
+        raise GenerationError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise GenerationError(f"{what}: give at least one value")
+    return values
+
+
+def _next_grid_path(folder: Path) -> Path:
+    numbers = [int(m.group(1)) for p in folder.glob("xy-*.png") if (m := re.match(r"xy-(\d+)\.png$", p.name))]
+    return folder / f"xy-{max(numbers, default=0) + 1:05d}.png"
+
+
+def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels: list[str]) -> Image.Image:
+    """Images in rows and columns with a header row and a label column, drawn with PIL's default font."""
+    w, h = cells[0][0].size
+    font = _font(max(12, min(24, w // 12)))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
+    label_w = min(max(w, 160), max(draw.textlength(t, font=font) for t in row_labels) + 16)
+    header_h = line_h * 2 + 8
+    grid = Image.new("RGB", (int(label_w) + w * len(col_labels), header_h + h * len(cells)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels):
+        lines = _wrap(text, font, draw, w - 8)[:2]
+        for k, line in enumerate(lines):
+            draw.text((label_w + c * w + 4, 4 + k * line_h), line, fill="black", font=font)
+    for r, row in enumerate(cells):
+        lines = _wrap(row_labels[r], font, draw, label_w - 12)[: max(1, h // line_h)]
+        for k, line in enumerate(lines):
+            draw.text((6, header_h + r * h + 4 + k * line_h), line, fill="black", font=font)
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (int(label_w) + c * w, header_h + r * h))
+    return grid
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, draw, width: float) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    return [*lines, line] if line else lines or [""]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------
+
+def build_app(settings: AppSettings):
+    """The gr.Blocks page (not launched). `launch` adds the queue and the server settings."""
+    import gradio as gr
+
+    engine = Engine(settings)
+    loras = lora_choices(settings)
+    size = size_for_model(settings, settings.model)
+    with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
+        demo.sdlora_engine = engine
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(model_choices(settings), value=settings.model, label="Base model", elem_id="model",
+                                scale=3)
+            gr.Textbox(str(settings.lora_dir), label="LoRA folder", interactive=False, scale=2)
+            refresh = gr.Button("Refresh lists", elem_id="refresh", scale=0, min_width=120)
+        with gr.Tabs():
+            with gr.Tab("Generate"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                            placeholder="zkstyle, a boat   (tags like <lora:name:0.8> work too)")
+                        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
+                        slots, names = [], []
+                        for i in range(SLOTS):
+                            with gr.Row(equal_height=True):
+                                on = gr.Checkbox(False, label="on", elem_id=f"lora-on-{i}", scale=0, min_width=70)
+                                name = gr.Dropdown(loras, value=loras[i] if i < len(loras) else None,
+                                                   label=f"LoRA {i + 1}", elem_id=f"lora-name-{i}", scale=3)
+                                weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight",
+                                                   elem_id=f"lora-weight-{i}", scale=2)
+                            slots += [on, name, weight]
+                            names.append(name)
+                        with gr.Row():
+                            sampler = gr.Dropdown(list(SAMPLERS), value="euler", label="Sampler", elem_id="sampler")
+                            steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
+                            cfg = gr.Slider(0, 30, value=7.0, step=0.5, label="CFG scale", elem_id="cfg")
+                        with gr.Row():
+                            width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="width")
+                            height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="height")
+                        with gr.Row():
+                            seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                            count = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id="count")
+                        png = gr.File(label="Read parameters from PNG", file_types=[".png"], elem_id="png-file")
+                    with gr.Column(scale=2):
+                        go = gr.Button("Generate", variant="primary", elem_id="generate")
+                        gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
+                        used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
+                        info = gr.Markdown(elem_id="info")
+            with gr.Tab("X/Y grid"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        gr.Markdown("Prompt, sampler, size and the switched-on LoRA slots come from the Generate "
+                                    "tab; the LoRA below takes each weight across the grid.")
+                        grid_lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA (X axis)",
+                                                elem_id="grid-lora")
+                        grid_weights = gr.Textbox("0, 0.5, 1", label="Weights", elem_id="grid-weights")
+                        y_axis = gr.Radio(["seed", "prompt"], value="seed", label="Y axis", elem_id="grid-y")
+                        y_values = gr.Textbox("1, 2", lines=3, label="Y values",
+                                              info="seeds separated by commas, or one prompt per line",
+                                              elem_id="grid-values")
+                        grid_go = gr.Button("Make grid", variant="primary", elem_id="grid-generate")
+                    with gr.Column(scale=3):
+                        grid_image = gr.Image(label="Grid", type="filepath", format="png", interactive=False,
+                                              elem_id="grid-image")
+                        grid_info = gr.Markdown(elem_id="grid-info")
+            with gr.Tab("Train"):
+                presets = preset_choices(settings)
+                preset = "tiny.toml" if "tiny.toml" in presets else (presets[0] if presets else None)
+                start = _preset_start(settings, preset)
+                with gr.Row():
+                    with gr.Column():
+                        train_preset = gr.Dropdown(presets, value=preset, label=f"Preset ({settings.configs_dir}/)",
+                                                   elem_id="train-preset")
+                        train_data = gr.Textbox(start[0], label=f"Dataset folder (inside {settings.data_dir})",
+                                                elem_id="train-data")
+                        train_name = gr.Textbox("my_lora", label=f"LoRA name (written to {settings.lora_dir}/<name>/)",
+                                                elem_id="train-name")
+                        train_trigger = gr.Textbox(start[1], label="Trigger word (prepended to every caption)",
+                                                   elem_id="train-trigger")
+                        with gr.Row():
+                            train_rank = gr.Slider(1, 128, value=start[2], step=1, label="Rank", elem_id="train-rank")
+                            train_lr = gr.Number(start[3], label="Learning rate", elem_id="train-lr")
+                            train_steps = gr.Number(start[4], precision=0, minimum=1, label="Steps",
+                                                    elem_id="train-steps")
+                        train_go = gr.Button("Train", variant="primary", elem_id="train")
+                    with gr.Column():
+                        train_info = gr.Markdown("Training runs here, one job at a time: generation waits until "
+                                                 "it is done. The rest of each setting comes from the preset.",
+                                                 elem_id="train-info")
+
+        common = [model, prompt, negative, sampler, steps, cfg, width, height, seed]
+        # One queue for everything that runs the model: the queue's limit of 1 applies per concurrency_id.
+        go.click(partial(run_generate, engine), [*common, count, *slots], [gallery, used_seed, info],
+                 api_name="generate", concurrency_id="model")
+
+        def grid(*values, progress=gr.Progress()):
+            return run_grid(engine, *values, progress=progress)
+
+        grid_go.click(grid, [*common, grid_lora, grid_weights, y_axis, y_values, *slots], [grid_image, grid_info],
+                      api_name="grid", concurrency_id="model")
+        def train_job(*values, progress=gr.Progress(track_tqdm=True)):
+            return run_train(engine, *values, progress=progress)
+
+        train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
+                                   train_steps], train_info, api_name="train", concurrency_id="model")
+        train_preset.input(lambda p: preset_values(settings, p), train_preset,
+                           [train_data, train_trigger, train_rank, train_lr, train_steps], api_visibility="private")
+        png.upload(partial(read_png_parameters, settings), png,
+                   [model, prompt, negative, sampler, steps, cfg, width, height, seed, *slots[0::3], info],
+                   api_name="read_parameters")
+        model.input(lambda m: (size_for_model(settings, m),) * 2, model, [width, height], api_visibility="private")
+
+        def refresh_lists(*current):
+            models, files = model_choices(settings), lora_choices(settings)
+            updates = [gr.Dropdown(choices=models)]
+            for value in current:
+                updates.append(gr.Dropdown(choices=files, value=value if value in files else None))
+            return updates
+
+        refresh.click(refresh_lists, [*names, grid_lora], [model, *names, grid_lora], api_name="refresh")
+    return demo
+
+
+THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def launch(settings: AppSettings, listen: bool = False, share: bool = False, port: int | None = None,
+           block: bool = True):
+    """Start the app. Local only (127.0.0.1) unless `listen` (0.0.0.0: your network) or `share` (a public
+    gradio.live link); one job at a time. Returns the launched gr.Blocks (with `block=False` it keeps running
+    in a background thread: call `.close()`)."""
+    import gradio as gr
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per component otherwise
+    demo = build_app(settings).queue(default_concurrency_limit=1)
+    demo.launch(
+        server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, share=share,
+        allowed_paths=[str(Path(settings.out_dir).resolve())], prevent_thread_lock=not block, ssr_mode=False,
+        theme=gr.themes.Default(**THEME_FONTS),  # system fonts: nothing fetched from the internet
+        quiet=not block,
+    )
+    return demo

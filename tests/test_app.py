@@ -1,0 +1,222 @@
+"""The Gradio app: folder safety, PNG parameters back into the fields, the X/Y grid, the same image from the CLI
+and the app, and the running app driven through gradio_client."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from sdlora.app import (
+    SLOTS,
+    AppSettings,
+    Engine,
+    PathError,
+    label_grid,
+    launch,
+    lora_choices,
+    model_choices,
+    read_png_parameters,
+    resolve_inside,
+    resolve_model,
+    run_generate,
+    run_grid,
+)
+from sdlora.cli import main
+from test_generate import trained_loras
+
+COMMON = ("tiny-sd15", "zkstyle, a boat", "", "euler", 2, 7.0, 64, 64)  # model ... height; then seed
+ALPHA, BETA = "alpha/alpha.safetensors", "beta/beta.safetensors"
+
+
+def slots(*entries) -> list:
+    """UI slot values (on, name, weight) for the given (name, weight) pairs, the rest switched off."""
+    values = []
+    for i in range(SLOTS):
+        values += [True, *entries[i]] if i < len(entries) else [False, None, 1.0]
+    return values
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    shutil.copytree(trained_loras(tmp_path_factory), root / "loras")  # our own copy: tests add files to it
+    return AppSettings(models_dir=root / "models", lora_dir=root / "loras", out_dir=root / "out")
+
+
+@pytest.fixture(scope="module")
+def engine(settings):
+    return Engine(settings)
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "a/../../x", "/etc/passwd", "..", "", "C:\\x",
+                                  "a/..\\..\\x", "link/escape.safetensors", "escape.safetensors"])
+def test_names_outside_the_folder_are_refused(tmp_path, name):
+    root = tmp_path / "loras"
+    (root / "a").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "escape.safetensors").write_bytes(b"")
+    (root / "link").symlink_to(outside)
+    (root / "escape.safetensors").symlink_to(outside / "escape.safetensors")
+    with pytest.raises(PathError):
+        resolve_inside(root, name)
+
+
+def test_names_inside_the_folder_resolve(tmp_path):
+    (tmp_path / "a").mkdir()
+    assert resolve_inside(tmp_path, "a/x.safetensors") == (tmp_path / "a" / "x.safetensors").resolve()
+    assert resolve_inside(tmp_path, "a\\x.safetensors") == (tmp_path / "a" / "x.safetensors").resolve()
+
+
+def test_model_and_lora_lists(settings, tmp_path):
+    models = tmp_path / "models"
+    (models / "sd15").mkdir(parents=True)
+    (models / "sd15" / "model_index.json").write_text("{}")
+    (models / "notes").mkdir()
+    (models / "one.safetensors").write_bytes(b"")
+    local = AppSettings(models_dir=models, lora_dir=settings.lora_dir, out_dir=tmp_path / "out")
+    assert model_choices(local) == ["tiny-sd15", "tiny-sdxl", "one.safetensors", "sd15"]
+    assert resolve_model(local, "sd15") == str((models / "sd15").resolve())
+    assert resolve_model(local, "tiny-sdxl") == "tiny-sdxl"
+    for bad in ("notes", "../models/sd15", "/etc"):
+        with pytest.raises(PathError):
+            resolve_model(local, bad)
+    assert lora_choices(settings)[:2] == [ALPHA, BETA]
+
+
+def test_cli_and_app_give_the_same_image(engine, settings, tmp_path):
+    gallery, seed, info = run_generate(engine, *COMMON, 11, 1, *slots((ALPHA, 0.8), (BETA, 0.5)))
+    assert seed == 11 and len(gallery) == 1 and "saved" in info
+    lora_dir = settings.lora_dir
+    assert main(["generate", "--model", "tiny-sd15", "--lora", f"{lora_dir / ALPHA}:0.8", "--lora",
+                 f"{lora_dir / BETA}:0.5", "--prompt", "zkstyle, a boat", "--steps", "2", "--width", "64",
+                 "--height", "64", "--seed", "11", "--out", str(tmp_path)]) == 0
+    with Image.open(gallery[0][0]) as app_png, Image.open(tmp_path / "00001-11.png") as cli_png:
+        assert app_png.tobytes() == cli_png.tobytes()
+        assert app_png.info["parameters"] == cli_png.info["parameters"]
+        assert "<lora:alpha:0.8> <lora:beta:0.5>" in app_png.info["parameters"]
+
+
+def test_read_parameters_fills_the_fields_and_reproduces_the_image(engine, settings):
+    gallery, seed, _ = run_generate(engine, "tiny-sd15", "a tent <lora:beta:0.7>", "dark", "euler_a", 3, 6.5, 72, 64,
+                                    -1, 1, *slots((ALPHA, -0.6)))
+    values = read_png_parameters(settings, gallery[0][0])
+    model, prompt, negative, sampler, steps, cfg, width, height, read_seed, *switches, info = values
+    assert (model, prompt, negative, sampler, steps, cfg, width, height, read_seed) == (
+        "tiny-sd15", "a tent <lora:beta:0.7> <lora:alpha:-0.6>", "dark", "euler_a", 3, 6.5, 72, 64, seed)
+    assert switches == [False] * SLOTS and "<lora:" in info
+    ui_slots = slots((ALPHA, 0.3))
+    ui_slots[0::3] = switches  # the form after reading: slot values as they were, switched off
+    again, _, _ = run_generate(engine, model, prompt, negative, sampler, steps, cfg, width, height, read_seed, 1,
+                               *ui_slots)
+    with Image.open(gallery[0][0]) as first, Image.open(again[0][0]) as second:
+        assert first.tobytes() == second.tobytes()
+
+
+def test_read_parameters_of_a_plain_png_changes_nothing(settings, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.warns(UserWarning, match="no A1111 'parameters'"):
+        values = read_png_parameters(settings, str(tmp_path / "plain.png"))
+    assert all(v == gr.skip() for v in values[:-1])
+
+
+def test_xy_grid(engine, settings):
+    path, info = run_grid(engine, *COMMON, 3, ALPHA, "0, 1", "seed", "3, 4", *slots())
+    with Image.open(path) as grid:
+        assert grid.width > 2 * 64 and grid.height > 2 * 64
+        assert "X Type: LoRA weight (alpha)" in grid.info["parameters"]
+        cell = grid.crop((grid.width - 128, grid.height - 128, grid.width - 64, grid.height - 64))  # weight 0, seed 3
+    base, _, _ = run_generate(engine, *COMMON, 3, 1, *slots())
+    with Image.open(base[0][0]) as image:
+        assert cell.tobytes() == image.convert("RGB").tobytes()
+    path, _ = run_grid(engine, *COMMON, 3, ALPHA, "-1", "prompt", "a boat\na tent", *slots((BETA, 0.5)))
+    assert Path(path).is_file()
+    with pytest.raises(gr.Error, match="weights"):
+        run_grid(engine, *COMMON, 3, ALPHA, "zero, one", "seed", "1", *slots())
+
+
+def test_label_grid_wraps_long_labels():
+    cells = [[Image.new("RGB", (64, 64), c) for c in ("red", "blue")] for _ in range(2)]
+    grid = label_grid(cells, ["alpha: 0", "alpha: 1"], ["a very long prompt " * 8, "seed 2"])
+    assert grid.height > 128 and grid.width > 128
+    assert grid.getpixel((grid.width - 1, grid.height - 1)) == (0, 0, 255)
+
+
+def test_errors_become_messages_and_the_app_goes_on(engine, settings):
+    with pytest.raises(gr.Error, match="multiple of 8"):
+        run_generate(engine, "tiny-sd15", "x", "", "euler", 2, 7.0, 100, 64, 1, 1, *slots())
+    with pytest.raises(gr.Error, match="only names inside"):
+        run_generate(engine, *COMMON, 1, 1, *slots(("../../etc/passwd", 1.0)))
+    broken = settings.lora_dir / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    try:
+        with pytest.raises(gr.Error, match="broken.safetensors"):
+            run_generate(engine, *COMMON, 1, 1, *slots(("broken.safetensors", 1.0)))
+    finally:
+        broken.unlink()
+    gallery, _, _ = run_generate(engine, *COMMON, 1, 1, *slots((ALPHA, 1.0)))
+    assert Path(gallery[0][0]).is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_running_app_through_gradio_client(settings):
+    from gradio_client import Client
+
+    demo = launch(settings, port=_free_port(), block=False)
+    try:
+        assert demo.server_name == "127.0.0.1"  # local only unless --listen / --share
+        jobs = [fn for fn in demo.fns.values() if fn.api_name in ("generate", "grid", "train")]
+        assert len(jobs) == 3 and {fn.concurrency_id for fn in jobs} == {"model"}  # one queue for model work ...
+        assert demo._queue.default_concurrency_limit == 1  # ... running one job at a time
+        client = Client(demo.local_url, verbose=False)
+        gallery, seed, info = client.predict(*COMMON, 5, 2, *slots((ALPHA, 0.8), (BETA, 0.5)), api_name="/generate")
+        assert seed == 5 and len(gallery) == 2
+        saved = sorted(settings.out_dir.glob("*-5.png"))[-1]
+        with Image.open(gallery[0]["image"]) as served, Image.open(saved) as png:
+            assert served.tobytes() == png.tobytes()
+            assert 'Lora hashes: "alpha: ' in png.info["parameters"] and ", beta: " in png.info["parameters"]
+        with pytest.raises(Exception, match="not in the list of choices"):
+            client.predict(*COMMON, 5, 1, *slots(("../../etc/passwd", 1.0)), api_name="/generate")
+        # A LoRA added while the app runs appears after Refresh.
+        shutil.copy(settings.lora_dir / ALPHA, settings.lora_dir / "gamma.safetensors")
+        client.predict(*[None] * (SLOTS + 1), api_name="/refresh")
+        gallery, _, _ = client.predict(*COMMON, 5, 1, *slots(("gamma.safetensors", 0.8)), api_name="/generate")
+        with Image.open(gallery[0]["image"]) as gamma, Image.open(saved) as alpha_beta:
+            assert gamma.size == (64, 64) and gamma.tobytes() != alpha_beta.tobytes()
+    finally:
+        demo.close()
+        (settings.lora_dir / "gamma.safetensors").unlink(missing_ok=True)
+
+
+def test_train_tab(tmp_path):
+    from sdlora.app import preset_choices, preset_values, run_train
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mini.toml").write_text(
+        '[data]\ndirs = ["imgs"]\nresolution = 64\nmin_bucket_reso = 64\nmax_bucket_reso = 64\ncache_latents = "none"\n'
+        '[lora]\nrank = 4\n[train]\nbatch_size = 2\nmax_train_steps = 5\nsave_every_n_epochs = 0\n')
+    (tmp_path / "imgs").mkdir()
+    for src in sorted((Path(__file__).resolve().parents[1] / "sample_images").glob("*.png"))[:2]:
+        shutil.copy(src, tmp_path / "imgs" / src.name)
+        shutil.copy(src.with_suffix(".txt"), tmp_path / "imgs" / src.with_suffix(".txt").name)
+    local = AppSettings(models_dir=tmp_path / "models", lora_dir=tmp_path / "loras", out_dir=tmp_path / "out",
+                        data_dir=tmp_path, configs_dir=tmp_path / "configs")
+    engine = Engine(local)
+    assert preset_choices(local) == ["mini.toml"]
+    assert preset_values(local, "mini.toml") == ("imgs", "", 4, 1e-4, 5)
+    info = run_train(engine, "mini.toml", "imgs", "fresh", "zkstyle", 4, 1e-3, 1)
+    assert "fresh.safetensors" in info and lora_choices(local) == ["fresh/fresh.safetensors"]
+    for dataset, name, message in (("imgs", "fresh", "exists"), ("../imgs", "other", "only names inside"),
+                                   ("imgs", "../evil", "LoRA name"), ("missing", "other", "not a folder")):
+        with pytest.raises(gr.Error, match=message):
+            run_train(engine, "mini.toml", dataset, name, "", 4, 1e-3, 1)
