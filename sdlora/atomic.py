@@ -7,6 +7,7 @@ one filesystem is atomic and the data is on disk (fsync) before the name points 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -16,6 +17,27 @@ from typing import Iterator
 # mkstemp creates files readable by the owner only; finished files get the usual umask-based mode.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# Free space left over after a write: a disk filled to the last byte breaks other programs (and the OS) too.
+DISK_RESERVE = 64 * 1024 * 1024
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk space to write a file; nothing was written or replaced."""
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Raise DiskSpaceError when the disk `path` goes to cannot take `needed` more bytes (plus DISK_RESERVE)."""
+    path = Path(path)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed + DISK_RESERVE:
+        raise DiskSpaceError(
+            f"{path}: not enough disk space ({_mib(needed)} to write, {_mib(free)} free); free some space or "
+            "write elsewhere (train.output_dir); nothing was overwritten"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 @contextlib.contextmanager
@@ -31,14 +53,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with _disk_full_is_clear(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _disk_full_is_clear(path: Path) -> Iterator[None]:
+    """A disk that fills up mid-write (other programs write too) becomes a DiskSpaceError naming the file."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, DiskSpaceError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskSpaceError(f"{path}: the disk filled up while writing it; free some space and run again "
+                             "(the previous file, if any, is untouched)") from None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -53,6 +88,9 @@ def write_text(path: str | Path, text: str) -> None:
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path, sum(v.numel() * v.element_size() for v in tensors.values()))
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -64,7 +102,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _disk_full_is_clear(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         for child in tmp.iterdir():
             if child.is_file():

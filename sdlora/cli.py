@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Our own error types (and a missing file) carry complete one-line messages; anything else is a bug and keeps
 # its traceback. Matched by name so this module does not import the heavy modules that define them.
-_USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "FileNotFoundError"}
+_USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "DiskSpaceError", "FileNotFoundError"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -76,6 +76,9 @@ class DataConfig:
     skip_bad_images: bool = False
     # Worker processes decoding images (only used when latents are not cached).
     num_workers: int = 0
+    # Validation images: a share of the dataset held out (seeded by train.seed), or separate folders.
+    validation_split: float = 0.0
+    validation_dirs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +120,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
+    # Steps with a NaN/Inf loss or gradient are skipped; this many in a row stop training with a diagnosis.
+    max_nonfinite_steps: int = 20
     # Offset noise (https://www.crosslabs.org/blog/diffusion-with-offset-noise); ~0.05 helps dark/bright images.
     noise_offset: float = 0.0
     # Min-SNR loss weighting (arXiv 2303.09556); 5 is the paper's value, 0 disables.
@@ -130,7 +135,9 @@ class TrainConfig:
     save_last_k: int = 3
     # Full training state (for --resume) is written every N steps (0 = only with the LoRA saves).
     checkpoint_every_n_steps: int = 0
-    # Log loss every N steps: reading the loss forces a device sync, so not every step.
+    # Validation loss (with data.validation_split / validation_dirs) every N steps; 0 = at each epoch's end.
+    validate_every_n_steps: int = 0
+    # Log the mean loss every N steps.
     log_every_n_steps: int = 10
     # Loss on these parts only: a mask image beside each image (img.png + img_mask.png), white = train.
     masked_loss: bool = False
@@ -311,6 +318,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         (0 <= d.caption_dropout <= 1 and 0 <= d.tag_dropout <= 1, "data.caption_dropout/tag_dropout: must be in [0, 1]"),
         (d.max_upscale >= 1, "data.max_upscale: must be >= 1"),
         (d.num_workers >= 0, "data.num_workers: must be >= 0"),
+        (0 <= d.validation_split < 1, "data.validation_split: must be in [0, 1)"),
+        (not (d.validation_split and d.validation_dirs), "data.validation_split/validation_dirs: use one of them"),
         (bool(d.dirs), "data.dirs: give at least one image folder"),
         (not (d.cache_text_encoder_outputs and lo.train_text_encoder),
          "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its outputs)"),
@@ -335,6 +344,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         (_non_negative(t.min_snr_gamma), "train.min_snr_gamma: must be a finite number >= 0 (0 = off)"),
         (_non_negative(s.cfg), "sample.cfg: must be a finite number >= 0"),
         (_non_negative(t.loraplus_lr_ratio), "train.loraplus_lr_ratio: must be >= 0"),
+        (t.validate_every_n_steps >= 0, "train.validate_every_n_steps: must be >= 0"),
+        (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps: must be at least 1"),
         (t.log_every_n_steps >= 1, "train.log_every_n_steps: must be at least 1"),
         (min(t.save_every_n_steps, t.save_every_n_epochs, t.save_last_k, t.checkpoint_every_n_steps) >= 0,
          "train.save_*/checkpoint_every_n_steps: must be >= 0"),

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -40,7 +39,9 @@ from .doctor import diagnose
 from .export import build_metadata, save_kohya_lora, save_peft_lora
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
 from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, set_lora_layers, trainable_parameters
+from .loss import compute_loss
 from .models import BaseModel, component_names, encode_prompt, load_base_model, sdxl_time_ids, tokenize
+from .validation import best, prepare_validation, read_history, split_records, validation_loss, write_history
 
 logger = get_logger(__name__)
 
@@ -73,7 +74,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
     started_at = time.time()
 
     # --- data first: a broken dataset must fail before minutes of model loading --------------------------
-    records = scan_dataset(cfg.data)
+    records, val_records = split_records(scan_dataset(cfg.data), cfg)
     _check_dataset(cfg, accelerator)
 
     # --- models: frozen base in weight_dtype, VAE in fp32, LoRA adapters (fp32) via peft ------------------
@@ -96,6 +97,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
     n_trainable, n_total = count_parameters(list(modules.values()))
     logger.info(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%) "
                 f"in {', '.join(trained)}", main_process_only=True)
+
+    val_items = prepare_validation(val_records, base, cfg) if val_records and accelerator.is_main_process else []
 
     # --- caches: encode images / captions once when nothing about them changes between epochs -------------
     latent_cache = None
@@ -148,145 +151,140 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.toml", dump_toml(cfg))
         accelerator.init_trackers("sdlora", config=_flat_hparams(cfg))
+    val_rows = read_history(out, global_step) if resume else []
+
+    def validate(epoch_now: int) -> None:
+        unwrap = accelerator.unwrap_model
+        with accelerator.autocast():
+            value = validation_loss(val_items, unwrap(modules["unet"]), [unwrap(m) for m in encoders], base.arch,
+                                    noise_scheduler, t, weight_dtype, compute_loss)
+        val_rows.append({"step": global_step, "epoch": epoch_now, "val_loss": value})
+        write_history(out, val_rows)
+        accelerator.log({"val_loss": value}, step=global_step)
+
     run_info = {"started_at": started_at, "records": records, "n_images": n_images, "arch": base.arch,
                 "model_name": Path(cfg.model.base_model).name, "prediction_type": prediction_type,
                 "unet_config": dict(base.unet.config)}
 
     # --- the loop ------------------------------------------------------------------------------------------
-    progress = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
-                    disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    nonfinite_streak = skipped_steps = 0
     trained_modules = [modules[name] for name in trained]
+    adapter_params = [p for m in trained_modules for p in m.parameters() if p.requires_grad]
     for module in trained_modules:
         module.train()
     encoders = [modules[name] for name in component_names(base.arch)]
     te_grad = any(name != "unet" for name in trained)
+    if val_items and global_step == 0:
+        validate(0)  # the untrained baseline
     gas = t.gradient_accumulation_steps
-    while global_step < t.max_train_steps:
-        batches = _shard(epoch_batches(records, t.batch_size, t.seed, epoch), accelerator)
-        # One optimizer step per group of `gas` micro-batches; the last group of an epoch may be shorter.
-        for start in range(batch_in_epoch, len(batches), gas):
-            group = range(start, min(start + gas, len(batches)))
-            for micro, position in enumerate(group):
-                # All randomness of this micro-batch comes from (seed, step, micro-batch, rank) alone.
-                seed = _step_seed(t.seed, global_step, micro, accelerator.process_index)
-                torch.manual_seed(seed)
-                batch = _load_batch(records, batches[position], cfg, epoch, position, latent_cache, base.tokenizers)
-                with contextlib.ExitStack() as stack:
-                    if position != group[-1]:  # gradients are all-reduced only on the group's last micro-batch
-                        for module in trained_modules:
-                            stack.enter_context(accelerator.no_sync(module))
-                    with accelerator.autocast():
-                        if "latents" in batch:
-                            latents = batch["latents"].to(device)
-                        else:
-                            latents = encode_latents(base.vae, batch["pixels"])
-                        if te_cache is not None:
-                            states, pooled = _from_te_cache(te_cache, batch["captions"], device)
-                        else:
-                            with torch.set_grad_enabled(te_grad):
-                                states, pooled = encode_prompt(base.arch, encoders, batch["input_ids"])
-                        time_ids = None
-                        if base.arch == "sdxl":
-                            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-                        loss = compute_loss(modules["unet"], noise_scheduler, latents, states, pooled, time_ids,
-                                            batch.get("mask"), torch.Generator().manual_seed(seed), t, weight_dtype)
-                    accelerator.backward(loss / len(group))
-                loss_sum += loss.detach()
-                loss_count += 1
-            if t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_([p for m in trained_modules for p in m.parameters() if p.requires_grad],
-                                            t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
-            global_step += 1
-            progress.update(1)
+    # The with-block closes the bar before an error message is printed, so the message is the last line.
+    with tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
+              disable=not accelerator.is_local_main_process) as progress:
+        while global_step < t.max_train_steps:
+            batches = _shard(epoch_batches(records, t.batch_size, t.seed, epoch), accelerator)
+            # One optimizer step per group of `gas` micro-batches; the last group of an epoch may be shorter.
+            for start in range(batch_in_epoch, len(batches), gas):
+                group = range(start, min(start + gas, len(batches)))
+                step_loss = torch.zeros((), device=device)
+                for micro, position in enumerate(group):
+                    # All randomness of this micro-batch comes from (seed, step, micro-batch, rank) alone.
+                    seed = _step_seed(t.seed, global_step, micro, accelerator.process_index)
+                    torch.manual_seed(seed)
+                    batch = _load_batch(records, batches[position], cfg, epoch, position, latent_cache, base.tokenizers)
+                    with contextlib.ExitStack() as stack:
+                        if position != group[-1]:  # gradients are all-reduced only on the group's last micro-batch
+                            for module in trained_modules:
+                                stack.enter_context(accelerator.no_sync(module))
+                        with accelerator.autocast():
+                            if "latents" in batch:
+                                latents = batch["latents"].to(device)
+                            else:
+                                latents = encode_latents(base.vae, batch["pixels"])
+                            if te_cache is not None:
+                                states, pooled = _from_te_cache(te_cache, batch["captions"], device)
+                            else:
+                                with torch.set_grad_enabled(te_grad):
+                                    states, pooled = encode_prompt(base.arch, encoders, batch["input_ids"])
+                            time_ids = None
+                            if base.arch == "sdxl":
+                                time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+                            loss = compute_loss(modules["unet"], noise_scheduler, latents, states, pooled, time_ids,
+                                                batch.get("mask"), torch.Generator().manual_seed(seed), t, weight_dtype)
+                        accelerator.backward(loss / len(group))
+                    step_loss += loss.detach()
+                # NaN/Inf guard. Reading the norm syncs the device once a step: the price of never letting a
+                # non-finite gradient reach the weights (an AdamW update with NaN ruins the adapter for good).
+                grad_norm = accelerator.clip_grad_norm_(adapter_params, t.max_grad_norm or math.inf)
+                finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+                if finite or accelerator.scaler is not None:
+                    optimizer.step()  # under fp16 the GradScaler skips a non-finite step itself and lowers its scale
+                optimizer.zero_grad(set_to_none=True)
+                lr_scheduler.step()
+                global_step += 1
+                progress.update(1)
+                if finite:
+                    loss_sum += step_loss
+                    loss_count += len(group)
+                    nonfinite_streak = 0
+                else:
+                    nonfinite_streak += 1
+                    skipped_steps += 1
+                    logger.warning(f"step {global_step}: non-finite loss or gradient, the update was skipped")
+                    if nonfinite_streak >= t.max_nonfinite_steps:
+                        raise TrainingError(_nonfinite_message(t, nonfinite_streak, global_step, out))
 
-            # --- after the step: log, save, sample -----------------------------------------------------------
-            epoch_done = group[-1] + 1 == len(batches)
-            final = global_step >= t.max_train_steps
-            if global_step % t.log_every_n_steps == 0 or final:
-                # Reading the loss syncs the device, so it happens only every log_every_n_steps.
-                mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"loss became {mean_loss} at step {global_step}: lower train.learning_rate, or use bf16 / "
-                        "an fp16-safe VAE; the last saved checkpoint in the output folder is intact"
-                    )
-                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
-                accelerator.log(logs, step=global_step)
-                loss_sum.zero_()
-                loss_count = 0
-            lora_name = None
-            if final:
-                lora_name = t.output_name
-            elif epoch_done and t.save_every_n_epochs and (epoch + 1) % t.save_every_n_epochs == 0:
-                lora_name = f"{t.output_name}-{epoch + 1:06d}"  # kohya's per-epoch naming
-            elif t.save_every_n_steps and global_step % t.save_every_n_steps == 0:
-                lora_name = f"{t.output_name}-step{global_step:08d}"
-            if lora_name or (t.checkpoint_every_n_steps and global_step % t.checkpoint_every_n_steps == 0):
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    state = {"global_step": global_step, "epoch": epoch + epoch_done,
-                             "batch_in_epoch": 0 if epoch_done else group[-1] + 1,
-                             "lr_scheduler": lr_scheduler.state_dict(),
-                             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-                    _save_checkpoint(accelerator, modules, trained, optimizer, state, out, t.save_last_k)
-                    if lora_name:
-                        _export(accelerator, modules, trained, cfg, run_info, global_step, epoch + epoch_done,
-                                out / f"{lora_name}.safetensors", keep=0 if final else t.save_last_k)
-            s = cfg.sample
-            if s.prompts and accelerator.is_main_process and (
-                final or (s.every_n_steps and global_step % s.every_n_steps == 0)
-                or (epoch_done and s.every_n_epochs and (epoch + 1) % s.every_n_epochs == 0)
-            ):
-                with accelerator.autocast():
-                    render_samples(base, modules, cfg, out / "samples", f"step{global_step:08d}", accelerator)
-            if final:
-                break
-        epoch, batch_in_epoch = epoch + 1, 0
-    progress.close()
+                # --- after the step: log, save, sample -----------------------------------------------------------
+                epoch_done = group[-1] + 1 == len(batches)
+                final = global_step >= t.max_train_steps
+                if (global_step % t.log_every_n_steps == 0 or final) and loss_count:
+                    mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
+                    logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps}
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                    accelerator.log(logs, step=global_step)
+                    loss_sum.zero_()
+                    loss_count = 0
+                lora_name = None
+                if final:
+                    lora_name = t.output_name
+                elif epoch_done and t.save_every_n_epochs and (epoch + 1) % t.save_every_n_epochs == 0:
+                    lora_name = f"{t.output_name}-{epoch + 1:06d}"  # kohya's per-epoch naming
+                elif t.save_every_n_steps and global_step % t.save_every_n_steps == 0:
+                    lora_name = f"{t.output_name}-step{global_step:08d}"
+                if lora_name or (t.checkpoint_every_n_steps and global_step % t.checkpoint_every_n_steps == 0):
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        state = {"global_step": global_step, "epoch": epoch + epoch_done,
+                                 "batch_in_epoch": 0 if epoch_done else group[-1] + 1,
+                                 "lr_scheduler": lr_scheduler.state_dict(),
+                                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                        _save_checkpoint(accelerator, modules, trained, optimizer, state, out, t.save_last_k)
+                        if lora_name:
+                            _export(accelerator, modules, trained, cfg, run_info, global_step, epoch + epoch_done,
+                                    out / f"{lora_name}.safetensors", keep=0 if final else t.save_last_k)
+                if val_items and (
+                    final or (t.validate_every_n_steps and global_step % t.validate_every_n_steps == 0)
+                    or (not t.validate_every_n_steps and epoch_done)
+                ):
+                    validate(epoch + epoch_done)
+                s = cfg.sample
+                if s.prompts and accelerator.is_main_process and (
+                    final or (s.every_n_steps and global_step % s.every_n_steps == 0)
+                    or (epoch_done and s.every_n_epochs and (epoch + 1) % s.every_n_epochs == 0)
+                ):
+                    with accelerator.autocast():
+                        render_samples(base, modules, cfg, out / "samples", f"step{global_step:08d}", accelerator)
+                if final:
+                    break
+            epoch, batch_in_epoch = epoch + 1, 0
+    lowest = best(val_rows)
+    if lowest:
+        logger.info(f"lowest validation loss {lowest['val_loss']:.5f} at step {lowest['step']} (epoch "
+                    f"{lowest['epoch']}); every value is in {out / 'validation.csv'}", main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / f"{t.output_name}.safetensors"
-
-
-def compute_loss(unet, noise_scheduler, latents, states, pooled, time_ids, mask, generator, t: TrainConfig,
-                 weight_dtype) -> torch.Tensor:
-    """The denoising loss of one batch: noise the latents at random timesteps and regress the target."""
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    if t.noise_offset:
-        # Offset noise: a per-channel constant lets the model shift overall brightness (crosslabs.org, 2023).
-        noise = noise + t.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    added = None
-    if time_ids is not None:
-        added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(latents.device, weight_dtype)}
-    pred = unet(noisy.to(weight_dtype), timesteps, states.to(weight_dtype), added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")  # [B, C, h, w]
-    if mask is not None:
-        # Mask images are at pixel resolution; the loss lives on the latent grid.
-        mask = F.interpolate(mask.to(loss.device, loss.dtype), size=loss.shape[-2:], mode="area")
-        loss = loss * mask
-    loss = loss.mean(dim=(1, 2, 3))  # [B]
-    if t.min_snr_gamma:
-        # Min-SNR weighting (arXiv 2303.09556): cap the weight of low-noise timesteps at gamma.
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=t.min_snr_gamma)
-        weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
-        loss = loss * weight
-    return loss.mean()
 
 
 @torch.no_grad()
@@ -414,6 +412,17 @@ def _load_adapters(accelerator, modules: dict, trained: list[str], adapters: dic
     with torch.no_grad():
         for key, param in current.items():
             param.copy_(adapters[key])
+
+
+def _nonfinite_message(t: TrainConfig, streak: int, step: int, out: Path) -> str:
+    causes = [f"lower train.learning_rate (now {t.learning_rate:g})"]
+    if t.mixed_precision == "fp16":
+        causes.append("use mixed_precision = \"bf16\" if the GPU has it (fp16 overflows)")
+    if t.max_grad_norm == 0:
+        causes.append("set train.max_grad_norm = 1.0")
+    return (f"loss or gradients were NaN/Inf for {streak} steps in a row (steps {step - streak + 1}-{step}); "
+            f"those updates were skipped, so the weights and the checkpoints in {out} are intact. Likely fix: "
+            + ", or ".join(causes))
 
 
 def _check_dataset(cfg: Config, accelerator) -> None:

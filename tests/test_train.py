@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sdlora import checkpoint as ckpt
 from sdlora.config import load_config
 from sdlora.cache import build_latent_cache
 from sdlora.data import DatasetError, scan_dataset
 from sdlora.lora import inject_lora, trainable_parameters
 from sdlora.models import encode_prompt, load_base_model, tokenize
-from sdlora.train import compute_loss, train
+from sdlora.train import TrainingError, compute_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over
@@ -123,21 +124,35 @@ def test_same_seed_same_adapter_and_resume_is_exact(dataset, tmp_path):
     assert_same(adapter(straight), adapter(resumed))
 
 
-def test_resume_after_kill(dataset, tmp_path):
-    """kill -9 a training process once a checkpoint exists; resuming from it equals an uninterrupted run."""
+def test_resume_after_repeated_kills(dataset, tmp_path):
+    """kill -9 the training process three times at random moments (saves happen every step, so some kills land
+    mid-save), resume each time; every file left is complete and the result equals an uninterrupted run."""
+    import random
+
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "sdlora.cli", "train", str(_write_cfg(dataset, tmp_path, run)),
-            "train.max_train_steps=40", "train.checkpoint_every_n_steps=2", "train.save_last_k=0"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run / "checkpoint-4").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert (run / "checkpoint-4" / "state.json").is_file()
-    cfg = make_cfg(dataset, run, "train.max_train_steps=8")
-    resumed = train(cfg, resume=str(run / "checkpoint-4"))
-    straight = train(make_cfg(dataset, tmp_path / "straight", "train.max_train_steps=8"))
+            "train.max_train_steps=24", "train.checkpoint_every_n_steps=1", "train.save_every_n_steps=1",
+            "train.save_last_k=2"]
+    rng = random.Random(0)
+    for attempt in range(3):
+        newest = ckpt.list_checkpoints(run)[-1].name if attempt else None
+        proc = subprocess.Popen(args + (["--resume", "latest"] if attempt else []),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and (
+            not ckpt.list_checkpoints(run) or ckpt.list_checkpoints(run)[-1].name == newest
+        ):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.4))
+        proc.kill()
+        assert proc.wait() != 0, "the run finished before it was killed"
+        for path in run.glob("*.safetensors"):
+            load_file(str(path))  # a kill never leaves a truncated LoRA
+        for folder in ckpt.list_checkpoints(run):
+            load_file(str(folder / "adapters.safetensors"))
+    resumed = train(make_cfg(dataset, run, "train.max_train_steps=24", "train.save_every_n_steps=1",
+                             "train.save_last_k=2"), resume="latest")
+    straight = train(make_cfg(dataset, tmp_path / "straight", "train.max_train_steps=24"))
     assert_same(adapter(straight), adapter(resumed))
 
 
@@ -233,3 +248,56 @@ def test_dataset_problem_found_by_the_doctor_stops_training_before_the_model_loa
     monkeypatch.setattr(train_module, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DatasetError, match=rf"{first.stem}_mask\.png.*sdlora doctor"):
         train(make_cfg(folder, tmp_path / "out", "train.masked_loss=true"))
+
+
+def _nan_at(monkeypatch, bad_calls):
+    """Make compute_loss return NaN on the given (1-based) calls; one call per step at gradient_accumulation 1."""
+    import sdlora.train as train_module
+
+    real, calls = train_module.compute_loss, []
+
+    def compute_loss(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) in bad_calls else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", compute_loss)
+
+
+def test_nonfinite_step_is_skipped_and_leaves_the_weights_untouched(dataset, tmp_path, monkeypatch):
+    two_steps = train(make_cfg(dataset, tmp_path / "two", "train.max_train_steps=2"))
+    _nan_at(monkeypatch, {3})
+    third_skipped = train(make_cfg(dataset, tmp_path / "skipped", "train.max_train_steps=3"))
+    assert_same(adapter(two_steps), adapter(third_skipped))
+
+
+def test_persistent_nan_stops_with_the_cause_and_keeps_good_checkpoints(dataset, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"NaN/Inf for 3 steps in a row \(steps 3-5\).*learning_rate"):
+        train(make_cfg(dataset, out, "train.max_train_steps=20", "train.max_nonfinite_steps=3",
+                       "train.checkpoint_every_n_steps=2"))
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    for folder in checkpoints:
+        assert all(torch.isfinite(v).all() for v in load_file(str(folder / "adapters.safetensors")).values())
+
+
+def test_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    import sdlora.atomic
+    from sdlora.cli import main
+
+    out = tmp_path / "run"
+    config = _write_cfg(dataset, tmp_path, out)
+    assert main(["train", str(config), "train.max_train_steps=2", "train.checkpoint_every_n_steps=2"]) == 0
+    before = load_file(str(out / "checkpoint-2" / "adapters.safetensors"))
+    full = namedtuple("Usage", "total used free")(10**12, 10**12, 0)
+    monkeypatch.setattr(sdlora.atomic.shutil, "disk_usage", lambda _: full)
+    capsys.readouterr()
+    code = main(["train", str(config), "train.max_train_steps=4", "train.checkpoint_every_n_steps=2", "--resume", "latest"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "not enough disk space" in err[-1] and "Traceback" not in "\n".join(err)
+    assert_same(before, load_file(str(out / "checkpoint-2" / "adapters.safetensors")))
+    assert not (out / "checkpoint-4").exists() and not list(out.glob(".checkpoint-*"))
