@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .generate import (
     SAMPLERS,
@@ -28,7 +28,6 @@ from .generate import (
     GenerationParams,
     LoraCache,
     LoraSpec,
-    a1111_parameters,
     default_device,
     default_size,
     generate_images,
@@ -38,6 +37,7 @@ from .generate import (
     parse_a1111_parameters,
     save_png,
 )
+from .grid import grid_parameters, label_grid
 from .tiny import TINY_MODELS
 
 logger = logging.getLogger(__name__)
@@ -297,9 +297,8 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
             cells.append(row)
         name = lora_path.stem
         grid = label_grid(cells, [f"{name}: {w:g}" for w in weights], row_labels)
-        text = a1111_parameters(params, model_label(model)) + (
-            f", X Type: LoRA weight ({name}), X Values: \"{', '.join(f'{w:g}' for w in weights)}\", "
-            f"Y Type: {y_axis}")
+        text = grid_parameters(params, model_label(model),
+                               [(f"LoRA weight ({name})", [f"{w:g}" for w in weights]), (y_axis, None)])
         path = save_png(grid, _next_grid_path(Path(engine.settings.out_dir) / "grids"), text)
     return str(path), f"{total} cells in {time.perf_counter() - started:.1f} s · saved to {path}"
 
@@ -376,48 +375,6 @@ def _numbers(text: str, kind, what: str) -> list:
 def _next_grid_path(folder: Path) -> Path:
     numbers = [int(m.group(1)) for p in folder.glob("xy-*.png") if (m := re.match(r"xy-(\d+)\.png$", p.name))]
     return folder / f"xy-{max(numbers, default=0) + 1:05d}.png"
-
-
-def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels: list[str]) -> Image.Image:
-    """Images in rows and columns with a header row and a label column, drawn with PIL's default font."""
-    w, h = cells[0][0].size
-    font = _font(max(12, min(24, w // 12)))
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
-    label_w = min(max(w, 160), max(draw.textlength(t, font=font) for t in row_labels) + 16)
-    header_h = line_h * 2 + 8
-    grid = Image.new("RGB", (int(label_w) + w * len(col_labels), header_h + h * len(cells)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, text in enumerate(col_labels):
-        lines = _wrap(text, font, draw, w - 8)[:2]
-        for k, line in enumerate(lines):
-            draw.text((label_w + c * w + 4, 4 + k * line_h), line, fill="black", font=font)
-    for r, row in enumerate(cells):
-        lines = _wrap(row_labels[r], font, draw, label_w - 12)[: max(1, h // line_h)]
-        for k, line in enumerate(lines):
-            draw.text((6, header_h + r * h + 4 + k * line_h), line, fill="black", font=font)
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (int(label_w) + c * w, header_h + r * h))
-    return grid
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, draw, width: float) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if draw.textlength(candidate, font=font) <= width or not line:
-            line = candidate
-        else:
-            lines.append(line)
-            line = word
-    return [*lines, line] if line else lines or [""]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ USAGE_ERRORS = (ConfigError,)
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "diffusers", "transformers"):
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # Our own error types (and a missing file) carry complete one-line messages; anything else is a bug and keeps
 # its traceback. Matched by name so this module does not import the heavy modules that define them.
-_USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "DiskSpaceError", "FileNotFoundError"}
+_USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "DiskSpaceError", "PlanError",
+                "FileNotFoundError"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +113,124 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config whose [data] table applies (bucket settings, captions, ...)")
     p.add_argument("--resolution", type=int, help="training resolution (default: the config's, else 512)")
     p.set_defaults(func=_cmd_doctor)
+
+    dtype_help = "dtype of the written tensors"
+    p = sub.add_parser("merge-into-base", help="fuse LoRAs into a base model and write the merged model",
+                       description="Write BASE + weight * LoRA delta for each LoRA, as a diffusers folder or (OUT "
+                                   "ending in .safetensors) a single-file checkpoint for A1111/ComfyUI.")
+    p.add_argument("--model", required=True,
+                   help="base model: diffusers folder, single-file .safetensors checkpoint, or tiny-sd15 / tiny-sdxl")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="repeatable; weight 1.0 by default")
+    p.add_argument("--out", required=True, help="output folder, or a .safetensors file for a single-file checkpoint")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
+    p.set_defaults(func=_cmd_merge_into_base)
+
+    p = sub.add_parser("merge-loras", help="merge several LoRAs into one LoRA file",
+                       description="Sum the weighted deltas of LoRAs for one model family into one kohya LoRA. "
+                                   "Without --rank the ranks are concatenated (exact); with --rank the sum is cut "
+                                   "to that rank by SVD.")
+    p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files, weight 1.0 by default")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--rank", type=_positive_int, help="SVD to this rank per module (default: concatenate, exact)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
+    p.add_argument("--verbose", action="store_true", help="list the error of every module")
+    p.set_defaults(func=_cmd_merge_loras)
+
+    p = sub.add_parser("resize", help="change a LoRA's rank by SVD (fixed rank or kept energy)",
+                       description="Cut every module of a LoRA to a lower rank by SVD and print the relative "
+                                   "Frobenius error per module and overall. Keeping the full rank is lossless.")
+    p.add_argument("file", help="input LoRA .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=_positive_int, help="the same rank for every module (at most its current rank)")
+    how.add_argument("--energy", type=_fraction, metavar="FRACTION",
+                     help="per module, the smallest rank keeping this fraction of the sum of squared singular "
+                          "values, e.g. 0.95")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
+    p.add_argument("--verbose", action="store_true", help="list the error of every module")
+    p.set_defaults(func=_cmd_resize)
+
+    p = sub.add_parser("extract", help="extract a LoRA from the difference of a fine-tuned model and its base",
+                       description="SVD of tuned - base on the modules LoRA training adapts; prints the relative "
+                                   "Frobenius error per module and overall.")
+    p.add_argument("--base", required=True, help="base model: diffusers folder, single file, or tiny name")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model (same architecture)")
+    p.add_argument("--rank", type=_positive_int, required=True, help="LoRA rank per module")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--targets", choices=["attn", "attn_mlp", "all"], default="attn",
+                   help="module set, as lora.targets in training (default attn: attention projections)")
+    p.add_argument("--conv", action="store_true", help="also the ResNet and sampler convs (LoCon)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
+    p.add_argument("--verbose", action="store_true", help="list the error of every module")
+    p.set_defaults(func=_cmd_extract)
+
+    grid_help = ("Render every saved LoRA file of a run (rows, by epoch/step, final last) at several weights "
+                 "(columns) for each prompt, with fixed seeds, into one PNG. Prompts, seed, size and sampler "
+                 "default to the run's config.toml [sample].")
+    p = sub.add_parser("grid", help="a labelled grid of a run's saved LoRA files x weights x prompts",
+                       description=grid_help)
+    p.add_argument("sources", nargs="+", metavar="RUN_DIR_OR_FILE", help="run folders and/or LoRA files")
+    p.add_argument("--model", help="base model (default: model.base_model of the run's config.toml)")
+    p.add_argument("--vae", help="separate VAE (default: the run's model.vae)")
+    p.add_argument("--weights", type=_float_list, default=[0.0, 0.5, 0.75, 1.0], help="default 0,0.5,0.75,1")
+    p.add_argument("--prompt", action="append", help="repeatable; kohya flags (--n/--w/--h/--d/--l/--s) allowed")
+    p.add_argument("--negative")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--width", type=int, help="0: 1024 for SDXL, 512 otherwise")
+    p.add_argument("--height", type=int)
+    p.add_argument("--sampler", help="euler, euler_a, dpmpp_2m_karras, ddim, unipc, lcm")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/grid.png)")
+    p.set_defaults(func=_cmd_grid)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.md: config, dataset, loss curves, grid, best epoch")
+    p.add_argument("run_dir")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
+                   help="--grid renders RUN_DIR/grid.png first; --no-grid leaves it out (default: shown if there)")
+    p.add_argument("--model", help="base model for --grid (default: the run's model.base_model)")
+    p.add_argument("--weights", type=_float_list, default=[0.0, 0.5, 0.75, 1.0], help="--grid weights")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("plan", help="estimate a config's peak GPU memory and the settings that fit a card",
+                       description="Estimate peak GPU memory from the model's configs (no weights are loaded) and "
+                                   "pick the fastest settings that fit --vram. Overrides as in `sdlora train`; "
+                                   "model.base_model may also be sd15 / sdxl to plan before downloading.")
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--vram", required=True, type=_vram, help="the GPU's memory, e.g. 8GB")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("bench", help="time training steps (full-size random model on a GPU, tiny on CPU)",
+                       description="One JSON line per setting: images/s, step time, peak VRAM, TFLOP/s, MFU.")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _vram(text: str) -> float:
+    from .plan import PlanError, parse_vram
+
+    try:
+        return parse_vram(text)
+    except PlanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value:g}")
+    return value
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -131,12 +249,29 @@ def _overrides(extra: list[str]) -> list[str]:
     return items
 
 
+def _cmd_plan(args, extra) -> int:
+    from .plan import report
+
+    print(report(load_config(args.config, _overrides(extra)), args.vram))
+    return 0
+
+
+def _cmd_bench(args, extra) -> int:
+    from .bench import run_all
+
+    return run_all(args)
+
+
 def _cmd_train(args, extra) -> int:
     cfg = load_config(args.config, _overrides(extra))
     from .train import train
 
     init = _read_init_lora(args.init_lora, cfg) if args.init_lora else None
     path = train(cfg, resume=args.resume, init_lora=init)
+    if cfg.train.report:
+        from .report import finish_run
+
+        finish_run(cfg, cfg.train.output_dir)  # after train() returns, so its models are freed first
     print(f"LoRA written to {path}")
     return 0
 
@@ -218,6 +353,40 @@ def _cmd_inspect(args, extra) -> int:
     return 0
 
 
+def _cmd_merge_into_base(args, extra) -> int:
+    from .lora_tools import DTYPES, merge_into_base
+
+    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, DTYPES[args.dtype]))
+    return 0
+
+
+def _cmd_merge_loras(args, extra) -> int:
+    from .lora_tools import DTYPES, merge_lora_files
+
+    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank, DTYPES[args.dtype])
+    print(report.summary(verbose=args.verbose))
+    print(f"LoRA written to {args.out}")
+    return 0
+
+
+def _cmd_resize(args, extra) -> int:
+    from .lora_tools import DTYPES, resize_lora_file
+
+    report = resize_lora_file(args.file, args.out, args.rank, args.energy, DTYPES[args.dtype])
+    print(report.summary(verbose=args.verbose))
+    print(f"LoRA written to {args.out}")
+    return 0
+
+
+def _cmd_extract(args, extra) -> int:
+    from .lora_tools import DTYPES, extract_lora_file
+
+    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv, DTYPES[args.dtype])
+    print(report.summary(verbose=args.verbose))
+    print(f"LoRA written to {args.out}")
+    return 0
+
+
 def _cmd_doctor(args, extra) -> int:
     from dataclasses import replace
 
@@ -245,6 +414,47 @@ def _cmd_demo(args, extra) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), Path(args.config) if args.config else None)
+    return 0
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+    return values
+
+
+def _cmd_grid(args, extra) -> int:
+    from .generate import GenerationError
+    from .grid import make_grid
+
+    try:
+        result = make_grid(args.sources, args.model, args.weights, args.prompt, args.out, negative=args.negative,
+                           seed=args.seed, steps=args.steps, cfg=args.cfg, width=args.width, height=args.height,
+                           sampler=args.sampler, vae=args.vae)
+    except GenerationError as e:
+        print(f"sdlora: error: {e}", file=sys.stderr)
+        return 2
+    print(result.path)
+    return 0
+
+
+def _cmd_report(args, extra) -> int:
+    from .generate import GenerationError
+    from .grid import make_grid
+    from .report import write_report
+
+    grid = False if args.grid is False else None  # None: show RUN_DIR/grid.png if there is one
+    if args.grid:
+        try:
+            grid = make_grid([args.run_dir], args.model, args.weights).path
+        except GenerationError as e:
+            print(f"sdlora: error: {e}", file=sys.stderr)
+            return 2
+    print(write_report(args.run_dir, grid=grid))
     return 0
 
 

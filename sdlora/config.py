@@ -137,6 +137,8 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 0
     # Validation loss (with data.validation_split / validation_dirs) every N steps; 0 = at each epoch's end.
     validate_every_n_steps: int = 0
+    # After training (`sdlora train`): write <output_dir>/report.md with loss curves, the grid and the best epoch.
+    report: bool = True
     # Log the mean loss every N steps.
     log_every_n_steps: int = 10
     # Loss on these parts only: a mask image beside each image (img.png + img_mask.png), white = train.
@@ -155,6 +157,8 @@ class SampleConfig:
     width: int = 0  # 0 = the training resolution
     height: int = 0
     sampler: Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"] = "euler"
+    # After training: a grid of the saved LoRA files x these weights x the prompts ([] = no grid).
+    grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])
 
 
 @dataclass

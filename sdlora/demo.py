@@ -9,8 +9,17 @@ from pathlib import Path
 from PIL import Image
 
 from .config import load_config
-from .generate import GenerationParams, a1111_parameters, apply_loras, generate, load_pipeline, parse_sample_prompt, save_png
 from .atomic import atomic_path
+from .generate import (
+    GenerationParams,
+    LoraCache,
+    LoraSpec,
+    a1111_parameters,
+    generate,
+    load_pipeline,
+    parse_sample_prompt,
+    save_png,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +39,7 @@ def run_demo(out: Path, config: Path | None = None) -> dict[str, Path]:
 
     pipe = load_pipeline(cfg.model.base_model)
     pipe.set_progress_bar_config(disable=True)
-    adapter = apply_loras(pipe, [(lora, 1.0)])[0]
+    cache = LoraCache(pipe)
     defaults = GenerationParams(prompt="", steps=cfg.sample.steps, cfg=cfg.sample.cfg, seed=cfg.sample.seed,
                                 width=cfg.data.resolution, height=cfg.data.resolution, sampler=cfg.sample.sampler)
     written = {"lora": lora}
@@ -39,17 +48,21 @@ def run_demo(out: Path, config: Path | None = None) -> dict[str, Path]:
         params = parse_sample_prompt(line, defaults)
         row = []
         for label, weight in (("base", 0.0), ("lora", 1.0)):
-            pipe.set_adapters([adapter], adapter_weights=[weight])
+            cache.activate([LoraSpec(lora, weight)])
             image = generate(pipe, params)
             path = save_png(image, out / "compare" / f"{i:02d}-{label}.png", a1111_parameters(params, cfg.model.base_model))
             written[f"{i:02d}-{label}"] = path
             row.append(image)
         pairs.append(row)
     written["comparison"] = _save_grid(pairs, out / "compare" / "before_after.png")
+    from .report import finish_run
+
+    written["report"] = finish_run(cfg, out, loras=cache)
     print(f"\ndemo finished (training took {trained_in:.0f} s)")
     print(f"  LoRA (kohya format, loads in ComfyUI/A1111/diffusers): {lora}")
     print(f"  samples during training:                               {out / 'samples'}")
     print(f"  without / with the LoRA, side by side:                 {written['comparison']}")
+    print(f"  grid of the saved files x weights, report:             {out / 'grid.png'}, {written['report']}")
     print(f"  TensorBoard logs:                                      tensorboard --logdir {out / 'logs'}")
     return written
 

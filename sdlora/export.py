@@ -29,6 +29,7 @@ from .lora_files import (
     bytes_hashes,
     detect_arch,
     file_hashes,
+    group_lora_keys,
     inspect_lora,
     read_lora_file,
     split_lora_key,
@@ -36,9 +37,10 @@ from .lora_files import (
 )
 
 __all__ = [
-    "ARCHS", "COMPONENTS", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout", "build_metadata",
-    "detect_arch", "file_hashes", "from_kohya_state_dict", "inspect_lora", "kohya_module_name", "load_lora_layers",
-    "read_lora_file", "save_kohya_lora", "save_peft_lora", "split_lora_key", "text_encoder_path",
+    "ARCHS", "COMPONENTS", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout", "arch_metadata",
+    "build_metadata", "detect_arch", "file_hashes", "from_kohya_state_dict", "group_lora_keys", "inspect_lora",
+    "kohya_module_name", "kohya_module_tensors", "load_lora_layers", "lora_weights_from_tensors", "read_lora_file",
+    "save_kohya_lora", "save_kohya_state_dict", "save_peft_lora", "split_lora_key", "text_encoder_path",
     "to_kohya_state_dict", "to_peft_state_dict", "unet_layout_from_config", "unet_layout_from_names",
     "unet_path_to_ldm", "unsupported_network_type",
 ]
@@ -274,13 +276,28 @@ def to_kohya_state_dict(
             name = kohya_module_name(component, path, arch, layout)
             if f"{name}.alpha" in out:
                 raise ValueError(f"{component} modules map to the same kohya name {name}")
-            down, up = weights.down, weights.up
-            if down.shape[0] != up.shape[1] or down.dim() != up.dim():
-                raise ValueError(f"{component} {path}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit")
-            out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(weights.alpha), dtype=torch.float32)
+            out.update(kohya_module_tensors(name, weights, dtype, label=f"{component} {path}"))
     return out
+
+
+def kohya_module_tensors(
+    name: str, weights: LoraWeights, dtype: torch.dtype = torch.float16, label: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The three kohya tensors of one module: `<name>.lora_down.weight`, `.lora_up.weight` (CPU, `dtype`) and
+    `.alpha` (0-dim fp32, kohya's convention).
+
+    Raises:
+        ValueError: down and up do not fit (ranks or dimensions differ); the message starts with `label` (default
+            `name`).
+    """
+    down, up = weights.down, weights.up
+    if down.shape[0] != up.shape[1] or down.dim() != up.dim():
+        raise ValueError(f"{label or name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit")
+    return {
+        f"{name}.lora_down.weight": down.detach().to("cpu", dtype).contiguous(),
+        f"{name}.lora_up.weight": up.detach().to("cpu", dtype).contiguous(),
+        f"{name}.alpha": torch.tensor(float(weights.alpha), dtype=torch.float32),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -369,17 +386,26 @@ def from_kohya_state_dict(
         )
     layers: dict[str, dict[str, LoraWeights]] = {}
     for (component, name), tensors in parts.items():
-        if "down" not in tensors or "up" not in tensors:
-            missing = "up" if "down" in tensors else "down"
-            raise LoraFileError(f"{component} module {name}: the file has no {missing} weight for it")
-        down, up = tensors["down"].float(), tensors["up"].float()
-        if down.shape[0] != up.shape[1]:
-            raise LoraFileError(
-                f"{component} module {name}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ"
-            )
-        alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(down.shape[0])
-        layers.setdefault(component, {})[name] = LoraWeights(down, up, alpha)
+        layers.setdefault(component, {})[name] = lora_weights_from_tensors(tensors, f"{component} module {name}")
     return layers
+
+
+def lora_weights_from_tensors(tensors: Mapping[str, torch.Tensor], label: str) -> LoraWeights:
+    """One module's {"down", "up"[, "alpha"]} tensors (as `split_lora_key` names them) as fp32 LoraWeights.
+
+    A module without alpha gets alpha = rank (scale 1), as every loader assumes.
+
+    Raises:
+        LoraFileError: down or up missing, or their ranks differ; the message starts with `label`.
+    """
+    if "down" not in tensors or "up" not in tensors:
+        missing = "up" if "down" in tensors else "down"
+        raise LoraFileError(f"{label}: the file has no {missing} weight for it")
+    down, up = tensors["down"].float(), tensors["up"].float()
+    if down.shape[0] != up.shape[1]:
+        raise LoraFileError(f"{label}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ")
+    alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(down.shape[0])
+    return LoraWeights(down, up, alpha)
 
 
 def load_lora_layers(
@@ -455,15 +481,6 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
         # kohya's LoCon arguments: the ResNet/sampler convs are trained with this rank/alpha.
         network_args.update(conv_dim=str(rank), conv_alpha=_num(alpha))
 
-    # modelspec.architecture as kohya's sai_model_spec.py writes it; ss_base_model_version as the reference format
-    # gives it (A1111 only checks its "sdxl_" prefix, and ss_v2 == "True" for SD2).
-    if arch == "sdxl":
-        architecture, base_version = "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"
-    elif arch == "sd2":
-        architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
-        base_version = "sd_v2_768_v" if v_pred else "sd_v2"
-    else:
-        architecture, base_version = "stable-diffusion-v1", "sd_v1"
     date = info.get("date") or datetime.datetime.fromtimestamp(
         float(info["training_finished_at"]), tz=datetime.timezone.utc
     ).isoformat(timespec="seconds")
@@ -473,8 +490,6 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": base_version,
-        "ss_v2": str(arch == "sd2"),  # A1111 compares with "True"
         "ss_sd_model_name": _basename(str(info.get("sd_model_name") or cfg.model.base_model)),
         "ss_resolution": f"({d.resolution}, {d.resolution})",  # kohya writes the tuple's repr
         "ss_learning_rate": str(t.learning_rate),
@@ -514,17 +529,10 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
         "ss_flip_aug": str(d.flip_aug),
         "ss_enable_bucket": str(d.enable_bucket),
         "ss_max_grad_norm": str(t.max_grad_norm),
-        # Stability's ModelSpec 1.0.1, with kohya's values (sai_model_spec.py): SDXL LoRAs name the SGM
-        # implementation, SD1.x/2.x LoRAs "diffusers"; prediction type "epsilon" or "v".
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": (
-            "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers"
-        ),
+        **arch_metadata(arch, v_pred),
         "modelspec.title": ex.title or t.output_name,
         "modelspec.resolution": f"{d.resolution}x{d.resolution}",
         "modelspec.date": str(date),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
     for key, value in (("description", ex.description), ("author", ex.author), ("trigger_phrase", ex.trigger_phrase)):
         if value:
@@ -540,6 +548,37 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
             raise ValueError(f"build_metadata: extra value for {key!r} is an absolute path; keep paths out of files")
         meta[key] = value
     return meta
+
+
+def arch_metadata(arch: str, v_pred: bool = False) -> dict[str, str]:
+    """The metadata keys of a LoRA that name its base model family: `ss_base_model_version`, `ss_v2` and
+    Stability's `modelspec.*` (spec version, architecture, implementation, prediction type).
+
+    `detect_arch` reads these back, and they are the only clue for models of non-standard (tiny) widths.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    # modelspec.architecture as kohya's sai_model_spec.py writes it; ss_base_model_version as the reference format
+    # gives it (A1111 only checks its "sdxl_" prefix, and ss_v2 == "True" for SD2).
+    if arch == "sdxl":
+        architecture, base_version = "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"
+    elif arch == "sd2":
+        architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        base_version = "sd_v2_768_v" if v_pred else "sd_v2"
+    else:
+        architecture, base_version = "stable-diffusion-v1", "sd_v1"
+    return {
+        "ss_base_model_version": base_version,
+        "ss_v2": str(arch == "sd2"),  # A1111 compares with "True"
+        # Stability's ModelSpec 1.0.1, with kohya's values (sai_model_spec.py): SDXL LoRAs name the SGM
+        # implementation, SD1.x/2.x LoRAs "diffusers"; prediction type "epsilon" or "v".
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": (
+            "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers"
+        ),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
 
 
 def _num(x: float) -> str:
@@ -583,12 +622,21 @@ def save_kohya_lora(
     Raises:
         ValueError: see `to_kohya_state_dict`; or a metadata value that is not a str.
     """
+    return save_kohya_state_dict(to_kohya_state_dict(layers, arch, dtype, unet_config), path, metadata)
+
+
+def save_kohya_state_dict(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Write ready kohya tensors (e.g. from `to_kohya_state_dict`) atomically with `metadata` plus `sshs_*` hashes.
+
+    Raises:
+        ValueError: a metadata value that is not a str.
+    """
     from safetensors.torch import save as serialize
 
     bad = [key for key, value in metadata.items() if not isinstance(value, str)]
     if bad:
         raise ValueError(f"metadata values must be str (safetensors stores strings): {', '.join(bad)}")
-    tensors = to_kohya_state_dict(layers, arch, dtype, unet_config)
+    tensors = dict(tensors)
     # Both hashes go into the header, which shifts the bytes the legacy hash reads. Hash values have a fixed length,
     # so serialise once with same-length placeholders: the final file has the same header length, hence the
     # same payload and the same bytes at 0x100000 (unless the header itself reaches 1 MiB, see below).

@@ -100,21 +100,6 @@ def default_size(arch: str) -> int:
     return 1024 if arch == "sdxl" else 512
 
 
-def apply_loras(pipe, loras: list[tuple[str | Path, float]]) -> list[str]:
-    """Load LoRA files as named peft adapters and activate them with their weights (diffusers blending).
-
-    Returns the adapter names. A weight of 0 leaves the base model's output unchanged.
-    """
-    names = []
-    for i, (path, _) in enumerate(loras):
-        name = f"lora{i}_{Path(path).stem}".replace(".", "_")
-        pipe.load_lora_weights(str(path), adapter_name=name)
-        names.append(name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
-    return names
-
-
 def generate(pipe, params: GenerationParams, sampler_config: dict | None = None) -> Image.Image:
     """Render one image; the same params and seed give the same image.
 

@@ -87,6 +87,19 @@ def split_lora_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def group_lora_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """({module key: {"down" | "up" | "alpha": tensor}}, keys that are no LoRA tensor), per `split_lora_key`."""
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    unknown = []
+    for key, tensor in sd.items():
+        split = split_lora_key(key)
+        if split is None:
+            unknown.append(key)
+        else:
+            modules[split[0]][split[1]] = tensor
+    return dict(modules), unknown
+
+
 def unsupported_network_type(keys: Iterable[str]) -> tuple[str, str] | None:
     """(type name, example key) if any key belongs to a LyCORIS/DoRA-style network this package cannot import."""
     for key in keys:
@@ -260,14 +273,8 @@ def inspect_lora(path: str | Path) -> str:
     else:
         fmt = "diffusers/peft" if any(".lora_A." in k for k in sd) else "other"
 
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    unknown = []
+    modules, unknown = group_lora_keys(sd)
     for key, tensor in sd.items():
-        split = split_lora_key(key)
-        if split is None:
-            unknown.append(key)
-        else:
-            modules[split[0]][split[1]] = tensor
         if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all():
             warnings.append(f"{key} contains NaN/Inf")
     if unknown and not unsupported:

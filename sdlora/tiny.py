@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
+# The real widths with random weights, from the shipped configs: for GPU benchmarks only (GBs on disk, saved fp16).
+FULL_SIZE_MODELS = ("sd15", "sdxl")
 DEFAULT_SEED = 0
 
 
@@ -43,8 +45,8 @@ def tiny_model_path(name: str, seed: int = DEFAULT_SEED) -> Path:
     The cache key hashes the shipped configs and the seed, so editing a config rebuilds the model.
     Set SDLORA_CACHE to move the cache (default ~/.cache/sdlora).
     """
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    if name not in TINY_MODELS + FULL_SIZE_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TINY_MODELS + FULL_SIZE_MODELS)}")
     digest = hashlib.sha256(f"{seed}".encode())
     for config in sorted(_config_dir(name).glob("*.json")):
         digest.update(config.read_bytes())
@@ -63,6 +65,8 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     pipe = _build_pipeline(name, seed)
+    if name in FULL_SIZE_MODELS:
+        pipe.to(torch.float16)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -101,7 +105,7 @@ def _build_pipeline(name: str, seed: int):
     seeded(2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_read(name, "text_encoder")))
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet, scheduler=scheduler)
-    if name == "tiny-sdxl":
+    if name.endswith("sdxl"):
         seeded(3)
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_read(name, "text_encoder_2")))
         return diffusers.StableDiffusionXLPipeline(

@@ -40,6 +40,7 @@ from .export import build_metadata, save_kohya_lora, save_peft_lora
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
 from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, set_lora_layers, trainable_parameters
 from .loss import compute_loss
+from .plan import PlanError, check_fits, offloads
 from .models import BaseModel, component_names, encode_prompt, load_base_model, sdxl_time_ids, tokenize
 from .validation import best, prepare_validation, read_history, split_records, validation_loss, write_history
 
@@ -76,13 +77,21 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
     # --- data first: a broken dataset must fail before minutes of model loading --------------------------
     records, val_records = split_records(scan_dataset(cfg.data), cfg)
     _check_dataset(cfg, accelerator)
+    if device.type == "cuda":  # a run that cannot fit stops here, not with an OOM minutes later
+        try:
+            warning = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory)
+        except PlanError as e:
+            raise TrainingError(str(e)) from None
+        if warning:
+            logger.warning(warning)
 
     # --- models: frozen base in weight_dtype, VAE in fp32, LoRA adapters (fp32) via peft ------------------
     base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle, cfg.model.prediction_type)
     base.vae.to(device, torch.float32).requires_grad_(False)
     modules = {"unet": base.unet, **dict(zip(component_names(base.arch), base.text_encoders))}
-    for module in modules.values():
-        module.requires_grad_(False).to(device, weight_dtype)
+    for name, module in modules.items():
+        # The UNet joins the device after the caches are built: caching then has the memory to itself.
+        module.requires_grad_(False).to("cpu" if name == "unet" else device, weight_dtype)
     trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
     set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
     for name in trained:
@@ -106,6 +115,13 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
         with accelerator.main_process_first():
             latent_cache = build_latent_cache(records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
     te_cache = _cache_text_outputs(base, records, cfg) if cfg.data.cache_text_encoder_outputs else None
+    modules["unet"].to(device)
+    offload_vae, offload_te = offloads(cfg)
+    if offload_vae:  # nothing encodes or decodes images any more: free the device memory for activations
+        base.vae.to("cpu")
+    if offload_te:
+        for name in component_names(base.arch):
+            modules[name].to("cpu")
 
     # --- optimizer, LR schedule, noise schedule ------------------------------------------------------------
     optimizer = _make_optimizer(t, {name: modules[name] for name in trained})
@@ -170,6 +186,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     nonfinite_streak = skipped_steps = 0
+    step_seconds: list[float] = []  # data + forward + backward + update, without saving/sampling/validation
     trained_modules = [modules[name] for name in trained]
     adapter_params = [p for m in trained_modules for p in m.parameters() if p.requires_grad]
     for module in trained_modules:
@@ -188,6 +205,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
             for start in range(batch_in_epoch, len(batches), gas):
                 group = range(start, min(start + gas, len(batches)))
                 step_loss = torch.zeros((), device=device)
+                step_started = time.perf_counter()
                 for micro, position in enumerate(group):
                     # All randomness of this micro-batch comes from (seed, step, micro-batch, rank) alone.
                     seed = _step_seed(t.seed, global_step, micro, accelerator.process_index)
@@ -218,6 +236,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
                 # non-finite gradient reach the weights (an AdamW update with NaN ruins the adapter for good).
                 grad_norm = accelerator.clip_grad_norm_(adapter_params, t.max_grad_norm or math.inf)
                 finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+                step_seconds.append(time.perf_counter() - step_started)  # exact: the line above synced the device
                 if finite or accelerator.scaler is not None:
                     optimizer.step()  # under fp16 the GradScaler skips a non-finite step itself and lowers its scale
                 optimizer.zero_grad(set_to_none=True)
@@ -278,6 +297,13 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
                 if final:
                     break
             epoch, batch_in_epoch = epoch + 1, 0
+    if accelerator.is_main_process:
+        stats = speed_stats(step_seconds, t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
+                            device)
+        write_text(out / "train_stats.json", json.dumps(stats, indent=1))
+        memory = f", peak memory {stats['peak_allocated_gb']:.2f} GB" if "peak_allocated_gb" in stats else ""
+        logger.info(f"speed: {stats['images_per_s']:.2f} images/s, {stats['step_s_median']:.3f} s/step (median "
+                    f"after warm-up){memory}", main_process_only=True)
     lowest = best(val_rows)
     if lowest:
         logger.info(f"lowest validation loss {lowest['val_loss']:.5f} at step {lowest['step']} (epoch "
@@ -412,6 +438,26 @@ def _load_adapters(accelerator, modules: dict, trained: list[str], adapters: dic
     with torch.no_grad():
         for key, param in current.items():
             param.copy_(adapters[key])
+
+
+WARMUP_STEPS = 3  # first steps include allocator growth, cuDNN autotuning and compilation
+
+
+def speed_stats(step_seconds: list[float], images_per_step: int, device: torch.device) -> dict:
+    """Throughput after warm-up and peak device memory, as written to train_stats.json and read by benchmarks."""
+    timed = step_seconds[WARMUP_STEPS:] or step_seconds
+    ordered = sorted(timed)
+    stats = {
+        "steps_timed": len(timed),
+        "images_per_step": images_per_step,
+        "step_s_median": ordered[len(ordered) // 2] if ordered else 0.0,
+        "images_per_s": images_per_step * len(timed) / sum(timed) if timed else 0.0,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+    }
+    if device.type == "cuda":
+        stats["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        stats["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+    return stats
 
 
 def _nonfinite_message(t: TrainConfig, streak: int, step: int, out: Path) -> str:

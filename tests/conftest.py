@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +25,16 @@ def sdxl_path():
     from sdlora.tiny import tiny_model_path
 
     return tiny_model_path("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def single_thread_plain_kernels():
+    """For modules of many small tiny-model ops: one thread and the plain CPU conv kernels. With two OpenMP threads
+    on a busy 2-core machine every small op can wait for a descheduled thread (measured 5-15x slower), and oneDNN
+    builds kernels for every new conv shape on first use. Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = onednn

@@ -45,17 +45,7 @@ TARGETS = ("attn", "attn_mlp", "all")
 RANK, ALPHA = 4, 2.0  # alpha != rank so a lost or doubled scale shows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread_plain_kernels():
-    # Tiny models: one thread and the plain CPU conv kernels run a 64 px generation in ~0.2 s. With two OpenMP
-    # threads on a busy machine every op can wait for a descheduled thread (measured 5-15 s per generation), and
-    # oneDNN builds kernels per new conv shape on first use (seconds each). Restored after this module.
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
+pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,38 @@
+"""The benchmark runs the real training path on the tiny model here; GPU numbers live in benchmarks/RESULTS.md."""
+
+import dataclasses
+import json
+
+from sdlora import bench
+
+
+def test_sweep_changes_one_factor_at_a_time():
+    for cuda in (False, True):
+        reference, *variants = bench.settings("sweep", cuda)
+        assert reference.mixed_precision == ("fp16" if cuda else "no")
+        for v in variants:
+            changed = [f.name for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(reference, f.name)]
+            assert len(changed) == 1
+    assert len(bench.settings("sweep", True)) == len(bench.settings("sweep", False)) + 1  # bf16 only on a GPU
+
+
+def test_counted_flops_follow_the_setting(sd15_path):
+    base = bench.Setting(mixed_precision="no")
+    flops = bench.training_flops(str(sd15_path), base, 64)
+    wider = bench.training_flops(str(sd15_path), dataclasses.replace(base, rank=64), 64)
+    recomputed = bench.training_flops(str(sd15_path), dataclasses.replace(base, gradient_checkpointing=True), 64)
+    assert 0 < flops < wider  # a bigger adapter costs more
+    assert recomputed > flops  # checkpointing runs parts of the forward twice
+
+
+def test_bench_prints_one_json_line_per_setting(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    args = ["--model", "tiny-sd15", "--plan", "reference", "--steps", "2", "--out", str(out)]
+    assert bench.main(args) == 0
+    assert bench.main(args) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(printed) == 2 and out.read_text().splitlines() == [json.dumps(r) for r in printed]
+    row = printed[0]
+    assert row["model"] == "tiny-sd15" and row["batch_size"] == 4 and row["steps_timed"] == 2
+    assert row["images_per_s"] > 0 and row["step_s_median"] > 0 and row["tflop_per_image"] > 0
+    assert row["mfu"] is None  # no GPU peak to compare against on a CPU

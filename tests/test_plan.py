@@ -1,0 +1,91 @@
+"""Memory planner: saved-tensor accounting on meta models, the estimate's structure, and the plan it picks."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdlora import plan
+from sdlora.config import load_config
+
+
+def cfg_for(*overrides):
+    return load_config(None, ['data.dirs=["unused"]', "data.resolution=64", "data.min_bucket_reso=64",
+                              "train.mixed_precision=fp16", *overrides])
+
+
+def test_trace_counts_each_saved_activation_once_and_no_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(2, 8)
+    saved, _ = plan._trace(model, lambda: model(x))
+    # Linear 1 saves its input x (2x8 fp32), ReLU its output (2x16), which Linear 2 saves again (not recounted);
+    # the weights autograd also saves are parameters and are not activations.
+    assert saved == (2 * 8 + 2 * 16) * 4
+
+
+def test_attention_is_counted_as_flash_kernels_store_it():
+    small = plan.trace(cfg_for('model.base_model="sd15"', "data.resolution=256"))
+    large = plan.trace(cfg_for('model.base_model="sd15"', "data.resolution=512"))
+    # 4x the pixels: activations grow ~4x when attention is linear in tokens (an attention matrix would be 16x;
+    # the 77 text tokens' keys and values do not grow at all).
+    assert 3.5 < large.unet_saved / small.unet_saved <= 4.0
+    assert small.unet_saved_checkpointed < small.unet_saved and 0 < small.unet_unit < small.unet_saved
+
+
+def test_estimate_follows_the_settings(sd15_path):
+    base = cfg_for(f'model.base_model="{sd15_path}"', "train.batch_size=1")
+    traced = plan.trace(base)
+
+    def est(**train):
+        return plan.estimate(dataclasses.replace(base, train=dataclasses.replace(base.train, **train)), traced)
+
+    one, four = est(), est(batch_size=4)
+    assert four.activations == pytest.approx(4 * one.activations)
+    assert est(gradient_checkpointing=True, batch_size=4).total < four.total
+    assert est(mixed_precision="no").unet == 2 * one.unet
+    assert est(optimizer="adamw8bit").adapter < one.adapter
+    assert traced.lora_params == sum(  # the same adapter training attaches
+        p.numel() for p in _injected(sd15_path, base) if p.requires_grad)
+
+
+def _injected(path, cfg):
+    from sdlora.lora import inject_lora
+    from sdlora.models import component_names, load_base_model
+
+    base = load_base_model(str(path))
+    params = []
+    inject_lora(base.unet, "unet", cfg.lora)
+    params += list(base.unet.parameters())
+    for name, encoder in zip(component_names(base.arch), base.text_encoders):
+        inject_lora(encoder, name, cfg.lora)
+        params += list(encoder.parameters())
+    return params
+
+
+def test_plan_takes_the_cheapest_changes_until_it_fits():
+    # Full-size SD1.5 from the shipped configs (meta device: no weights are built).
+    cfg = cfg_for('model.base_model="sd15"', "data.resolution=512", "train.batch_size=8",
+                  "lora.train_text_encoder=false", "lora.rank=4", "lora.alpha=4")
+    traced = plan.trace(cfg)
+    as_is = plan.estimate(cfg, traced)
+    assert 2.5 < plan.estimate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=1)),
+                               traced).total / plan.GB < 6.0  # published peers: 4.1-5.5 GB at batch 1
+    chosen, result, reasons = plan.plan(cfg, 6.0, traced)
+    assert result.total <= 6.0 * plan.GB < as_is.total
+    assert chosen.train.batch_size * chosen.train.gradient_accumulation_steps == 8  # same effective batch
+    assert reasons[0].startswith("cache text-encoder outputs") and any("checkpointing" in r for r in reasons)
+    with pytest.raises(plan.PlanError, match="even with every memory saving"):
+        plan.plan(cfg, 1.0, traced)
+
+
+def test_check_before_training_and_vram_parsing(sd15_path):
+    cfg = cfg_for(f'model.base_model="{sd15_path}"')
+    need = plan.estimate(cfg).total
+    assert plan.check_fits(cfg, need * 1.01) is None
+    assert "may run out of memory" in plan.check_fits(cfg, need / 1.05)
+    with pytest.raises(plan.PlanError, match="sdlora plan CONFIG --vram"):
+        plan.check_fits(cfg, need / 2)
+    assert plan.parse_vram("8GB") == 8.0 and plan.parse_vram("8 GiB") == pytest.approx(8.589934592)
+    for bad in ("", "0", "-2GB", "eight"):
+        with pytest.raises(plan.PlanError):
+            plan.parse_vram(bad)
