@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML config file (see configs/)")
     p.add_argument("--resume", help="checkpoint folder, run folder, or 'latest'")
     p.add_argument("--init-lora", help="start from this LoRA file (same rank and targets)")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("generate", help="render images with a base model and LoRAs",
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
     p.add_argument("--sampler", default="euler", help="euler, euler_a, dpmpp_2m_karras, ddim, unipc, lcm")
     p.add_argument("--out", default="outputs/generated")
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("app", help="start the Gradio app (generate with LoRAs, X/Y grids, train)",
@@ -183,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--sampler", help="euler, euler_a, dpmpp_2m_karras, ddim, unipc, lcm")
     p.add_argument("--out", help="PNG to write (default: RUN_DIR/grid.png)")
+    p.add_argument("--clip", metavar="PATH", help="local CLIP model folder: also write RUN_DIR/similarity.csv "
+                   "(CLIP-T to the prompt, CLIP-I to the training images, per file and weight)")
     p.set_defaults(func=_cmd_grid)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.md: config, dataset, loss curves, grid, best epoch")
@@ -263,11 +269,14 @@ def _cmd_bench(args, extra) -> int:
 
 
 def _cmd_train(args, extra) -> int:
-    cfg = load_config(args.config, _overrides(extra))
+    unsafe = ["model.allow_unsafe_pickle=true"] if args.allow_unsafe_pickle else []
+    cfg = load_config(args.config, _overrides(extra) + unsafe)
     from .train import train
 
     init = _read_init_lora(args.init_lora, cfg) if args.init_lora else None
     path = train(cfg, resume=args.resume, init_lora=init)
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a multi-process run: rank 0 reports
+        return 0
     if cfg.train.report:
         from .report import finish_run
 
@@ -304,7 +313,7 @@ def _cmd_generate(args, extra) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one "Loading weights" bar per component otherwise
-        pipe = load_pipeline(args.model, *default_device())
+        pipe = load_pipeline(args.model, *default_device(), allow_unsafe_pickle=args.allow_unsafe_pickle)
         pipe.set_progress_bar_config(disable=True)
         size = default_size(pipe.sdlora_arch)
         params = replace(params, width=args.width or size, height=args.height or size)
@@ -430,15 +439,21 @@ def _float_list(text: str) -> list[float]:
 def _cmd_grid(args, extra) -> int:
     from .generate import GenerationError
     from .grid import make_grid
+    from .similarity import ClipError, load_clip, markdown_table, measure_grid
 
     try:
+        clip = load_clip(args.clip) if args.clip else None  # before the grid: a wrong path fails at once
         result = make_grid(args.sources, args.model, args.weights, args.prompt, args.out, negative=args.negative,
                            seed=args.seed, steps=args.steps, cfg=args.cfg, width=args.width, height=args.height,
                            sampler=args.sampler, vae=args.vae)
-    except GenerationError as e:
+    except (GenerationError, ClipError) as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
     print(result.path)
+    if clip is not None:
+        rows, path = measure_grid(clip, result, next((s for s in map(Path, args.sources) if s.is_dir()), None))
+        print(markdown_table(rows))
+        print(path)
     return 0
 
 

@@ -159,6 +159,8 @@ class SampleConfig:
     sampler: Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"] = "euler"
     # After training: a grid of the saved LoRA files x these weights x the prompts ([] = no grid).
     grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])
+    # A local CLIP model folder: score the grid's images (CLIP-T, CLIP-I) into similarity.csv; "" = off.
+    clip_model: str = ""
 
 
 @dataclass

@@ -71,11 +71,12 @@ def build_pipeline(arch: str, unet, vae, text_encoders: list, tokenizers: list, 
     )
 
 
-def load_pipeline(base_model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, vae: str = ""):
+def load_pipeline(base_model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, vae: str = "",
+                  allow_unsafe_pickle: bool = False):
     """Load a base model (tiny model name, diffusers folder or single-file checkpoint) as a pipeline on `device`."""
     from .models import load_base_model
 
-    base = load_base_model(base_model, vae=vae)
+    base = load_base_model(base_model, vae=vae, allow_unsafe_pickle=allow_unsafe_pickle)
     pipe = build_pipeline(base.arch, base.unet, base.vae, base.text_encoders, base.tokenizers, base.scheduler_config)
     pipe.sdlora_arch = base.arch
     pipe.sdlora_scheduler_config = base.scheduler_config

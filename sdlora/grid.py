@@ -428,4 +428,34 @@ def make_grid(sources: list[str | Path], model: str | None = None, weights: list
     params = [replace(p, **overrides) for p in defaults]
     if out is None:
         out = (run_dirs[0] if run_dirs else Path(".")) / GRID_NAME
-    return render_grid(pipe, loras, files, params, weights, model_label(model) if model else "", out, progress)
+    result = render_grid(pipe, loras, files, params, weights, model_label(model) if model else "", out, progress)
+    if run_dirs:
+        log_grid(result, run_dirs[0])
+    return result
+
+
+def log_grid(result: GridResult, run_dir: str | Path, max_side: int = 4096) -> Path | None:
+    """Show the grid in TensorBoard beside the run's loss: an image `grid` at the last saved step, written into
+    the folder training logs to (`<run>/logs/sdlora`, else `<run>/logs`). Nothing happens for a run without logs;
+    a failure is logged, never raised (the PNG is already saved).
+
+    Returns:
+        The log folder written to, or None.
+    """
+    logs = Path(run_dir) / "logs"
+    if not logs.is_dir():
+        return None
+    logs = logs / "sdlora" if (logs / "sdlora").is_dir() else logs  # accelerate's tracker folder in training
+    image = result.image.convert("RGB")
+    image.thumbnail((max_side, max_side))  # a many-epoch grid is tens of thousands of pixels tall
+    step = max((f.step for f in result.files if f.step is not None), default=0)
+    try:
+        import numpy as np
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(logs)) as writer:
+            writer.add_image("grid", np.asarray(image), step, dataformats="HWC")
+    except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience here
+        logger.warning(f"grid not logged to TensorBoard: {type(e).__name__}: {e}")
+        return None
+    return logs

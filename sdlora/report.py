@@ -1,5 +1,6 @@
 """The training report: `<run>/report.md` with the config, the dataset as `sdlora doctor` sees it, the training and
-validation loss curves, the epoch grid and the best checkpoint; PNGs next to it, referenced by relative paths.
+validation loss curves, the epoch grid, its CLIP similarity (when `similarity.csv` is there) and the best checkpoint;
+PNGs next to it, referenced by relative paths.
 
 `finish_run(cfg, out_dir)` is what training calls at its end: the epoch grid (when the config has sample prompts)
 and the report.
@@ -189,6 +190,7 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
         rel = Path(os.path.relpath(Path(grid).resolve(), run.resolve())).as_posix()
         lines += ["## Grid", "", "Saved LoRA files (rows) at several weights (columns), one block per prompt, fixed "
                   "seeds; weight 0 is the base model.", "", f"![grid](<{rel}>)", ""]
+    lines += _similarity_section(run) + [""]
     if files:
         by_step = {r["step"]: r["val_loss"] for r in rows}
         lines += ["## Saved LoRA files", "", "| file | epoch | step | validation loss |", "|---|---|---|---|"]
@@ -215,7 +217,7 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
 def finish_run(cfg, out_dir: str | Path, weights: list[float] | None = None, progress: bool = True,
                loras=None) -> Path | None:
     """The end of a training run: the epoch grid (when `cfg.sample.prompts` is set) with `cfg.model.base_model`,
-    then the report. A failure is logged, never raised: the LoRA files are already saved.
+    its CLIP similarity scores (when `sample.clip_model` is set), then the report. A failure is logged, never raised: the LoRA files are already saved.
 
     Args:
         cfg: the run's config.
@@ -232,9 +234,14 @@ def finish_run(cfg, out_dir: str | Path, weights: list[float] | None = None, pro
     weights = list(weights if weights is not None else cfg.sample.grid_weights)
     if cfg.sample.prompts and weights:
         try:
-            grid = make_grid([out], cfg.model.base_model, weights, out=out / GRID_NAME, vae=cfg.model.vae,
-                             progress=progress, loras=loras).path
+            result = make_grid([out], cfg.model.base_model, weights, out=out / GRID_NAME, vae=cfg.model.vae,
+                               progress=progress, loras=loras)
+            grid = result.path
             logger.info(f"grid of the saved LoRA files: {grid}")
+            if cfg.sample.clip_model:
+                from .similarity import load_clip, measure_grid
+
+                logger.info(f"CLIP similarity: {measure_grid(load_clip(cfg.sample.clip_model), result, out)[1]}")
         except Exception as e:  # noqa: BLE001 - the run's files are saved; say why the grid is missing
             logger.warning(f"no grid: {type(e).__name__}: {e}")
         finally:
@@ -268,6 +275,18 @@ def _dataset_section(config: dict, data) -> list[str]:
     return [f"{report.images} images ({report.images_with_repeats} with repeats) in "
             f"{', '.join(f'`{d}`' for d in data.dirs)} at resolution {report.resolution}; buckets {buckets}.{split} "
             f"`sdlora doctor` findings now: {counts}.", "", "```text", format_report(report), "```"]
+
+
+def _similarity_section(run: Path) -> list[str]:
+    from .similarity import SIMILARITY_NAME, markdown_table, read_similarity
+
+    rows = read_similarity(run)
+    if not rows:
+        return [f"No CLIP similarity measured: `sdlora grid {run} --clip /path/to/clip-model` (a local CLIP folder, "
+                f"e.g. a copy of openai/clip-vit-large-patch14) writes `{SIMILARITY_NAME}` for this section."]
+    return ["## Similarity (CLIP)", "", "Mean over the grid's prompts: CLIP-T is the cosine similarity of each image "
+            "to its prompt, CLIP-I its mean cosine similarity to the training images (higher is closer); weight 0 "
+            f"is the base model. From `{SIMILARITY_NAME}`.", "", markdown_table(rows)]
 
 
 def _when(f: LoraFile) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
     """
     t = cfg.train
     out = Path(t.output_dir)
+    # Ranks started by torchrun / accelerate launch on a machine without a GPU: accelerate joins them over gloo
+    # only when told to use the CPU; otherwise each rank would train alone and they would overwrite each other.
+    cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=cpu_ranks,
         mixed_precision=t.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),

@@ -218,7 +218,7 @@ def test_detect_checkpoint(shapes, expected):
             sf.detect_checkpoint(shapes, "x.safetensors")
 
 
-def test_pickle_refused_unless_allowed(tmp_path, monkeypatch, no_network, tiny):
+def test_pickle_refused_unless_allowed(tmp_path, monkeypatch, no_network, tiny, capsys):
     base = tiny["tiny-sd15"]
     tensors, configs = sf.single_file_state_dict(base)
     path = tmp_path / "model.ckpt"
@@ -227,6 +227,13 @@ def test_pickle_refused_unless_allowed(tmp_path, monkeypatch, no_network, tiny):
         load_base_model(str(path))
     monkeypatch.setattr(sf, "shipped_configs", lambda arch: configs)  # a pickle carries no config metadata
     _assert_same_model(base, load_base_model(str(path), allow_unsafe_pickle=True))
+
+    from sdlora.cli import main
+
+    args = ["generate", "--model", str(path), "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "1",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 1 and "pickle checkpoints can run arbitrary code" in capsys.readouterr().err
+    assert main(args + ["--allow-unsafe-pickle"]) == 0 and len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 def test_not_a_base_model(tmp_path, no_network):

@@ -1,5 +1,6 @@
 """Training on the tiny models: learning happens, only adapters change, resume and caching are exact."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -301,3 +302,30 @@ def test_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(da
     assert code == 1 and "not enough disk space" in err[-1] and "Traceback" not in "\n".join(err)
     assert_same(before, load_file(str(out / "checkpoint-2" / "adapters.safetensors")))
     assert not (out / "checkpoint-4").exists() and not list(out.glob(".checkpoint-*"))
+
+
+def test_shards_cover_the_epoch_once_per_process_group():
+    from types import SimpleNamespace
+
+    from sdlora.train import _shard
+
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    shards = [_shard(batches, SimpleNamespace(num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert shards == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    odd = [_shard(batches[:3], SimpleNamespace(num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert len(odd[0]) == len(odd[1]) == 2  # padded by cycling: every rank steps the same number of times
+
+
+def test_two_processes_train_one_lora(dataset, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both finish, each step sees both shards, one set of files."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sdlora.cli",
+         "train", str(_write_cfg(dataset, tmp_path, out)), "train.max_train_steps=3", "train.report=false"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes: 2" in result.stderr
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora.safetensors"]
+    assert json.loads((out / "train_stats.json").read_text())["images_per_step"] == 2 * 2
+    assert result.stdout.count("LoRA written to") == 1
