@@ -6,10 +6,11 @@ import logging
 import time
 from pathlib import Path
 
-from PIL import Image
+from PIL import ImageChops
 
 from .config import load_config
 from .atomic import atomic_path
+from .grid import label_grid
 from .generate import (
     GenerationParams,
     LoraCache,
@@ -43,9 +44,10 @@ def run_demo(out: Path, config: Path | None = None) -> dict[str, Path]:
     defaults = GenerationParams(prompt="", steps=cfg.sample.steps, cfg=cfg.sample.cfg, seed=cfg.sample.seed,
                                 width=cfg.data.resolution, height=cfg.data.resolution, sampler=cfg.sample.sampler)
     written = {"lora": lora}
-    pairs = []
+    rows, prompts = [], []
     for i, line in enumerate(cfg.sample.prompts):
         params = parse_sample_prompt(line, defaults)
+        prompts.append(params.prompt)
         row = []
         for label, weight in (("base", 0.0), ("lora", 1.0)):
             cache.activate([LoraSpec(lora, weight)])
@@ -53,26 +55,21 @@ def run_demo(out: Path, config: Path | None = None) -> dict[str, Path]:
             path = save_png(image, out / "compare" / f"{i:02d}-{label}.png", a1111_parameters(params, cfg.model.base_model))
             written[f"{i:02d}-{label}"] = path
             row.append(image)
-        pairs.append(row)
-    written["comparison"] = _save_grid(pairs, out / "compare" / "before_after.png")
+        # Random-init images all look alike to the eye; the amplified difference shows what the LoRA changed.
+        row.append(ImageChops.difference(*row).point(lambda v: min(255, 4 * v)))
+        rows.append(row)
+    comparison = label_grid(rows, ["without the LoRA", "with the LoRA", "difference x4"], prompts)
+    written["comparison"] = out / "compare" / "before_after.png"
+    with atomic_path(written["comparison"]) as tmp:
+        comparison.save(tmp, format="PNG")
     from .report import finish_run
 
     written["report"] = finish_run(cfg, out, loras=cache)
     print(f"\ndemo finished (training took {trained_in:.0f} s)")
     print(f"  LoRA (kohya format, loads in ComfyUI/A1111/diffusers): {lora}")
     print(f"  samples during training:                               {out / 'samples'}")
-    print(f"  without / with the LoRA, side by side:                 {written['comparison']}")
+    print(f"  without / with the LoRA, and the difference:           {written['comparison']}")
     print(f"  grid of the saved files x weights, report:             {out / 'grid.png'}, {written['report']}")
     print(f"  TensorBoard logs:                                      tensorboard --logdir {out / 'logs'}")
     return written
 
-
-def _save_grid(rows: list[list[Image.Image]], path: Path) -> Path:
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image, (c * w, r * h))
-    with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
-    return path

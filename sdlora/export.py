@@ -477,6 +477,8 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
     rank = lo.rank
     alpha = effective_scale(lo) * rank  # what the file's .alpha tensors hold (rsLoRA folded in, see lora_layers)
     network_args: dict[str, Any] = {"targets": lo.targets, "use_rslora": lo.use_rslora}
+    if t.loraplus_lr_ratio:
+        network_args["loraplus_lr_ratio"] = _num(t.loraplus_lr_ratio)  # the key kohya's LoRA+ argument uses
     if lo.targets == "all":
         # kohya's LoCon arguments: the ResNet/sampler convs are trained with this rank/alpha.
         network_args.update(conv_dim=str(rank), conv_alpha=_num(alpha))

@@ -532,6 +532,9 @@ def test_build_metadata(arch, prediction, architecture, version):
     assert meta["modelspec.author"] == "me" and meta["modelspec.trigger_phrase"] == "zkstyle"
     assert "modelspec.description" not in meta and meta["ss_note"] == "hi"
     assert meta["ss_network_dim"] == "16" and meta["ss_network_alpha"] == "16"
+    assert "loraplus_lr_ratio" not in json.loads(meta["ss_network_args"])
+    cfg.train.loraplus_lr_ratio = 16.0
+    assert json.loads(build_metadata(cfg, arch, info)["ss_network_args"])["loraplus_lr_ratio"] == "16"
 
 
 def test_build_metadata_rejects_bad_info():
