@@ -263,7 +263,8 @@ def read_png_parameters(settings: AppSettings, file):
 
 def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, grid_lora,
              weights_text, y_axis, y_text, *slots, progress=None):
-    """X/Y grid tab: one LoRA's weights across, seeds or prompts down; saved as one labelled PNG.
+    """X/Y grid tab: one LoRA's weights across; down, seeds, prompts, LoRA files (e.g. a run's epochs, each taking
+    the X weights instead of the X LoRA) or a second LoRA's weights; saved as one labelled PNG.
 
     The other switched-on slots stay applied with their weights. Returns (grid path, info line).
     """
@@ -272,30 +273,42 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
         params = _params(prompt, negative, sampler, steps, cfg, width, height, seed)
         if params.seed < 0:
             params = replace(params, seed=random.randrange(2**32))  # one seed for every cell, so columns compare
+        lora_dir = engine.settings.lora_dir
+        lora_path = resolve_inside(lora_dir, grid_lora)
+        lines = [line.strip() for line in (y_text or "").splitlines() if line.strip()]
+        # Each row: (label, params, the LoRA the X weights apply to, extra LoRAs of that row).
         if y_axis == "prompt":
-            rows = [line.strip() for line in (y_text or "").splitlines() if line.strip()] or [params.prompt]
-            row_params = [replace(params, prompt=line) for line in rows]
-            row_labels = rows
+            rows = [(line, replace(params, prompt=line), lora_path, []) for line in lines or [params.prompt]]
+        elif y_axis == "LoRA file":
+            files = [resolve_inside(lora_dir, line) for line in lines] or [lora_path]
+            rows = [(f.stem, params, f, []) for f in files]
+        elif y_axis == "second LoRA weight":
+            name, _, values = (y_text or "").partition(":")
+            if not name.strip() or not values.strip():
+                raise GenerationError("Y values for a second LoRA: its name, a colon, its weights (other: 0, 0.5, 1)")
+            second = resolve_inside(lora_dir, name.strip())
+            rows = [(f"{second.stem}: {w:g}", params, lora_path, [LoraSpec(second, w)])
+                    for w in _numbers(values, float, "second LoRA weights")]
         else:
-            seeds = _numbers(y_text, int, "seeds") if (y_text or "").strip() else [params.seed]
-            row_params = [replace(params, seed=s) for s in seeds]
-            row_labels = [f"seed {s}" for s in seeds]
-        if len(weights) * len(row_params) > MAX_GRID_CELLS:
-            raise GenerationError(f"{len(weights)} x {len(row_params)} cells; the grid takes at most {MAX_GRID_CELLS}")
-        lora_path = resolve_inside(engine.settings.lora_dir, grid_lora)
-        others = [s for s in engine.slot_specs(slots) if Path(s.path) != lora_path]
+            seeds = _numbers(y_text, int, "seeds") if lines else [params.seed]
+            rows = [(f"seed {s}", replace(params, seed=s), lora_path, []) for s in seeds]
+        if len(weights) * len(rows) > MAX_GRID_CELLS:
+            raise GenerationError(f"{len(weights)} x {len(rows)} cells; the grid takes at most {MAX_GRID_CELLS}")
         pipe, loras = engine.pipeline(model)
-        cells, total, started = [], len(weights) * len(row_params), time.perf_counter()
-        for r, p in enumerate(row_params):
+        cells, total, started = [], len(weights) * len(rows), time.perf_counter()
+        for r, (_, p, x_lora, extra) in enumerate(rows):
+            swept = {x_lora, *(Path(e.path) for e in extra)}
+            others = [s for s in engine.slot_specs(slots) if Path(s.path) not in swept]
             row = []
             for c, weight in enumerate(weights):
                 if progress is not None:
                     progress((r * len(weights) + c, total), desc="X/Y grid")
-                result = generate_images(pipe, loras, p, [*others, LoraSpec(lora_path, weight)],
-                                         lora_dir=engine.settings.lora_dir, model_name=model_label(model))
+                result = generate_images(pipe, loras, p, [*others, *extra, LoraSpec(x_lora, weight)],
+                                         lora_dir=lora_dir, model_name=model_label(model))
                 row.append(result.images[0])
             cells.append(row)
-        name = lora_path.stem
+        row_labels = [label for label, _, _, _ in rows]
+        name = lora_path.stem if y_axis != "LoRA file" else "LoRA"
         grid = label_grid(cells, [f"{name}: {w:g}" for w in weights], row_labels)
         text = grid_parameters(params, model_label(model),
                                [(f"LoRA weight ({name})", [f"{w:g}" for w in weights]), (y_axis, None)])
@@ -436,9 +449,12 @@ def build_app(settings: AppSettings):
                         grid_lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA (X axis)",
                                                 elem_id="grid-lora")
                         grid_weights = gr.Textbox("0, 0.5, 1", label="Weights", elem_id="grid-weights")
-                        y_axis = gr.Radio(["seed", "prompt"], value="seed", label="Y axis", elem_id="grid-y")
+                        y_axis = gr.Radio(["seed", "prompt", "LoRA file", "second LoRA weight"], value="seed",
+                                          label="Y axis", elem_id="grid-y")
                         y_values = gr.Textbox("1, 2", lines=3, label="Y values",
-                                              info="seeds separated by commas, or one prompt per line",
+                                              info="seeds separated by commas; one prompt per line; one LoRA "
+                                                   "file per line (e.g. a run's epochs); or for a second LoRA "
+                                                   "its name, a colon and its weights",
                                               elem_id="grid-values")
                         grid_go = gr.Button("Make grid", variant="primary", elem_id="grid-generate")
                     with gr.Column(scale=3):

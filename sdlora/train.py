@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,13 +55,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
-def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None) -> Path:
+def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
+          on_step: Callable[[dict], bool | None] | None = None) -> Path:
     """Train a LoRA as `cfg` says and return the path of the final kohya-format .safetensors file.
 
     Args:
         cfg: the validated config.
         resume: a checkpoint folder, a run folder, or "latest" (the newest checkpoint in train.output_dir).
         init_lora: {component: {module: LoraWeights}} to start from (e.g. an existing LoRA file).
+        on_step: for a UI, single process only: called after every step with {"step", "max_steps", "loss" (this
+            step's, None when skipped), "lr"}; returning False stops training there, saving the LoRA (under its
+            final name) and a checkpoint to resume from.
     """
     t = cfg.train
     out = Path(t.output_dir)
@@ -204,7 +209,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
     # The with-block closes the bar before an error message is printed, so the message is the last line.
     with tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
               disable=not accelerator.is_local_main_process) as progress:
-        while global_step < t.max_train_steps:
+        stopped = False
+        while global_step < t.max_train_steps and not stopped:
             batches = _shard(epoch_batches(records, t.batch_size, t.seed, epoch), accelerator)
             # One optimizer step per group of `gas` micro-batches; the last group of an epoch may be shorter.
             for start in range(batch_in_epoch, len(batches), gas):
@@ -259,9 +265,15 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None)
                     if nonfinite_streak >= t.max_nonfinite_steps:
                         raise TrainingError(_nonfinite_message(t, nonfinite_streak, global_step, out))
 
+                if on_step is not None:
+                    step_info = {"step": global_step, "max_steps": t.max_train_steps,
+                                 "loss": float(step_loss) / len(group) if finite else None,
+                                 "lr": lr_scheduler.get_last_lr()[0]}
+                    stopped = on_step(step_info) is False
+
                 # --- after the step: log, save, sample -----------------------------------------------------------
                 epoch_done = group[-1] + 1 == len(batches)
-                final = global_step >= t.max_train_steps
+                final = global_step >= t.max_train_steps or stopped
                 if (global_step % t.log_every_n_steps == 0 or final) and loss_count:
                     mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
                     logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped_steps}

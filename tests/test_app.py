@@ -140,6 +140,32 @@ def test_xy_grid(engine, settings):
         run_grid(engine, *COMMON, 3, ALPHA, "zero, one", "seed", "1", *slots())
 
 
+def _cell(path, row, col, rows, cols, size=64):
+    """The image at (row, col) of a grid whose cells sit in the bottom-right corner."""
+    with Image.open(path) as grid:
+        left, top = grid.width - (cols - col) * size, grid.height - (rows - row) * size
+        return grid.crop((left, top, left + size, top + size)).convert("RGB").tobytes()
+
+
+def _generated(engine, *loras):
+    images, _, _ = run_generate(engine, *COMMON, 3, 1, *slots(*loras))
+    with Image.open(images[0][0]) as image:
+        return image.convert("RGB").tobytes()
+
+
+def test_xy_grid_over_lora_files_and_a_second_lora(engine):
+    # Y = LoRA files (a run's epochs): each row applies the X weights to its own file.
+    path, _ = run_grid(engine, *COMMON, 3, ALPHA, "0, 1", "LoRA file", f"{ALPHA}\n{BETA}", *slots())
+    assert _cell(path, 1, 1, 2, 2) == _generated(engine, (BETA, 1.0))
+    assert _cell(path, 0, 0, 2, 2) == _cell(path, 1, 0, 2, 2) == _generated(engine)  # weight 0: the base
+    # Y = a second LoRA's weights, on top of the X LoRA's.
+    path, _ = run_grid(engine, *COMMON, 3, ALPHA, "0, 1", "second LoRA weight", f"{BETA}: 0, 0.5", *slots())
+    assert _cell(path, 0, 0, 2, 2) == _generated(engine)
+    assert _cell(path, 1, 1, 2, 2) == _generated(engine, (ALPHA, 1.0), (BETA, 0.5))
+    with pytest.raises(gr.Error, match="name, a colon"):
+        run_grid(engine, *COMMON, 3, ALPHA, "0", "second LoRA weight", "0.5", *slots())
+
+
 def test_label_grid_wraps_long_labels():
     cells = [[Image.new("RGB", (64, 64), c) for c in ("red", "blue")] for _ in range(2)]
     grid = label_grid(cells, ["alpha: 0", "alpha: 1"], ["a very long prompt " * 8, "seed 2"])

@@ -329,3 +329,18 @@ def test_two_processes_train_one_lora(dataset, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora.safetensors"]
     assert json.loads((out / "train_stats.json").read_text())["images_per_step"] == 2 * 2
     assert result.stdout.count("LoRA written to") == 1
+
+
+def test_on_step_reports_every_step_and_can_stop(dataset, tmp_path):
+    seen = []
+
+    def on_step(info):
+        seen.append(info)
+        return info["step"] < 3  # False at step 3: stop
+
+    out = tmp_path / "stopped"
+    path = train(make_cfg(dataset, out, "train.max_train_steps=10"), on_step=on_step)
+    assert [i["step"] for i in seen] == [1, 2, 3] and all(i["max_steps"] == 10 for i in seen)
+    assert all(i["loss"] > 0 and i["lr"] == 1e-3 for i in seen)
+    assert path.is_file() and load_file(str(path))  # the LoRA as it was at the stop
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3"]  # resumable from there
