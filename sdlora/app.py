@@ -1,5 +1,6 @@
 """The Gradio app (`sdlora app`, `python app.py`): generate with a base model and LoRAs, compare LoRA weights in
-an X/Y grid, read the settings back from a PNG, train a LoRA from a preset.
+an X/Y grid, read the settings back from a PNG, train a LoRA from a preset (live progress, loss curve, samples, a
+Stop button) and edit a dataset's captions.
 
 Every image is rendered by `generate.generate_images`, the function `sdlora generate` calls, so the same
 settings and seed give the same image in both. The app listens on 127.0.0.1 unless told otherwise, runs one
@@ -85,17 +86,62 @@ def resolve_inside(root: str | Path, name: str) -> Path:
     return path
 
 
+OWN_VAE = "model's own"
+
+
+def _is_vae(path: Path) -> bool:
+    """A diffusers VAE folder (config.json of an AutoencoderKL), or a .safetensors file with VAE weights only
+    (an encoder/decoder and no UNet or text encoder)."""
+    import json
+
+    if path.is_dir():
+        with contextlib.suppress(Exception):
+            return json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
+        return False
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable: left to the model list, which reports the error when it is chosen
+        return False
+    decoder = any(k.startswith(("decoder.", "first_stage_model.decoder.", "vae.decoder.")) for k in keys)
+    others = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "unet.", "text_encoder", "lora_")
+    return decoder and not any(k.startswith(others) for k in keys)
+
+
 def model_choices(settings: AppSettings) -> list[str]:
-    """The tiny models, then diffusers folders and single-file .safetensors checkpoints in models_dir."""
+    """The tiny models, then diffusers folders and single-file .safetensors checkpoints in models_dir (VAE
+    files are listed by `vae_choices` instead)."""
     choices = list(TINY_MODELS)
     folder = Path(settings.models_dir)
     if folder.is_dir():
         for path in sorted(folder.iterdir()):
             if path.name.startswith("."):
                 continue
-            if (path / "model_index.json").is_file() or (path.is_file() and path.suffix == ".safetensors"):
+            if (path / "model_index.json").is_file() or (path.is_file() and path.suffix == ".safetensors"
+                                                         and not _is_vae(path)):
                 choices.append(path.name)
     return choices
+
+
+def vae_choices(settings: AppSettings) -> list[str]:
+    """"model's own", then the VAE .safetensors files and diffusers VAE folders in models_dir."""
+    folder = Path(settings.models_dir)
+    found = [p.name for p in sorted(folder.iterdir()) if not p.name.startswith(".") and _is_vae(p)] \
+        if folder.is_dir() else []
+    return [OWN_VAE, *found]
+
+
+def resolve_vae(settings: AppSettings, name: str | None) -> str:
+    """"" for the model's own VAE, else the path of a VAE file or folder inside models_dir."""
+    if not name or name == OWN_VAE:
+        return ""
+    if name not in vae_choices(settings):
+        raise PathError(f"{name!r} is not a VAE in {settings.models_dir} (press Refresh after adding one)")
+    return str(resolve_inside(settings.models_dir, name))
 
 
 def lora_choices(settings: AppSettings) -> list[str]:
@@ -137,28 +183,38 @@ class Engine:
     def __init__(self, settings: AppSettings):
         self.settings = settings
         self.model: str | None = None
+        self.vae = ""  # "" = the model's own, else the VAE's name in models_dir
         self.pipe = None
         self.loras: LoraCache | None = None
         self.model_seconds = 0.0
         self.lock = threading.Lock()
+        self.stop = threading.Event()  # the Train tab's Stop button; checked after every training step
+        self.training = False
 
-    def pipeline(self, model: str):
-        """(pipeline, LoraCache) for `model`, loading it if it is not the current one."""
-        if model != self.model:
-            path = resolve_model(self.settings, model)
+    def loaded(self, model: str, vae: str | None = None) -> bool:
+        """Whether `model` with `vae` is the pipeline now in memory."""
+        return (model, "" if vae in (None, OWN_VAE) else vae) == (self.model, self.vae)
+
+    def pipeline(self, model: str, vae: str | None = None):
+        """(pipeline, LoraCache) for `model` with `vae` (None or "model's own": its own; else a VAE's name in
+        models_dir), loading them if they are not the current pair."""
+        vae = "" if vae in (None, OWN_VAE) else vae
+        if not self.loaded(model, vae):
+            path, vae_path = resolve_model(self.settings, model), resolve_vae(self.settings, vae)
             self.release()
             started = time.perf_counter()
             device, dtype = default_device()
-            pipe = load_pipeline(path, device, dtype)
+            pipe = load_pipeline(path, device, dtype, vae=vae_path)
             pipe.set_progress_bar_config(disable=True)
-            self.pipe, self.loras, self.model = pipe, LoraCache(pipe), model
+            self.pipe, self.loras, self.model, self.vae = pipe, LoraCache(pipe), model, vae
             self.model_seconds = time.perf_counter() - started
-            logger.info(f"loaded {model} in {self.model_seconds:.1f} s")
+            logger.info(f"loaded {model}{f' with VAE {vae}' if vae else ''} in {self.model_seconds:.1f} s")
         return self.pipe, self.loras
 
     def release(self) -> None:
         """Free the loaded model (training loads its own copy; two on one GPU may not fit)."""
         self.pipe = self.loras = self.model = None
+        self.vae = ""
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -208,15 +264,17 @@ def _params(prompt, negative, sampler, steps, cfg, width, height, seed) -> Gener
 # Event handlers (plain functions of the UI values, so tests can call them directly)
 # --------------------------------------------------------------------------------------------------------------
 
-def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, count, *slots):
-    """Generate tab: returns (gallery [(path, caption)], the seed used, an info line)."""
+def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, count, *slots,
+                 vae=None):
+    """Generate tab: returns (gallery [(path, caption)], the seed used, an info line). `vae`: None or
+    "model's own", else a VAE's name in models_dir (see `vae_choices`)."""
     import gradio as gr
 
     with engine.lock, _user_errors():
         specs = engine.slot_specs(slots)
         params = _params(prompt, negative, sampler, steps, cfg, width, height, seed)
-        model_loaded = model != engine.model
-        pipe, loras = engine.pipeline(model)
+        model_loaded = not engine.loaded(model, vae)
+        pipe, loras = engine.pipeline(model, vae)
         result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
                                  lora_dir=engine.settings.lora_dir, model_name=model_label(model))
     for warning in result.warnings:
@@ -262,7 +320,7 @@ def read_png_parameters(settings: AppSettings, file):
 
 
 def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, grid_lora,
-             weights_text, y_axis, y_text, *slots, progress=None):
+             weights_text, y_axis, y_text, *slots, progress=None, vae=None):
     """X/Y grid tab: one LoRA's weights across; down, seeds, prompts, LoRA files (e.g. a run's epochs, each taking
     the X weights instead of the X LoRA) or a second LoRA's weights; saved as one labelled PNG.
 
@@ -294,7 +352,7 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
             rows = [(f"seed {s}", replace(params, seed=s), lora_path, []) for s in seeds]
         if len(weights) * len(rows) > MAX_GRID_CELLS:
             raise GenerationError(f"{len(weights)} x {len(rows)} cells; the grid takes at most {MAX_GRID_CELLS}")
-        pipe, loras = engine.pipeline(model)
+        pipe, loras = engine.pipeline(model, vae)
         cells, total, started = [], len(weights) * len(rows), time.perf_counter()
         for r, (_, p, x_lora, extra) in enumerate(rows):
             swept = {x_lora, *(Path(e.path) for e in extra)}
@@ -340,9 +398,12 @@ def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
 
 
 def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, progress=None):
-    """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors; returns an info line.
+    """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors.
 
-    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1).
+    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1). `progress` is
+    called after every step (a gr.Progress, or any callable taking (step, max_steps) and desc=); `stop_train`
+    ends the run after the current step, which still saves the LoRA and a checkpoint. Returns (info line, loss
+    curve as a PIL image or None, [(sample image, caption)] of the latest samples the preset rendered).
     """
     import json
 
@@ -353,9 +414,7 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
     with engine.lock, _user_errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
             raise GenerationError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (at most 64)")
-        data = resolve_inside(settings.data_dir, (dataset or "").strip())
-        if not data.is_dir():
-            raise PathError(f"{dataset!r} is not a folder inside {settings.data_dir}")
+        data = _dataset_folder(settings, dataset)
         out = resolve_inside(settings.lora_dir, name)
         if (out / f"{name}.safetensors").exists():
             raise PathError(f"{out / name}.safetensors exists; choose another name")
@@ -369,9 +428,153 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
         engine.release()
         started = time.perf_counter()
         if progress is not None:
-            progress(0, desc="loading")
-        path = train(cfg)
-    return f"trained in {time.perf_counter() - started:.0f} s: {path} (press Refresh lists to use it)"
+            progress(0, desc="loading the model")
+        losses: list[tuple[int, float]] = []
+        last = {"step": 0, "max_steps": int(steps)}
+
+        def on_step(info: dict) -> bool:
+            last.update(info)
+            if info.get("loss") is not None:
+                losses.append((info["step"], float(info["loss"])))
+            if progress is not None:
+                loss = f" · loss {info['loss']:.4f}" if info.get("loss") is not None else ""
+                progress((info["step"], info["max_steps"]), desc=f"step {info['step']}/{info['max_steps']}{loss}")
+            return not engine.stop.is_set()
+
+        engine.stop.clear()
+        engine.training = True
+        try:
+            path = train(cfg, on_step=on_step)
+        finally:
+            engine.training = False
+            stopped = engine.stop.is_set()
+            engine.stop.clear()
+        plot = loss_plot(losses, out / "loss.png") if losses else None
+        samples = latest_samples(out / "samples")
+    seconds = time.perf_counter() - started
+    step, max_steps = last["step"], last["max_steps"]
+    if stopped and step < max_steps:
+        info = (f"stopped at step {step} of {max_steps} after {seconds:.0f} s: {path}, checkpoint "
+                f"{out / f'checkpoint-{step}'}")
+    else:
+        info = f"trained in {seconds:.0f} s: {path}"
+    return f"{info} (press Refresh lists to use it)", plot, samples
+
+
+def stop_train(engine: Engine) -> str:
+    """The Train tab's Stop button: the running training stops after its current step, saving the LoRA and a
+    checkpoint. Does not wait for the job queue."""
+    if not engine.training:
+        return "No training is running."
+    engine.stop.set()
+    return "Stopping after the current step; the LoRA and a checkpoint are saved."
+
+
+def loss_plot(losses: list[tuple[int, float]], path: Path) -> Image.Image:
+    """The loss per step (and a moving average) as a PNG at `path`; returns the image."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from .atomic import write_bytes
+
+    steps, values = zip(*losses)
+    fig = Figure(figsize=(6, 3), dpi=100)
+    ax = fig.subplots()
+    ax.plot(steps, values, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(values) // 20)
+    if window > 1:
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes(path, buffer.getvalue())
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    image.load()
+    return image
+
+
+def latest_samples(folder: Path) -> list[tuple[Image.Image, str]]:
+    """The sample images of the latest step training rendered into `folder` (step<N>-<i>.png), with captions.
+
+    Images, not paths: the run folder is not one the app serves files from."""
+    files = sorted(folder.glob("step*-*.png")) if folder.is_dir() else []
+    if not files:
+        return []
+    tag = files[-1].name.rsplit("-", 1)[0]
+    samples = []
+    for path in files:
+        if path.name.rsplit("-", 1)[0] == tag:
+            with Image.open(path) as image:
+                samples.append((image.convert("RGB"), f"{tag} · {path.name}"))
+    return samples
+
+
+def _dataset_folder(settings: AppSettings, dataset: str | None) -> Path:
+    data = resolve_inside(settings.data_dir, (dataset or "").strip())
+    if not data.is_dir():
+        raise PathError(f"{dataset!r} is not a folder inside {settings.data_dir}")
+    return data
+
+
+def _caption_images(folder: Path) -> list[Path]:
+    from .data import _is_training_image
+
+    return sorted(p for p in folder.iterdir() if _is_training_image(p))
+
+
+def _read_caption(path: Path) -> str:
+    """A sidecar caption's text; "" when missing or not UTF-8 (shown empty, and left alone unless edited)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def load_captions(settings: AppSettings, dataset) -> list[list[str]]:
+    """"Load captions": [image file, caption] for every image directly in the dataset folder (its .txt sidecar;
+    missing or non-UTF-8 captions are empty)."""
+    with _user_errors():
+        folder = _dataset_folder(settings, dataset)
+        rows = [[p.name, _read_caption(p.with_suffix(".txt"))] for p in _caption_images(folder)]
+    if not rows:
+        import gradio as gr
+
+        gr.Warning(f"no images in {dataset}")
+    return rows
+
+
+def save_captions(settings: AppSettings, dataset, table) -> str:
+    """"Save captions": write each changed caption to its image's .txt sidecar (atomically). Only images directly
+    in the dataset folder are written to; a name with a path separator, or that is no image there, refuses the
+    whole table. Returns an info line."""
+    from .atomic import write_text
+
+    with _user_errors():
+        folder = _dataset_folder(settings, dataset)
+        if hasattr(table, "values") and hasattr(table, "columns"):  # a pandas DataFrame
+            table = table.values.tolist()
+        images = {p.name for p in _caption_images(folder)}
+        writes = []
+        for row in table or []:
+            if not row or not any(str(v or "").strip() for v in row):
+                continue  # an empty row the table editor added
+            file, caption = str(row[0] or ""), str(row[1] if len(row) > 1 and row[1] is not None else "")
+            if "/" in file or "\\" in file or file in (".", "..") or file not in images:
+                raise PathError(f"{file!r}: not an image in {dataset}; only images in the folder itself get captions")
+            sidecar = resolve_inside(folder, Path(file).with_suffix(".txt").name)
+            caption = caption.strip()
+            if caption != _read_caption(sidecar):
+                writes.append((sidecar, caption))
+        for sidecar, caption in writes:
+            write_text(sidecar, caption + "\n" if caption else "")
+    return f"saved {len(writes)} changed caption(s) in {folder}"
 
 
 def _numbers(text: str, kind, what: str) -> list:
@@ -406,6 +609,8 @@ def build_app(settings: AppSettings):
         with gr.Row(equal_height=True):
             model = gr.Dropdown(model_choices(settings), value=settings.model, label="Base model", elem_id="model",
                                 scale=3)
+            vae = gr.Dropdown(vae_choices(settings), value=OWN_VAE, label="VAE", elem_id="vae", scale=2,
+                              info=f"the model's own, or a VAE file / diffusers VAE folder in {settings.models_dir}")
             gr.Textbox(str(settings.lora_dir), label="LoRA folder", interactive=False, scale=2)
             refresh = gr.Button("Refresh lists", elem_id="refresh", scale=0, min_width=120)
         with gr.Tabs():
@@ -480,27 +685,55 @@ def build_app(settings: AppSettings):
                             train_lr = gr.Number(start[3], label="Learning rate", elem_id="train-lr")
                             train_steps = gr.Number(start[4], precision=0, minimum=1, label="Steps",
                                                     elem_id="train-steps")
-                        train_go = gr.Button("Train", variant="primary", elem_id="train")
+                        with gr.Row():
+                            train_go = gr.Button("Train", variant="primary", elem_id="train")
+                            train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                        with gr.Accordion("Captions of the dataset folder", open=False):
+                            with gr.Row():
+                                captions_load = gr.Button("Load captions", elem_id="captions-load")
+                                captions_save = gr.Button("Save captions", elem_id="captions-save")
+                            captions = gr.Dataframe(headers=["image file", "caption"], datatype=["str", "str"],
+                                                    column_count=(2, "fixed"), type="array", interactive=True,
+                                                    wrap=True, elem_id="captions")
+                            captions_info = gr.Markdown(elem_id="captions-info")
                     with gr.Column():
                         train_info = gr.Markdown("Training runs here, one job at a time: generation waits until "
                                                  "it is done. The rest of each setting comes from the preset.",
                                                  elem_id="train-info")
+                        train_stop_info = gr.Markdown(elem_id="train-stop-info")
+                        train_loss = gr.Image(label="Loss", type="pil", format="png", interactive=False,
+                                              elem_id="train-loss")
+                        train_samples = gr.Gallery(label="Latest samples", columns=2, format="png",
+                                                   elem_id="train-samples")
 
         common = [model, prompt, negative, sampler, steps, cfg, width, height, seed]
         # One queue for everything that runs the model: the queue's limit of 1 applies per concurrency_id.
-        go.click(partial(run_generate, engine), [*common, count, *slots], [gallery, used_seed, info],
+        def generate(*values):
+            *values, vae_name = values
+            return run_generate(engine, *values, vae=vae_name)
+
+        go.click(generate, [*common, count, *slots, vae], [gallery, used_seed, info],
                  api_name="generate", concurrency_id="model")
 
         def grid(*values, progress=gr.Progress()):
-            return run_grid(engine, *values, progress=progress)
+            *values, vae_name = values
+            return run_grid(engine, *values, progress=progress, vae=vae_name)
 
-        grid_go.click(grid, [*common, grid_lora, grid_weights, y_axis, y_values, *slots], [grid_image, grid_info],
-                      api_name="grid", concurrency_id="model")
-        def train_job(*values, progress=gr.Progress(track_tqdm=True)):
+        grid_go.click(grid, [*common, grid_lora, grid_weights, y_axis, y_values, *slots, vae],
+                      [grid_image, grid_info], api_name="grid", concurrency_id="model")
+
+        def train_job(*values, progress=gr.Progress()):
             return run_train(engine, *values, progress=progress)
 
         train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
-                                   train_steps], train_info, api_name="train", concurrency_id="model")
+                                   train_steps], [train_info, train_loss, train_samples], api_name="train",
+                       concurrency_id="model")
+        # Not queued: Stop must not wait behind the training it stops.
+        train_stop.click(partial(stop_train, engine), None, train_stop_info, api_name="stop_train", queue=False)
+        captions_load.click(partial(load_captions, settings), train_data, captions, api_name="load_captions",
+                            concurrency_id="captions")
+        captions_save.click(partial(save_captions, settings), [train_data, captions], captions_info,
+                            api_name="save_captions", concurrency_id="captions")
         train_preset.input(lambda p: preset_values(settings, p), train_preset,
                            [train_data, train_trigger, train_rank, train_lr, train_steps], api_visibility="private")
         png.upload(partial(read_png_parameters, settings), png,
@@ -510,12 +743,12 @@ def build_app(settings: AppSettings):
 
         def refresh_lists(*current):
             models, files = model_choices(settings), lora_choices(settings)
-            updates = [gr.Dropdown(choices=models)]
+            updates = [gr.Dropdown(choices=models), gr.Dropdown(choices=vae_choices(settings))]
             for value in current:
                 updates.append(gr.Dropdown(choices=files, value=value if value in files else None))
             return updates
 
-        refresh.click(refresh_lists, [*names, grid_lora], [model, *names, grid_lora], api_name="refresh")
+        refresh.click(refresh_lists, [*names, grid_lora], [model, vae, *names, grid_lora], api_name="refresh")
     return demo
 
 

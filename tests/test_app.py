@@ -204,6 +204,8 @@ def test_running_app_through_gradio_client(settings):
         jobs = [fn for fn in demo.fns.values() if fn.api_name in ("generate", "grid", "train")]
         assert len(jobs) == 3 and {fn.concurrency_id for fn in jobs} == {"model"}  # one queue for model work ...
         assert demo._queue.default_concurrency_limit == 1  # ... running one job at a time
+        (stop,) = [fn for fn in demo.fns.values() if fn.api_name == "stop_train"]
+        assert not stop.queue and stop.concurrency_id != "model"  # Stop does not wait behind the training
         client = Client(demo.local_url, verbose=False)
         gallery, seed, info = client.predict(*COMMON, 5, 2, *slots((ALPHA, 0.8), (BETA, 0.5)), api_name="/generate")
         assert seed == 5 and len(gallery) == 2
@@ -227,22 +229,105 @@ def test_running_app_through_gradio_client(settings):
 def test_train_tab(tmp_path):
     from sdlora.app import preset_choices, preset_values, run_train
 
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "mini.toml").write_text(
-        '[data]\ndirs = ["imgs"]\nresolution = 64\nmin_bucket_reso = 64\nmax_bucket_reso = 64\ncache_latents = "none"\n'
-        '[lora]\nrank = 4\n[train]\nbatch_size = 2\nmax_train_steps = 5\nsave_every_n_epochs = 0\n')
-    (tmp_path / "imgs").mkdir()
-    for src in sorted((Path(__file__).resolve().parents[1] / "sample_images").glob("*.png"))[:2]:
-        shutil.copy(src, tmp_path / "imgs" / src.name)
-        shutil.copy(src.with_suffix(".txt"), tmp_path / "imgs" / src.with_suffix(".txt").name)
-    local = AppSettings(models_dir=tmp_path / "models", lora_dir=tmp_path / "loras", out_dir=tmp_path / "out",
-                        data_dir=tmp_path, configs_dir=tmp_path / "configs")
+    local = _train_settings(tmp_path)
     engine = Engine(local)
     assert preset_choices(local) == ["mini.toml"]
     assert preset_values(local, "mini.toml") == ("imgs", "", 4, 1e-4, 5)
-    info = run_train(engine, "mini.toml", "imgs", "fresh", "zkstyle", 4, 1e-3, 1)
+    info, plot, samples = run_train(engine, "mini.toml", "imgs", "fresh", "zkstyle", 4, 1e-3, 1)
     assert "fresh.safetensors" in info and lora_choices(local) == ["fresh/fresh.safetensors"]
+    assert "stopped" not in info and plot is not None and samples == []  # the preset renders no samples
     for dataset, name, message in (("imgs", "fresh", "exists"), ("../imgs", "other", "only names inside"),
                                    ("imgs", "../evil", "LoRA name"), ("missing", "other", "not a folder")):
         with pytest.raises(gr.Error, match=message):
             run_train(engine, "mini.toml", dataset, name, "", 4, 1e-3, 1)
+
+
+def _train_settings(tmp_path, preset_extra: str = "") -> AppSettings:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mini.toml").write_text(
+        '[data]\ndirs = ["imgs"]\nresolution = 64\nmin_bucket_reso = 64\nmax_bucket_reso = 64\n'
+        'cache_latents = "none"\n[lora]\nrank = 4\n[train]\nbatch_size = 2\nmax_train_steps = 5\n'
+        'save_every_n_epochs = 0\n' + preset_extra)
+    (tmp_path / "imgs").mkdir()
+    for src in sorted((Path(__file__).resolve().parents[1] / "sample_images").glob("*.png"))[:2]:
+        shutil.copy(src, tmp_path / "imgs" / src.name)
+        shutil.copy(src.with_suffix(".txt"), tmp_path / "imgs" / src.with_suffix(".txt").name)
+    return AppSettings(models_dir=tmp_path / "models", lora_dir=tmp_path / "loras", out_dir=tmp_path / "out",
+                       data_dir=tmp_path, configs_dir=tmp_path / "configs")
+
+
+def test_train_tab_stop_loss_curve_and_samples(tmp_path):
+    from sdlora.app import run_train, stop_train
+
+    local = _train_settings(tmp_path, '[sample]\nprompts = ["zkstyle, a boat --d 3"]\nsteps = 2\ngrid_weights = []\n')
+    engine = Engine(local)
+    assert stop_train(engine) == "No training is running."
+    calls = []
+
+    def progress(value, desc=""):  # what gr.Progress gets; Stop pressed (from another thread) during step 2
+        calls.append((value, desc))
+        if value == (2, 1000):
+            assert "Stopping" in stop_train(engine)
+
+    info, plot, samples = run_train(engine, "mini.toml", "imgs", "halted", "zkstyle", 4, 1e-3, 1000, progress=progress)
+    run = local.lora_dir / "halted"
+    assert "stopped at step 2 of 1000" in info and str(run / "halted.safetensors") in info
+    assert (run / "halted.safetensors").is_file() and (run / "checkpoint-2").is_dir()
+    assert [c[0] for c in calls] == [0, (1, 1000), (2, 1000)] and "loss" in calls[-1][1]
+    assert plot.size[0] > 100 and (run / "loss.png").is_file()  # the loss curve, also kept in the run folder
+    assert len(samples) == 1 and samples[0][0].size == (64, 64) and "step00000002" in samples[0][1]
+    assert not engine.training and not engine.stop.is_set()  # the next run starts fresh
+
+
+def test_caption_table_round_trip(tmp_path):
+    from sdlora.app import load_captions, save_captions
+
+    local = _train_settings(tmp_path)
+    folder = tmp_path / "imgs"
+    first, second = sorted(p.name for p in folder.glob("*.png"))
+    (folder / second).with_suffix(".txt").unlink()  # a missing caption ...
+    Image.new("RGB", (8, 8)).save(folder / "c.png")
+    (folder / "c.txt").write_bytes(b"caf\xe9")  # ... and one that is not UTF-8: both shown empty
+    rows = load_captions(local, "imgs")
+    assert [r[0] for r in rows] == [first, second, "c.png"] and rows[0][1] and rows[1][1] == rows[2][1] == ""
+    rows[1][1] = "zkstyle, a new caption"
+    info = save_captions(local, "imgs", rows)
+    assert "saved 1 " in info  # only the edited one: the unreadable c.txt is left as it was
+    assert (folder / second).with_suffix(".txt").read_text() == "zkstyle, a new caption\n"
+    assert (folder / "c.txt").read_bytes() == b"caf\xe9"
+    assert load_captions(local, "imgs")[1][1] == "zkstyle, a new caption"
+    (tmp_path / "outside.png").write_bytes(b"")
+    for name in ("../outside.png", "sub/x.png", "..\\outside.png", "missing.png"):
+        with pytest.raises(gr.Error, match="not an image"):
+            save_captions(local, "imgs", [[first, "changed"], [name, "evil"]])
+    assert not (tmp_path / "outside.txt").exists() and "changed" not in (folder / first).with_suffix(".txt").read_text()
+    with pytest.raises(gr.Error, match="only names inside"):
+        load_captions(local, "../")
+
+
+def test_vae_override(engine, settings):
+    from safetensors.torch import save_file
+
+    from sdlora.app import OWN_VAE, vae_choices
+    from sdlora.generate import load_pipeline
+
+    vae = load_pipeline("tiny-sd15").vae
+    settings.models_dir.mkdir(exist_ok=True)
+    vae.save_pretrained(settings.models_dir / "tiny-vae")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, settings.models_dir / "tiny-vae.safetensors")
+    try:
+        assert vae_choices(settings) == [OWN_VAE, "tiny-vae", "tiny-vae.safetensors"]
+        assert "tiny-vae.safetensors" not in model_choices(settings)  # a VAE is not a base model
+        own = _generated(engine)
+        for name in ("tiny-vae", "tiny-vae.safetensors"):
+            images, _, info = run_generate(engine, *COMMON, 3, 1, *slots(), vae=name)
+            assert engine.vae == name and "base model loading" in info  # cached by (model, VAE)
+            with Image.open(images[0][0]) as image:
+                assert image.convert("RGB").tobytes() == own
+        _, _, info = run_generate(engine, *COMMON, 3, 1, *slots(), vae=OWN_VAE)
+        assert engine.vae == "" and "base model loading" in info
+        with pytest.raises(gr.Error, match="not a VAE"):
+            run_generate(engine, *COMMON, 3, 1, *slots(), vae="../tiny-vae")
+    finally:
+        shutil.rmtree(settings.models_dir / "tiny-vae")
+        (settings.models_dir / "tiny-vae.safetensors").unlink()
