@@ -577,6 +577,46 @@ def save_captions(settings: AppSettings, dataset, table) -> str:
     return f"saved {len(writes)} changed caption(s) in {folder}"
 
 
+MAX_UPLOAD_BYTES = 64 * 2**20  # per file: far above any training image, far below filling a disk by accident
+
+
+def add_uploads(settings: AppSettings, dataset, files) -> tuple[list[list[str]], str]:
+    """"Add to the folder": copy uploaded images and .txt captions into the dataset folder (created inside
+    data_dir). Every file is checked first — a training image type that decodes, or UTF-8 text, at most
+    MAX_UPLOAD_BYTES, no existing file of that name — so a bad upload writes nothing. Returns the caption table of
+    the folder and an info line."""
+    from PIL import Image
+
+    from .atomic import write_bytes
+    from .data import IMAGE_EXTENSIONS
+
+    with _user_errors():
+        folder = resolve_inside(settings.data_dir, (dataset or "").strip())
+        uploads = [Path(f if isinstance(f, str) else f.name) for f in files or []]
+        if not uploads:
+            raise GenerationError("choose image files (and their .txt captions) to upload first")
+        for src in uploads:
+            kind = src.suffix.lower()
+            if kind not in (*IMAGE_EXTENSIONS, ".txt"):
+                raise PathError(f"{src.name}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or a .txt caption")
+            if src.stat().st_size > MAX_UPLOAD_BYTES:
+                raise PathError(f"{src.name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            if resolve_inside(folder, src.name).exists():
+                raise PathError(f"{src.name} is already in {dataset}; nothing was uploaded")
+            try:
+                if kind == ".txt":
+                    src.read_bytes().decode("utf-8-sig")
+                else:
+                    with Image.open(src) as image:
+                        image.verify()
+            except Exception as e:  # PIL reports damage as OSError, SyntaxError, struct.error, ...
+                raise PathError(f"{src.name}: unreadable ({type(e).__name__}); nothing was uploaded") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in uploads:
+            write_bytes(folder / src.name, src.read_bytes())
+    return load_captions(settings, dataset), f"added {len(uploads)} file(s) to {folder}"
+
+
 def _numbers(text: str, kind, what: str) -> list:
     items = [x for x in re.split(r"[,\s]+", text or "") if x]
     try:
@@ -689,6 +729,9 @@ def build_app(settings: AppSettings):
                             train_go = gr.Button("Train", variant="primary", elem_id="train")
                             train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                         with gr.Accordion("Captions of the dataset folder", open=False):
+                            uploads = gr.File(file_count="multiple", type="filepath", label="Upload images and "
+                                              ".txt captions into the dataset folder", elem_id="uploads")
+                            upload_go = gr.Button("Add to the folder", elem_id="upload")
                             with gr.Row():
                                 captions_load = gr.Button("Load captions", elem_id="captions-load")
                                 captions_save = gr.Button("Save captions", elem_id="captions-save")
@@ -734,6 +777,8 @@ def build_app(settings: AppSettings):
                             concurrency_id="captions")
         captions_save.click(partial(save_captions, settings), [train_data, captions], captions_info,
                             api_name="save_captions", concurrency_id="captions")
+        upload_go.click(partial(add_uploads, settings), [train_data, uploads], [captions, captions_info],
+                        api_name="upload", concurrency_id="captions")
         train_preset.input(lambda p: preset_values(settings, p), train_preset,
                            [train_data, train_trigger, train_rank, train_lr, train_steps], api_visibility="private")
         png.upload(partial(read_png_parameters, settings), png,

@@ -331,3 +331,26 @@ def test_vae_override(engine, settings):
     finally:
         shutil.rmtree(settings.models_dir / "tiny-vae")
         (settings.models_dir / "tiny-vae.safetensors").unlink()
+
+
+def test_uploads_are_checked_before_anything_is_written(tmp_path):
+    from sdlora.app import add_uploads
+
+    local = _train_settings(tmp_path)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    Image.new("RGB", (16, 16), "red").save(staged / "new.png")
+    (staged / "new.txt").write_text("zkstyle, a red square")
+    (staged / "broken.png").write_bytes(b"\x89PNG not really")
+    (staged / "run.exe").write_bytes(b"MZ")
+    for bad, message in (("broken.png", "unreadable"), ("run.exe", "not an image")):
+        with pytest.raises(gr.Error, match=message):
+            add_uploads(local, "uploaded", [str(staged / "new.png"), str(staged / bad)])
+        assert not (tmp_path / "uploaded").exists()  # a bad file stops the whole upload
+    rows, info = add_uploads(local, "uploaded", [str(staged / "new.png"), str(staged / "new.txt")])
+    assert rows == [["new.png", "zkstyle, a red square"]] and "added 2" in info
+    assert (tmp_path / "uploaded" / "new.png").read_bytes() == (staged / "new.png").read_bytes()
+    with pytest.raises(gr.Error, match="already in"):
+        add_uploads(local, "uploaded", [str(staged / "new.png")])
+    with pytest.raises(gr.Error, match="only names inside"):
+        add_uploads(local, "../elsewhere", [str(staged / "new.png")])
