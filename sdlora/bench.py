@@ -78,7 +78,7 @@ def training_flops(model_path: str, setting: Setting, resolution: int) -> float:
 
     from .config import LoraConfig
     from .lora import inject_lora
-    from .plan import _meta_models, model_configs
+    from .plan import _meta_models, meta_unet_inputs, model_configs
 
     arch, configs = model_configs(model_path)
     unet = _meta_models(arch, configs, torch.float16)["unet"]
@@ -86,16 +86,9 @@ def training_flops(model_path: str, setting: Setting, resolution: int) -> float:
     if setting.gradient_checkpointing:
         unet.train()
         unet.enable_gradient_checkpointing()
-    c = unet.config
-    meta = dict(device="meta", dtype=torch.float16)
-    latents = torch.empty(1, c.in_channels, resolution // 8, resolution // 8, **meta)
-    states = torch.empty(1, 77, c.cross_attention_dim, **meta)
-    added = None
-    if c.addition_embed_type == "text_time":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        added = {"text_embeds": torch.empty(1, pooled, **meta), "time_ids": torch.empty(1, 6, **meta)}
+    latents, step, states, added = meta_unet_inputs(unet, resolution, torch.float16)
     with FlopCounterMode(display=False) as counter:
-        out = unet(latents, torch.tensor([500], device="meta"), states, added_cond_kwargs=added).sample
+        out = unet(latents, step, states, added_cond_kwargs=added).sample
         out.float().pow(2).mean().backward()
     return float(counter.get_total_flops())
 

@@ -363,34 +363,38 @@ def _cmd_inspect(args, extra) -> int:
 
 
 def _cmd_merge_into_base(args, extra) -> int:
-    from .lora_tools import DTYPES, merge_into_base
+    from .export import EXPORT_DTYPES
+    from .lora_tools import merge_into_base
 
-    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, DTYPES[args.dtype]))
+    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, EXPORT_DTYPES[args.dtype]))
     return 0
 
 
 def _cmd_merge_loras(args, extra) -> int:
-    from .lora_tools import DTYPES, merge_lora_files
+    from .export import EXPORT_DTYPES
+    from .lora_tools import merge_lora_files
 
-    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank, DTYPES[args.dtype])
+    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank, EXPORT_DTYPES[args.dtype])
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
 
 
 def _cmd_resize(args, extra) -> int:
-    from .lora_tools import DTYPES, resize_lora_file
+    from .export import EXPORT_DTYPES
+    from .lora_tools import resize_lora_file
 
-    report = resize_lora_file(args.file, args.out, args.rank, args.energy, DTYPES[args.dtype])
+    report = resize_lora_file(args.file, args.out, args.rank, args.energy, EXPORT_DTYPES[args.dtype])
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
 
 
 def _cmd_extract(args, extra) -> int:
-    from .lora_tools import DTYPES, extract_lora_file
+    from .export import EXPORT_DTYPES
+    from .lora_tools import extract_lora_file
 
-    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv, DTYPES[args.dtype])
+    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv, EXPORT_DTYPES[args.dtype])
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0

@@ -37,7 +37,7 @@ from .lora_files import (
 )
 
 __all__ = [
-    "ARCHS", "COMPONENTS", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout", "arch_metadata",
+    "ARCHS", "COMPONENTS", "EXPORT_DTYPES", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout", "arch_metadata",
     "build_metadata", "detect_arch", "file_hashes", "from_kohya_state_dict", "group_lora_keys", "inspect_lora",
     "kohya_module_name", "kohya_module_tensors", "load_lora_layers", "lora_weights_from_tensors", "read_lora_file",
     "save_kohya_lora", "save_kohya_state_dict", "save_peft_lora", "split_lora_key", "text_encoder_path",
@@ -48,6 +48,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ARCHS = ("sd1", "sd2", "sdxl")
+# Tensor dtypes of written LoRA files: `export.dtype` and the tools' --dtype.
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights(dir) looks for
 

@@ -45,12 +45,10 @@ from .models import PICKLE_SUFFIXES, BaseModel, ModelError, component_names
 from .single_file import ARCH_NAMES
 
 __all__ = [
-    "DTYPES", "LoraFile", "ModuleError", "ToolReport", "choose_rank", "extract_lora", "extract_lora_file",
+    "LoraFile", "ModuleError", "ToolReport", "choose_rank", "extract_lora", "extract_lora_file",
     "factor_svd", "factors_2d", "merge_into_base", "merge_lora_files", "merge_loras", "read_lora", "require_arch",
     "resize_lora", "resize_lora_file", "save_lora_modules",
 ]
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -181,9 +181,10 @@ def trace(cfg: Config) -> _Traced:
 
     from .lora import inject_lora
     from .models import component_names
+    from .train import DTYPES
 
     arch, configs = model_configs(cfg.model.base_model, cfg.model.allow_unsafe_pickle)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    dtype = DTYPES[cfg.train.mixed_precision]
     models = _meta_models(arch, configs, dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     unet, encoders = models["unet"], [models[n] for n in ("te1", "te2") if n in models]
@@ -194,16 +195,7 @@ def trace(cfg: Config) -> _Traced:
             inject_lora(encoder, name, cfg.lora)
     lora_params = sum(p.numel() for m in [unet, *encoders] for p in m.parameters() if p.requires_grad)
 
-    side = cfg.data.resolution // 8
-    c = unet.config
-    meta = dict(device="meta", dtype=dtype)
-    latents = torch.empty(1, c.in_channels, side, side, **meta)
-    states = torch.empty(1, 77, c.cross_attention_dim, **meta)
-    added = None
-    if c.addition_embed_type == "text_time":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        added = {"text_embeds": torch.empty(1, pooled, **meta), "time_ids": torch.empty(1, 6, **meta)}
-    step = torch.empty(1, dtype=torch.long, device="meta")
+    latents, step, states, added = meta_unet_inputs(unet, cfg.data.resolution, dtype)
 
     def forward():
         states.requires_grad_(not cfg.lora.train_unet)  # a frozen UNet still back-propagates to a trained TE
@@ -219,6 +211,21 @@ def trace(cfg: Config) -> _Traced:
         ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
         te_saved = sum(_trace(e, lambda e=e: e(ids, output_hidden_states=True))[0] for e in encoders)
     return _Traced(params, lora_params, saved, saved_checkpointed, unit, te_saved, _vae_peak(models["vae"], cfg))
+
+
+def meta_unet_inputs(unet, resolution: int, dtype: torch.dtype) -> tuple:
+    """(latents, timestep, text states, SDXL added conditions or None) for one image at `resolution`, on the meta
+    device: what the UNet's forward pass takes, with the real shapes and no data."""
+    c = unet.config
+    meta = dict(device="meta", dtype=dtype)
+    side = resolution // 8
+    latents = torch.empty(1, c.in_channels, side, side, **meta)
+    states = torch.empty(1, 77, c.cross_attention_dim, **meta)
+    added = None
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": torch.empty(1, pooled, **meta), "time_ids": torch.empty(1, 6, **meta)}
+    return latents, torch.empty(1, dtype=torch.long, device="meta"), states, added
 
 
 def _vae_peak(vae, cfg: Config) -> int:

@@ -38,7 +38,7 @@ from .data import (
     tag_frequency,
 )
 from .doctor import diagnose
-from .export import build_metadata, save_kohya_lora, save_peft_lora
+from .export import EXPORT_DTYPES, build_metadata, save_kohya_lora, save_peft_lora
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
 from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, set_lora_layers, trainable_parameters
 from .loss import compute_loss
@@ -525,7 +525,7 @@ def _export(accelerator, modules, trained, cfg: Config, run_info: dict, step: in
         "prediction_type": run_info["prediction_type"],
     }
     metadata = build_metadata(cfg, run_info["arch"], info)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export.dtype]
+    dtype = EXPORT_DTYPES[cfg.export.dtype]
     if "kohya" in cfg.export.formats:
         save_kohya_lora(layers, run_info["arch"], path, metadata, dtype, run_info["unet_config"])
     if "peft" in cfg.export.formats:
