@@ -2,8 +2,9 @@
 
 Each setting runs `train.train` on synthetic captioned images with a random-init model of the real architecture
 (full-size `sd15`/`sdxl` on a GPU, the tiny models on a CPU so CI exercises this code), then prints one JSON line:
-images/s and median step time after warm-up (from the run's train_stats.json), peak VRAM, the FLOPs of one
-training step counted by torch's FlopCounterMode on the same LoRA-injected UNet, and MFU against the GPU's peak.
+images/s and median step time after warm-up (from the run's train_stats.json), peak VRAM, the bytes of the base
+weights as stored (`model.quantize_base`), the FLOPs of one training step counted by torch's FlopCounterMode on the
+same LoRA-injected UNet, and MFU against the GPU's peak.
 """
 
 from __future__ import annotations
@@ -36,25 +37,36 @@ class Setting:
     train_text_encoder: bool = False
     gradient_checkpointing: bool = False
     cache_latents: str = "memory"
+    quantize_base: str = "none"
+    channels_last: bool = False
+    compile: str = "none"
+    compile_mode: str = "default"
 
     def overrides(self) -> list[str]:
         return [f"train.batch_size={self.batch_size}", f"train.mixed_precision={self.mixed_precision}",
                 f"lora.rank={self.rank}", f"lora.alpha={self.rank}",
                 f"lora.train_text_encoder={str(self.train_text_encoder).lower()}",
                 f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
-                f'data.cache_latents="{self.cache_latents}"']
+                f'data.cache_latents="{self.cache_latents}"', f'model.quantize_base="{self.quantize_base}"',
+                f"train.channels_last={str(self.channels_last).lower()}", f'train.compile="{self.compile}"',
+                f'train.compile_mode="{self.compile_mode}"']
 
 
 def settings(plan: str, cuda: bool) -> list[Setting]:
     """`reference`: the peers' comparison point (batch 4, fp16, rank 4, UNet only, cached latents). `sweep`: the
-    reference, then one factor changed at a time (batch 1/8, bf16, rank 16/64, +TE, checkpointing, no cache)."""
+    reference, then one factor changed at a time (batch 1/8, bf16, rank 16/64, +TE, checkpointing, no cache, NF4
+    base); the fp8 base needs checkpointing, so it changes one factor from the checkpointing setting."""
     reference = Setting(mixed_precision="fp16" if cuda else "no")
     if plan == "reference":
         return [reference]
     variants = [dict(batch_size=1), dict(batch_size=8), dict(rank=16), dict(rank=64), dict(train_text_encoder=True),
-                dict(gradient_checkpointing=True), dict(cache_latents="none")]
+                dict(gradient_checkpointing=True), dict(cache_latents="none"), dict(quantize_base="nf4"),
+                dict(gradient_checkpointing=True, quantize_base="fp8")]
     if cuda:
         variants.insert(2, dict(mixed_precision="bf16"))
+        # On a CPU inductor compiles for minutes and these layouts/graphs do not apply: measured on GPUs only.
+        variants += [dict(channels_last=True), dict(compile="regional"),
+                     dict(compile="regional", compile_mode="reduce-overhead")]
     return [reference] + [dataclasses.replace(reference, **v) for v in variants]
 
 

@@ -46,15 +46,21 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(
-    folder: Path, adapters: dict[str, torch.Tensor], optimizer_state: dict, state: dict[str, Any]
+    folder: Path, adapters: dict[str, torch.Tensor], optimizer_state: dict, state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write adapters.safetensors, optimizer.safetensors and state.json into `folder`, atomically as a whole."""
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten_state(optimizer_state, tensors)
+    """Write adapters.safetensors, optimizer.safetensors/.json and state.json into `folder`, atomically as a whole.
+
+    `extra` holds more nested states by name (e.g. {"adalora": AdaLoRA's rank allocator}), each written like the
+    optimizer's as <name>.safetensors + <name>.json and read back with `load_extra`.
+    """
     with atomic_dir(folder) as tmp:
         save_safetensors({k: v.detach().cpu() for k, v in adapters.items()}, tmp / "adapters.safetensors")
-        save_safetensors(tensors, tmp / "optimizer.safetensors")
-        write_text(tmp / "optimizer.json", json.dumps(skeleton))
+        for name, nested in {"optimizer": optimizer_state, **(extra or {})}.items():
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = flatten_state(nested, tensors)
+            save_safetensors(tensors, tmp / f"{name}.safetensors")
+            write_text(tmp / f"{name}.json", json.dumps(skeleton))
         write_text(tmp / "state.json", json.dumps(state, indent=2))
     return folder
 
@@ -62,10 +68,20 @@ def save_checkpoint(
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
     """(adapters, optimizer state dict, state) from a checkpoint folder."""
     adapters = load_file(str(folder / "adapters.safetensors"))
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    optimizer_state = unflatten_state(json.loads((folder / "optimizer.json").read_text()), tensors)
     state = json.loads((folder / "state.json").read_text())
-    return adapters, optimizer_state, state
+    return adapters, load_extra(folder, "optimizer"), state
+
+
+def load_extra(folder: Path, name: str) -> Any:
+    """A nested state saved under `name` (see `save_checkpoint`).
+
+    Raises:
+        FileNotFoundError: the checkpoint has no such state (it was saved by a run configured otherwise).
+    """
+    if not (folder / f"{name}.json").is_file():
+        raise FileNotFoundError(f"{folder}: this checkpoint has no {name} state (saved by a run with another config?)")
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return unflatten_state(json.loads((folder / f"{name}.json").read_text()), tensors)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

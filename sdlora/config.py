@@ -36,6 +36,9 @@ class ModelConfig:
     prediction_type: Literal["", "epsilon", "v_prediction"] = ""
     # .ckpt/.pt/.bin files are pickles that can run code when loaded; refused unless this is true.
     allow_unsafe_pickle: bool = False
+    # QLoRA-style storage of the frozen UNet's Linear layers: "fp8" (e4m3, upcast layer by layer; needs
+    # train.gradient_checkpointing) or "nf4" (4-bit NormalFloat, needs bitsandbytes); the adapters stay fp32.
+    quantize_base: Literal["none", "fp8", "nf4"] = "none"
 
 
 @dataclass
@@ -83,17 +86,34 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
+    # "lora"; "dora" (weight-decomposed: a learned magnitude per output channel, arXiv 2402.09353); "adalora"
+    # (adaptive ranks: starts at adalora_init_rank and prunes to an average of `rank`, arXiv 2303.10512).
+    method: Literal["lora", "dora", "adalora"] = "lora"
+    # With method = "adalora": the target average rank.
     rank: int = 16
     # Scale = alpha / rank (alpha / sqrt(rank) with use_rslora). alpha = rank gives scale 1.
     alpha: float = 16.0
     dropout: float = 0.0
     # "attn": to_q/k/v/out; "attn_mlp": + proj_in/proj_out/ff (kohya's default set); "all": + resnet convs.
     targets: Literal["attn", "attn_mlp", "all"] = "attn"
-    # Kaiming-uniform A / zero B ("default") or Gaussian A ("gaussian"); both start as a no-op.
-    init: Literal["default", "gaussian"] = "default"
+    # Kaiming-uniform A / zero B ("default") or Gaussian A ("gaussian"): both start as a no-op. "pissa"
+    # (arXiv 2404.02948) starts from the principal singular vectors of each weight (the base keeps the rest).
+    init: Literal["default", "gaussian", "pissa"] = "default"
     use_rslora: bool = False
+    # AdaLoRA's rank budget schedule: every module starts at adalora_init_rank; after adalora_warmup_steps the
+    # budget falls (cubically) to `rank` on average until the last adalora_final_steps, which keep the final ranks.
+    adalora_init_rank: int = 0  # 0 = 2 * rank
+    adalora_warmup_steps: int = 0  # 0 = 10 % of train.max_train_steps
+    adalora_final_steps: int = 0  # 0 = 20 % of train.max_train_steps
+    adalora_update_every: int = 1  # reallocate ranks every N steps
+    adalora_orth_reg: float = 0.5  # weight of the orthogonality penalty on the A/B factors
     train_unet: bool = True
     train_text_encoder: bool = True
+
+    def adalora_schedule(self, max_train_steps: int) -> tuple[int, int, int]:
+        """(initial rank, warm-up steps, final steps) of AdaLoRA with the 0 = default values resolved."""
+        return (self.adalora_init_rank or 2 * self.rank, self.adalora_warmup_steps or max_train_steps // 10,
+                self.adalora_final_steps or max_train_steps // 5)
 
 
 @dataclass
@@ -119,6 +139,14 @@ class TrainConfig:
     loraplus_lr_ratio: float = 0.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # torch.compile of the UNet: "regional" compiles the repeated transformer block once per shape (diffusers'
+    # compile_repeated_blocks: a fraction of the full compile time), "full" the whole UNet. Pays on long GPU runs.
+    compile: Literal["none", "regional", "full"] = "none"
+    compile_backend: str = "inductor"
+    # "reduce-overhead" adds CUDA graphs: small batches are bound by kernel launches.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Convolutions in NHWC memory layout, which tensor cores read without transposes.
+    channels_last: bool = False
     max_grad_norm: float = 1.0
     # Steps with a NaN/Inf loss or gradient are skipped; this many in a row stop training with a diagnosis.
     max_nonfinite_steps: int = 20
@@ -313,7 +341,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 
 
 def _check_ranges(cfg: Config) -> list[str]:
-    d, lo, t, s = cfg.data, cfg.lora, cfg.train, cfg.sample
+    m, d, lo, t, s = cfg.model, cfg.data, cfg.lora, cfg.train, cfg.sample
     checks = [
         (d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution: must be a multiple of 8, at least 64"),
         (d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step: must be a positive multiple of 8"),
@@ -337,6 +365,24 @@ def _check_ranges(cfg: Config) -> list[str]:
         (_positive(lo.alpha), "lora.alpha: must be a finite number > 0"),
         (0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)"),
         (lo.train_unet or lo.train_text_encoder, "lora.train_unet/train_text_encoder: at least one must be true"),
+        (lo.init != "pissa" or lo.method == "lora", "lora.init: \"pissa\" works with lora.method = \"lora\" only"),
+        (not (lo.init == "pissa" and m.quantize_base == "nf4"),
+         "lora.init: \"pissa\" rewrites the base weights, which NF4 cannot hold (use model.quantize_base = \"fp8\")"),
+        (not (lo.method == "dora" and m.quantize_base == "fp8"),
+         "lora.method: \"dora\" reads the base weights outside their layer, where fp8 storage is not upcast "
+         "(use model.quantize_base = \"nf4\")"),
+        (m.quantize_base != "fp8" or t.gradient_checkpointing,
+         "model.quantize_base: \"fp8\" needs train.gradient_checkpointing = true (without it autograd keeps an "
+         "upcast copy of every weight until the backward pass: more memory than fp8 saves)"),
+        (lo.method != "adalora" or lo.init == "default", "lora.init: AdaLoRA has its own initialisation; keep \"default\""),
+        (min(lo.adalora_init_rank, lo.adalora_warmup_steps, lo.adalora_final_steps) >= 0 and lo.adalora_update_every >= 1,
+         "lora.adalora_*: steps and ranks must be >= 0, adalora_update_every >= 1"),
+        # Equal ranks would leave AdaLoRA nothing to prune (and peft's allocator fails on an empty pruning).
+        (lo.adalora_init_rank == 0 or lo.adalora_init_rank > lo.rank, "lora.adalora_init_rank: must be > lora.rank"),
+        (lo.method != "adalora" or sum(lo.adalora_schedule(t.max_train_steps)[1:]) < t.max_train_steps,
+         "lora.adalora_warmup_steps + adalora_final_steps: must be fewer than train.max_train_steps (ranks are "
+         "pruned in the steps between)"),
+        (_non_negative(lo.adalora_orth_reg), "lora.adalora_orth_reg: must be a finite number >= 0"),
         (t.max_train_steps >= 1, "train.max_train_steps: must be at least 1"),
         (t.batch_size >= 1, "train.batch_size: must be at least 1"),
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be at least 1"),

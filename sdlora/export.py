@@ -295,11 +295,16 @@ def kohya_module_tensors(
     down, up = weights.down, weights.up
     if down.shape[0] != up.shape[1] or down.dim() != up.dim():
         raise ValueError(f"{label or name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit")
-    return {
+    tensors = {
         f"{name}.lora_down.weight": down.detach().to("cpu", dtype).contiguous(),
         f"{name}.lora_up.weight": up.detach().to("cpu", dtype).contiguous(),
         f"{name}.alpha": torch.tensor(float(weights.alpha), dtype=torch.float32),
     }
+    if weights.magnitude is not None:
+        # LyCORIS' output-axis layout [out, 1(, 1, 1)], which ComfyUI detects by dora_scale.shape[0] == out.
+        shape = (up.shape[0],) + (1,) * (up.dim() - 1)
+        tensors[f"{name}.dora_scale"] = weights.magnitude.detach().to("cpu", dtype).reshape(shape).contiguous()
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -359,7 +364,7 @@ def from_kohya_state_dict(
         {component: {module path: LoraWeights}} with fp32 tensors; a module without `.alpha` gets alpha = rank.
 
     Raises:
-        LoraFileError: a LyCORIS/DoRA network, keys that match no module (a few are named), a down without its
+        LoraFileError: a LyCORIS network (LoHa, LoKr, ...; DoRA is read), keys that match no module (a few are named), a down without its
             up (or the reverse), or down/up ranks that disagree.
     """
     unsupported = unsupported_network_type(sd)
@@ -393,7 +398,8 @@ def from_kohya_state_dict(
 
 
 def lora_weights_from_tensors(tensors: Mapping[str, torch.Tensor], label: str) -> LoraWeights:
-    """One module's {"down", "up"[, "alpha"]} tensors (as `split_lora_key` names them) as fp32 LoraWeights.
+    """One module's {"down", "up"[, "alpha", "dora_scale" | "magnitude"]} tensors (as `split_lora_key` names them)
+    as fp32 LoraWeights.
 
     A module without alpha gets alpha = rank (scale 1), as every loader assumes.
 
@@ -407,7 +413,17 @@ def lora_weights_from_tensors(tensors: Mapping[str, torch.Tensor], label: str) -
     if down.shape[0] != up.shape[1]:
         raise LoraFileError(f"{label}: down {tuple(down.shape)} and up {tuple(up.shape)} ranks differ")
     alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(down.shape[0])
-    return LoraWeights(down, up, alpha)
+    magnitude = tensors.get("magnitude")
+    if "dora_scale" in tensors:
+        magnitude = tensors["dora_scale"]
+        if magnitude.shape[0] != up.shape[0] or magnitude.numel() != up.shape[0]:
+            # LyCORIS' default (wd_on_out = false) normalises per input channel, which peft's DoRA cannot express.
+            raise LoraFileError(f"{label}: DoRA scale {tuple(magnitude.shape)} is per input channel (LyCORIS "
+                                "wd_on_out = false); only per-output-channel DoRA can be loaded here (ComfyUI and "
+                                "A1111 load this file)")
+    if magnitude is not None and magnitude.numel() != up.shape[0]:
+        raise LoraFileError(f"{label}: DoRA magnitude {tuple(magnitude.shape)} does not fit {up.shape[0]} outputs")
+    return LoraWeights(down, up, alpha, None if magnitude is None else magnitude.float().flatten())
 
 
 def load_lora_layers(
@@ -479,11 +495,25 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
     rank = lo.rank
     alpha = effective_scale(lo) * rank  # what the file's .alpha tensors hold (rsLoRA folded in, see lora_layers)
     network_args: dict[str, Any] = {"targets": lo.targets, "use_rslora": lo.use_rslora}
+    if lo.method == "dora":
+        network_args["dora_wd"] = True  # LyCORIS' name for DoRA's weight decomposition
+    if lo.init != "default":
+        network_args["init"] = lo.init
+    if lo.init == "pissa":  # exported as the delta against the original base: twice the rank, see lora.pissa_as_lora
+        rank, alpha = 2 * rank, 2 * alpha
     if t.loraplus_lr_ratio:
         network_args["loraplus_lr_ratio"] = _num(t.loraplus_lr_ratio)  # the key kohya's LoRA+ argument uses
+    dim, dim_alpha = str(rank), _num(alpha)
+    if lo.method == "adalora":
+        # Every module has the rank AdaLoRA left it and its own alpha: "Dynamic", as kohya's resize_lora.py writes.
+        dim = dim_alpha = "Dynamic"
+        init_rank, warmup, final = lo.adalora_schedule(t.max_train_steps)
+        network_args.update(algo="adalora", target_rank=str(rank), init_rank=str(init_rank), warmup_steps=str(warmup),
+                            final_steps=str(final), update_every=str(lo.adalora_update_every),
+                            orth_reg=_num(lo.adalora_orth_reg))
     if lo.targets == "all":
         # kohya's LoCon arguments: the ResNet/sampler convs are trained with this rank/alpha.
-        network_args.update(conv_dim=str(rank), conv_alpha=_num(alpha))
+        network_args.update(conv_dim=dim, conv_alpha=dim_alpha)
 
     date = info.get("date") or datetime.datetime.fromtimestamp(
         float(info["training_finished_at"]), tz=datetime.timezone.utc
@@ -491,8 +521,8 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
 
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": _num(alpha),
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim_alpha,
         "ss_network_args": json.dumps(network_args),
         "ss_sd_model_name": _basename(str(info.get("sd_model_name") or cfg.model.base_model)),
         "ss_resolution": f"({d.resolution}, {d.resolution})",  # kohya writes the tuple's repr
@@ -683,6 +713,13 @@ def to_peft_state_dict(
             out[f"{component}.{path}.lora_A.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
             up = weights.up.detach().float() * scale
             out[f"{component}.{path}.lora_B.weight"] = up.to("cpu", dtype).contiguous()
+            if weights.magnitude is not None:  # peft's layout: [out] for Linear, [1, out, 1, 1] for Conv2d
+                shape = (1, -1, 1, 1) if weights.down.dim() == 4 else (-1,)
+                # With ".weight", the parameter's own name: diffusers 0.42 loads text-encoder adapters through
+                # transformers, which skips peft's renaming of the bare `lora_magnitude_vector` key (the UNet
+                # takes either).
+                out[f"{component}.{path}.lora_magnitude_vector.weight"] = (
+                    weights.magnitude.detach().to("cpu", dtype).reshape(shape).contiguous())
     return out
 
 

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
 from .config import LoraConfig
 
 ADAPTER = "default"
+# config lora.init -> peft's init_lora_weights. PiSSA with the exact SVD: the fast variants are randomised.
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
 
 # Module-name patterns (full match against named_modules()) per component and target set. Each set contains the
 # previous one. "attn_mlp" is kohya's default LoRA set: every Linear / 1x1 conv inside the transformer blocks and
@@ -36,11 +39,16 @@ TARGETS = {
 
 @dataclass
 class LoraWeights:
-    """One adapted module: delta W = (alpha / rank) * up @ down, with down [r, in(, kh, kw)] and up [out, r(, 1, 1)]."""
+    """One adapted module: delta W = (alpha / rank) * up @ down, with down [r, in(, kh, kw)] and up [out, r(, 1, 1)].
+
+    DoRA modules also have `magnitude` [out]: the weight becomes magnitude * V / ||V|| with V = W + delta W and the
+    norm taken per output channel (over all other dimensions), as peft trains it.
+    """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -64,6 +72,11 @@ def target_module_names(model: torch.nn.Module, component: str, targets: str) ->
 
 def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig) -> list[str]:
     """Freeze `model` and add a trainable fp32 LoRA adapter (peft) to its target modules; returns their names."""
+    if cfg.method == "adalora":
+        from .adalora import AdaLora  # adalora.py imports this module
+        # The layers only (e.g. for memory planning): training injects through its own adalora.AdaLora, which
+        # keeps the rank allocator and knows the run's length.
+        return AdaLora(cfg, total_steps=1).inject(model, component)
     names = target_module_names(model, component, cfg.targets)
     if not names:
         raise ValueError(f"no LoRA target modules found in the {component} for targets={cfg.targets!r}")
@@ -72,8 +85,9 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig) -> list
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        init_lora_weights=True if cfg.init == "default" else "gaussian",
+        init_lora_weights=_PEFT_INIT[cfg.init],
         use_rslora=cfg.use_rslora,
+        use_dora=cfg.method == "dora",
         target_modules=names,
     )
     model.add_adapter(peft_config, adapter_name=ADAPTER)
@@ -88,14 +102,40 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraWeights]:
     """Every LoRA-adapted module of `model` as {module name: LoraWeights} (fp32 copies, detached).
 
     The exported alpha is scaling * rank, so rsLoRA (scaling = alpha / sqrt(r)) exports as an ordinary LoRA.
+    AdaLoRA modules come out at the rank each kept; those pruned to rank 0 change nothing and are left out.
     """
+    from .adalora import adalora_weights  # adalora.py imports this module
+
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+        if isinstance(module, AdaLoraLayer) and ADAPTER in module.lora_A:
+            weights = adalora_weights(module)
+            if weights.rank:
+                layers[name] = weights
+        elif isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             down = module.lora_A[ADAPTER].weight.detach().float().clone()
             up = module.lora_B[ADAPTER].weight.detach().float().clone()
-            layers[name] = LoraWeights(down, up, module.scaling[ADAPTER] * down.shape[0])
+            magnitude = module.lora_magnitude_vector[ADAPTER].weight if ADAPTER in module.lora_magnitude_vector else None
+            if magnitude is not None:
+                magnitude = magnitude.detach().float().flatten().clone()  # conv layers keep it as [1, out, 1, 1]
+            layers[name] = LoraWeights(down, up, module.scaling[ADAPTER] * down.shape[0], magnitude)
     return layers
+
+
+def pissa_as_lora(trained: dict[str, LoraWeights], initial: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
+    """PiSSA-trained modules as ordinary LoRA deltas against the ORIGINAL base weights, which every loader has.
+
+    PiSSA moved the top singular directions B0 A0 out of the base weight (W_res = W - s B0 A0) into the adapter, so
+    the model is W_res + s B A = W + s (B A - B0 A0): a LoRA of twice the rank, [B, -B0] @ [A; A0] (peft's
+    `path_initial_model_for_weight_conversion` does the same for its own format).
+    """
+    converted = {}
+    for name, now in trained.items():
+        start = initial[name]
+        scale = now.alpha / now.rank
+        converted[name] = LoraWeights(torch.cat([now.down, start.down]), torch.cat([now.up, -start.up], dim=1),
+                                      scale * 2 * now.rank)
+    return converted
 
 
 def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> None:
@@ -115,10 +155,18 @@ def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> N
                 f"LoRA module {name}: shapes {tuple(weights.down.shape)}/{tuple(weights.up.shape)} do not fit "
                 f"{tuple(a.shape)}/{tuple(b.shape)} (set lora.rank to the file's rank)"
             )
+        has_magnitude = ADAPTER in module.lora_magnitude_vector
+        if (weights.magnitude is not None) != has_magnitude:
+            kinds = ("DoRA", "plain LoRA") if weights.magnitude is not None else ("plain LoRA", "DoRA")
+            raise ValueError(f"LoRA module {name}: the file is {kinds[0]} but the adapter is {kinds[1]} "
+                             f"(set lora.method = \"{'dora' if weights.magnitude is not None else 'lora'}\")")
         with torch.no_grad():
             a.copy_(weights.down)
             # Fold the file's alpha into B so the effective delta is preserved under this adapter's scaling.
             b.copy_(weights.up * (weights.alpha / weights.rank) / module.scaling[ADAPTER])
+            if has_magnitude:
+                m = module.lora_magnitude_vector[ADAPTER].weight
+                m.copy_(weights.magnitude.reshape(m.shape))
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -37,6 +37,9 @@ _KEY_SUFFIXES = (
     (".lora.down.weight", "down"),  # diffusers' non-peft format
     (".lora.up.weight", "up"),
     (".alpha", "alpha"),
+    (".dora_scale", "dora_scale"),  # DoRA magnitude, LyCORIS/kohya: [out, 1(, 1, 1)] or, per input, [1, in(, 1, 1)]
+    (".lora_magnitude_vector", "magnitude"),  # DoRA magnitude, peft: [out] ([1, out, 1, 1] for convolutions)
+    (".lora_magnitude_vector.weight", "magnitude"),
 )
 # LyCORIS and other non-LoRA network types, recognised by their parameter names (as LyCORIS writes them and
 # ComfyUI's load_lora reads them).
@@ -47,7 +50,6 @@ _UNSUPPORTED_TYPES = (
     (re.compile(r"\.diff(_b)?$"), "full weight difference (LyCORIS 'full')"),
     (re.compile(r"\.[wb]_norm$"), "norm-layer fine-tune (LyCORIS 'norm')"),
     (re.compile(r"\.lora_mid\."), "LoCon with Tucker decomposition (lora_mid)"),
-    (re.compile(r"\.dora_scale$|lora_magnitude_vector"), "DoRA"),
     (re.compile(r"\.[ab][12]\.weight$"), "GLoRA (LyCORIS)"),
     (re.compile(r"\.on_input$"), "(IA)^3 (LyCORIS)"),
 )
@@ -67,7 +69,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def split_lora_key(key: str) -> tuple[str, str] | None:
-    """(module key, "down" | "up" | "alpha") of a LoRA tensor key, or None for anything else.
+    """(module key, "down" | "up" | "alpha" | "dora_scale" | "magnitude") of a LoRA tensor key, or None.
 
     The module key keeps its prefix (`lora_unet_...`, `unet.down_blocks...`); diffusers' old attention-processor
     spelling (`attn1.processor.to_q_lora.down.weight`) is normalised to the module path (`attn1.to_q`).
@@ -88,7 +90,7 @@ def split_lora_key(key: str) -> tuple[str, str] | None:
 
 
 def group_lora_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """({module key: {"down" | "up" | "alpha": tensor}}, keys that are no LoRA tensor), per `split_lora_key`."""
+    """({module key: {"down" | "up" | "alpha" | ...: tensor}}, keys that are no LoRA tensor), per `split_lora_key`."""
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unknown = []
     for key, tensor in sd.items():
@@ -101,7 +103,7 @@ def group_lora_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str,
 
 
 def unsupported_network_type(keys: Iterable[str]) -> tuple[str, str] | None:
-    """(type name, example key) if any key belongs to a LyCORIS/DoRA-style network this package cannot import."""
+    """(type name, example key) if any key belongs to a LyCORIS network type this package cannot import."""
     for key in keys:
         for pattern, name in _UNSUPPORTED_TYPES:
             if pattern.search(key):
@@ -269,9 +271,11 @@ def inspect_lora(path: str | Path) -> str:
     if unsupported:
         fmt = f"{unsupported[0]} (not importable here)"
     elif all(k.startswith(KOHYA_PREFIXES) for k in sd):
-        fmt = "kohya (lora_down/lora_up)"
+        fmt = "kohya (lora_down/lora_up)" + (" with DoRA dora_scale" if any(k.endswith(".dora_scale") for k in sd) else "")
     else:
         fmt = "diffusers/peft" if any(".lora_A." in k for k in sd) else "other"
+        if any(k.endswith(".lora_magnitude_vector") for k in sd):
+            fmt += " with DoRA lora_magnitude_vector"
 
     modules, unknown = group_lora_keys(sd)
     for key, tensor in sd.items():
@@ -309,9 +313,7 @@ def inspect_lora(path: str | Path) -> str:
         lines.append(f"  {component}: {per_component[component]} modules")
         for (comp, block), counter in sorted(groups.items(), key=lambda kv: _block_order(kv[0])):
             if comp == component:
-                ranks = ", ".join(f"rank {r} alpha {_fmt(a)}" + (f" (x{n})" if len(counter) > 1 else "")
-                                  for (r, a), n in sorted(counter.items()))
-                lines.append(f"    {block:<22} {sum(counter.values()):>4} modules  {ranks}")
+                lines.append(f"    {block:<22} {sum(counter.values()):>4} modules  {_ranks_text(counter)}")
     lines += _metadata_lines(path, metadata, warnings)
     if warnings:
         lines.append("Warnings:")
@@ -333,6 +335,21 @@ def _component_and_block(module: str) -> tuple[str, str]:
         m = re.match(r"(down_blocks_\d+|up_blocks_\d+|mid_block|input_blocks_\d+|middle_block|output_blocks_\d+)", rest)
         return component, m[1] if m else rest
     return component, "encoder layers" if "layers_" in rest else rest
+
+
+def _ranks_text(counter: Counter) -> str:
+    """A block's (rank, alpha) -> count: each pair, or for ranks that vary per module (AdaLoRA, resize_lora.py's
+    dynamic methods) their range, mean and alpha/rank, which a list of a dozen pairs would bury."""
+    if len(counter) <= 4:
+        return ", ".join(f"rank {r} alpha {_fmt(a)}" + (f" (x{n})" if len(counter) > 1 else "")
+                         for (r, a), n in sorted(counter.items()))
+    mean = sum(r * n for (r, _), n in counter.items()) / sum(counter.values())
+    alphas, scales = {a for _, a in counter}, {round(a / r, 6) for r, a in counter if r}
+    if len(alphas) == 1:
+        alpha = f"alpha {_fmt(alphas.pop())}"
+    else:
+        alpha = f"alpha/rank {_fmt(scales.pop())}" if len(scales) == 1 else "alpha varies"
+    return f"rank {min(r for r, _ in counter)}-{max(r for r, _ in counter)} (mean {mean:.1f}), {alpha}"
 
 
 def _component_order(component: str) -> int:

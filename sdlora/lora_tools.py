@@ -101,6 +101,9 @@ def read_lora(path: str | Path) -> LoraFile:
         if name in modules:
             raise LoraFileError(f"{path}: two keys name the same module {name}")
         weights = lora_weights_from_tensors(parts, f"{path}: module {key}")
+        if weights.magnitude is not None:
+            raise LoraFileError(f"{path}: a DoRA LoRA (dora_scale); merging, resizing and extracting work on plain "
+                                "LoRA files, because DoRA's normalisation is not linear in the factors")
         if weights.up.numel() != weights.up.shape[0] * weights.rank:
             raise LoraFileError(f"{path}: module {key}: up {tuple(weights.up.shape)} is not [out, rank(, 1, 1)]")
         modules[name] = weights

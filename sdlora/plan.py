@@ -29,6 +29,8 @@ CUDA_CONTEXT_GB = 0.5  # the CUDA context and kernels live outside PyTorch's all
 # Bytes per trainable parameter: fp32 weight + fp32 grad + optimizer state.
 OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 4 + 4, "prodigy": 4 + 4 + 16}
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+# Bytes per UNet Linear weight with model.quantize_base (sdlora/quantize.py); NF4: two a byte, a 1-byte scale per 64.
+QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
 
 
 class PlanError(ValueError):
@@ -172,6 +174,7 @@ class _Traced:
     unet_unit: int  # the largest block recomputed at once under checkpointing, per image
     te_saved: int  # per caption, when text encoders are trained
     vae_peak_output: int  # largest single activation of the VAE encoder, per image
+    unet_linear: int  # parameters of the UNet's Linear layers: what model.quantize_base stores smaller
 
 
 def trace(cfg: Config) -> _Traced:
@@ -188,6 +191,7 @@ def trace(cfg: Config) -> _Traced:
     models = _meta_models(arch, configs, dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     unet, encoders = models["unet"], [models[n] for n in ("te1", "te2") if n in models]
+    unet_linear = sum(p.numel() for m in unet.modules() if type(m) is torch.nn.Linear for p in m.parameters())
     if cfg.lora.train_unet:
         inject_lora(unet, "unet", cfg.lora)
     if cfg.lora.train_text_encoder:
@@ -210,7 +214,8 @@ def trace(cfg: Config) -> _Traced:
     if cfg.lora.train_text_encoder:
         ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
         te_saved = sum(_trace(e, lambda e=e: e(ids, output_hidden_states=True))[0] for e in encoders)
-    return _Traced(params, lora_params, saved, saved_checkpointed, unit, te_saved, _vae_peak(models["vae"], cfg))
+    return _Traced(params, lora_params, saved, saved_checkpointed, unit, te_saved, _vae_peak(models["vae"], cfg),
+                   unet_linear)
 
 
 def meta_unet_inputs(unet, resolution: int, dtype: torch.dtype) -> tuple:
@@ -267,7 +272,9 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     # The VAE encoder's live temporaries: about its largest activation three times over (input, output, norm).
     vae_encode = 3 * traced.vae_peak_output * (1 if d.cache_latents != "none" else b)
     adapter = traced.lora_params * OPTIMIZER_BYTES[t.optimizer]
-    return Estimate(p["unet"] * wb, encoders, offloaded, adapter, activations, vae_encode, d.cache_latents != "none")
+    linear_bytes = QUANTIZED_BYTES.get(cfg.model.quantize_base, wb)
+    unet = (p["unet"] - traced.unet_linear) * wb + traced.unet_linear * linear_bytes
+    return Estimate(unet, encoders, offloaded, adapter, activations, vae_encode, d.cache_latents != "none")
 
 
 def offloads(cfg: Config) -> tuple[bool, bool]:

@@ -23,6 +23,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .adalora import AdaLora
 from .atomic import write_text
 from .cache import build_latent_cache, encode_latents
 from .config import Config, TrainConfig, config_to_dict, dump_toml
@@ -40,10 +41,12 @@ from .data import (
 from .doctor import diagnose
 from .export import EXPORT_DTYPES, build_metadata, save_kohya_lora, save_peft_lora
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
-from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, set_lora_layers, trainable_parameters
+from .lora import (count_parameters, inject_lora, is_up_weight, lora_layers, pissa_as_lora, set_lora_layers,
+                   trainable_parameters)
 from .loss import compute_loss
 from .plan import PlanError, check_fits, offloads
 from .models import BaseModel, component_names, encode_prompt, load_base_model, sdxl_time_ids, tokenize
+from .quantize import fp8_checkpointing, quantize_nf4, store_fp8, stored_bytes
 from .validation import best, prepare_validation, read_history, split_records, validation_loss, write_history
 
 logger = get_logger(__name__)
@@ -102,14 +105,27 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
     for name, module in modules.items():
         # The UNet joins the device after the caches are built: caching then has the memory to itself.
         module.requires_grad_(False).to("cpu" if name == "unet" else device, weight_dtype)
+    if cfg.model.quantize_base == "nf4":  # before injection: peft then wraps the 4-bit layers in its bnb LoRA layer
+        quantize_nf4(base.unet, weight_dtype, device)
     trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
     set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
+    if init_lora:
+        _check_can_continue(cfg)
+    pissa_start = {}  # PiSSA's initial factors, which the export needs (see lora.pissa_as_lora)
+    adalora = AdaLora(cfg.lora, t.max_train_steps) if cfg.lora.method == "adalora" else None
     for name in trained:
-        inject_lora(modules[name], name, cfg.lora)
+        if adalora is not None:
+            adalora.inject(modules[name], name)  # keeps peft's tuner: its rank allocator runs after every step
+        else:
+            inject_lora(modules[name], name, cfg.lora)
         if init_lora and name in init_lora:
             set_lora_layers(modules[name], init_lora[name])
+        if cfg.lora.init == "pissa":
+            pissa_start[name] = lora_layers(modules[name])
+    if cfg.model.quantize_base == "fp8":  # after injection, or peft would create the adapters in fp8 too
+        store_fp8(base.unet, weight_dtype)
     if t.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing(fp8_checkpointing if cfg.model.quantize_base == "fp8" else None)
         for name in trained:
             if name != "unet":
                 modules[name].gradient_checkpointing_enable()
@@ -126,6 +142,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
             latent_cache = build_latent_cache(records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
     te_cache = _cache_text_outputs(base, records, cfg) if cfg.data.cache_text_encoder_outputs else None
     modules["unet"].to(device)
+    _speed_up_unet(modules["unet"], t)
     offload_vae, offload_te = offloads(cfg)
     if offload_vae:  # nothing encodes or decodes images any more: free the device memory for activations
         base.vae.to("cpu")
@@ -154,6 +171,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
         folder = ckpt.resolve_resume(resume, out)
         adapters, optimizer_state, state = ckpt.load_checkpoint(folder)
         _load_adapters(accelerator, modules, trained, adapters)
+        if adalora is not None:
+            adalora.load_state_dict(ckpt.load_extra(folder, "adalora"))
         optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -190,7 +209,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
 
     run_info = {"started_at": started_at, "records": records, "n_images": n_images, "arch": base.arch,
                 "model_name": Path(cfg.model.base_model).name, "prediction_type": prediction_type,
-                "unet_config": dict(base.unet.config)}
+                "unet_config": dict(base.unet.config), "pissa_start": pissa_start}
 
     # --- the loop ------------------------------------------------------------------------------------------
     loss_sum = torch.zeros((), device=device)
@@ -241,7 +260,9 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
                                 time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
                             loss = compute_loss(modules["unet"], noise_scheduler, latents, states, pooled, time_ids,
                                                 batch.get("mask"), torch.Generator().manual_seed(seed), t, weight_dtype)
-                        accelerator.backward(loss / len(group))
+                        # AdaLoRA's orthogonality penalty (fp32, no autocast) joins the gradient, not the logged loss.
+                        penalty = adalora.penalty() if adalora is not None else 0.0
+                        accelerator.backward((loss + penalty) / len(group))
                     step_loss += loss.detach()
                 # NaN/Inf guard. Reading the norm syncs the device once a step: the price of never letting a
                 # non-finite gradient reach the weights (an AdamW update with NaN ruins the adapter for good).
@@ -250,6 +271,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
                 step_seconds.append(time.perf_counter() - step_started)  # exact: the line above synced the device
                 if finite or accelerator.scaler is not None:
                     optimizer.step()  # under fp16 the GradScaler skips a non-finite step itself and lowers its scale
+                if adalora is not None:
+                    adalora.update(global_step + 1, finite)  # scores ranks from the (unscaled, clipped) gradients
                 optimizer.zero_grad(set_to_none=True)
                 lr_scheduler.step()
                 global_step += 1
@@ -295,7 +318,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
                                  "batch_in_epoch": 0 if epoch_done else group[-1] + 1,
                                  "lr_scheduler": lr_scheduler.state_dict(),
                                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-                        _save_checkpoint(accelerator, modules, trained, optimizer, state, out, t.save_last_k)
+                        _save_checkpoint(accelerator, modules, trained, optimizer, state, out, t.save_last_k,
+                                         {"adalora": adalora.state_dict()} if adalora is not None else None)
                         if lora_name:
                             _export(accelerator, modules, trained, cfg, run_info, global_step, epoch + epoch_done,
                                     out / f"{lora_name}.safetensors", keep=0 if final else t.save_last_k)
@@ -317,10 +341,15 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
     if accelerator.is_main_process:
         stats = speed_stats(step_seconds, t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
                             device)
+        stats["trainable_parameters"] = n_trainable
+        # UNet and text-encoder weights on the device as stored (model.quantize_base shrinks them), for `sdlora bench`.
+        stats["base_weights_gb"] = stored_bytes([accelerator.unwrap_model(m) for m in modules.values()], device) / 1e9
         write_text(out / "train_stats.json", json.dumps(stats, indent=1))
         memory = f", peak memory {stats['peak_allocated_gb']:.2f} GB" if "peak_allocated_gb" in stats else ""
         logger.info(f"speed: {stats['images_per_s']:.2f} images/s, {stats['step_s_median']:.3f} s/step (median "
                     f"after warm-up){memory}", main_process_only=True)
+        if adalora is not None:
+            logger.info(adalora.report(out), main_process_only=True)
     lowest = best(val_rows)
     if lowest:
         logger.info(f"lowest validation loss {lowest['val_loss']:.5f} at step {lowest['step']} (epoch "
@@ -352,6 +381,30 @@ def render_samples(base: BaseModel, modules: dict, cfg: Config, folder: Path, ta
     for m, training in zip([unet, *encoders], was_training):
         m.train(training)
     return paths
+
+
+def _check_can_continue(cfg: Config) -> None:
+    """Raise if the adapter method cannot start from an existing LoRA file."""
+    if cfg.lora.init == "pissa":
+        raise TrainingError("lora.init = \"pissa\" starts from the base weights' own singular vectors; it cannot "
+                            "continue an existing LoRA file (use init = \"default\")")
+    if cfg.lora.method == "adalora":
+        raise TrainingError("lora.method = \"adalora\" learns its ranks from the start; it cannot continue an "
+                            "existing LoRA file (use method = \"lora\")")
+
+
+def _speed_up_unet(unet: torch.nn.Module, t: TrainConfig) -> None:
+    if t.compile != "none":
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if t.compile_backend not in backends:
+            raise TrainingError(f"train.compile_backend: {t.compile_backend!r} is not one of {', '.join(backends)}")
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    mode = None if t.compile_mode == "default" else t.compile_mode
+    if t.compile == "regional":
+        unet.compile_repeated_blocks(backend=t.compile_backend, mode=mode)
+    elif t.compile == "full":
+        unet.compile(backend=t.compile_backend, mode=mode)
 
 
 def _make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
@@ -504,15 +557,19 @@ def _check_dataset(cfg: Config, accelerator) -> None:
                 logging.getLogger(__name__).warning("dataset: %s%s", f"{f.path}: " if f.path else "", f.message)
 
 
-def _save_checkpoint(accelerator, modules, trained, optimizer, state, out: Path, keep: int) -> None:
+def _save_checkpoint(accelerator, modules, trained, optimizer, state, out: Path, keep: int,
+                     extra: dict | None = None) -> None:
     folder = out / f"checkpoint-{state['global_step']}"
-    ckpt.save_checkpoint(folder, _adapter_tensors(accelerator, modules, trained), optimizer.state_dict(), state)
+    ckpt.save_checkpoint(folder, _adapter_tensors(accelerator, modules, trained), optimizer.state_dict(), state,
+                         extra)
     ckpt.prune(ckpt.list_checkpoints(out), keep)
 
 
 def _export(accelerator, modules, trained, cfg: Config, run_info: dict, step: int, epoch: int, path: Path,
             keep: int) -> None:
     layers = {name: lora_layers(accelerator.unwrap_model(modules[name])) for name in trained}
+    if run_info["pissa_start"]:
+        layers = {name: pissa_as_lora(layers[name], run_info["pissa_start"][name]) for name in trained}
     records = run_info["records"]
     dirs: dict[str, dict[str, int]] = {}
     for r in records:

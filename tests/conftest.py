@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models are built once per session into a temporary cache (never a hub)."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,17 @@ def sdxl_path():
     from sdlora.tiny import tiny_model_path
 
     return tiny_model_path("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Six captioned sample images in a folder of their own, for short training runs."""
+    folder = tmp_path_factory.mktemp("data") / "imgs"
+    folder.mkdir()
+    for src in sorted((REPO / "sample_images").glob("*.png"))[:6]:
+        shutil.copy(src, folder / src.name)
+        shutil.copy(src.with_suffix(".txt"), folder / src.with_suffix(".txt").name)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,23 @@ import json
 from sdlora import bench
 
 
+def changed(a, b):
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
 def test_sweep_changes_one_factor_at_a_time():
     for cuda in (False, True):
         reference, *variants = bench.settings("sweep", cuda)
         assert reference.mixed_precision == ("fp16" if cuda else "no")
-        for v in variants:
-            changed = [f.name for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(reference, f.name)]
-            assert len(changed) == 1
-    assert len(bench.settings("sweep", True)) == len(bench.settings("sweep", False)) + 1  # bf16 only on a GPU
+        for i, v in enumerate(variants):
+            # One factor from the reference, or from an earlier setting (fp8 storage needs checkpointing).
+            assert min(len(changed(v, earlier)) for earlier in [reference, *variants[:i]]) == 1
+        assert {v.quantize_base for v in variants} == {"none", "fp8", "nf4"}
+    cpu, gpu = bench.settings("sweep", False), bench.settings("sweep", True)
+    gpu_only = [v for v in gpu if v.mixed_precision == "bf16" or v.channels_last or v.compile != "none"]
+    assert len(gpu) == len(cpu) + len(gpu_only) and not any(v.channels_last or v.compile != "none" for v in cpu)
+    assert [changed(v, gpu[0]) for v in gpu_only] == [  # bf16, NHWC and compilation: GPU only
+        ["mixed_precision"], ["channels_last"], ["compile"], ["compile", "compile_mode"]]
 
 
 def test_counted_flops_follow_the_setting(sd15_path):
@@ -35,4 +44,5 @@ def test_bench_prints_one_json_line_per_setting(tmp_path, capsys):
     row = printed[0]
     assert row["model"] == "tiny-sd15" and row["batch_size"] == 4 and row["steps_timed"] == 2
     assert row["images_per_s"] > 0 and row["step_s_median"] > 0 and row["tflop_per_image"] > 0
+    assert row["quantize_base"] == "none" and row["base_weights_gb"] > 0
     assert row["mfu"] is None  # no GPU peak to compare against on a CPU

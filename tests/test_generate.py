@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlora.export import LoraFileError, file_hashes
@@ -99,6 +100,30 @@ def test_weight_zero_is_the_base_model_bit_for_bit(pipe, cache, alpha, beta, bas
     assert render(pipe, cache, [LoraSpec(alpha, 0.0), LoraSpec(beta, 0.0)]) == base_image
     assert render(pipe, cache, [LoraSpec(alpha, 0.0, te_weight=0.0)]) == base_image
     assert render(pipe, cache) == base_image  # no LoRA listed: none active, though both stay loaded
+
+
+def test_per_module_alphas_scale_their_own_module(pipe, cache, alpha, tmp_path):
+    # Files with differing alphas (resized with --energy, kohya's dynamic resize) must mean alpha / rank per module:
+    # the same file with every alpha / rank folded into the up weights gives the same model.
+    tensors = load_file(str(alpha))
+    with safe_open(str(alpha), "pt") as f:
+        metadata = f.metadata()
+    changed, folded = dict(tensors), dict(tensors)
+    for i, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))[::2]):
+        factor = 4.0 if i % 2 else 0.25
+        changed[key] = tensors[key] * factor
+        up = key.replace(".alpha", ".lora_up.weight")
+        folded[up] = tensors[up] * factor
+    outputs = []
+    torch.manual_seed(0)
+    latents, states = torch.randn(1, 4, 8, 8), torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    for name, file_tensors in (("changed", changed), ("folded", folded)):
+        save_file(file_tensors, str(tmp_path / f"{name}.safetensors"), metadata)
+        cache.activate([LoraSpec(tmp_path / f"{name}.safetensors")])
+        with torch.no_grad():
+            outputs.append(pipe.unet(latents, torch.tensor([500]), states).sample)
+    cache.activate([])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-5)
 
 
 def test_weights_blend_without_reloading(pipe, cache, alpha, beta, monkeypatch):

@@ -27,16 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 NO_GRADIENT = re.compile(r"lora_unet_(mid_block|middle_block_1)_.*attn1_to_[qk]\.|lora_te1_text_model_encoder_layers_11_")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "imgs"
-    folder.mkdir()
-    for src in sorted((REPO / "sample_images").glob("*.png"))[:6]:
-        shutil.copy(src, folder / src.name)
-        shutil.copy(src.with_suffix(".txt"), folder / src.with_suffix(".txt").name)
-    return folder
-
-
 def make_cfg(dataset, out, *overrides):
     return load_config(None, [
         f'data.dirs=["{dataset.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
@@ -344,3 +334,22 @@ def test_on_step_reports_every_step_and_can_stop(dataset, tmp_path):
     assert all(i["loss"] > 0 and i["lr"] == 1e-3 for i in seen)
     assert path.is_file() and load_file(str(path))  # the LoRA as it was at the stop
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3"]  # resumable from there
+
+
+def test_loraplus_param_groups_have_the_intended_learning_rates():
+    from sdlora.train import _make_optimizer
+
+    base = load_base_model("tiny-sd15")
+    cfg = load_config(None, ["lora.method=dora", "train.loraplus_lr_ratio=16.0", "train.unet_lr=1e-4",
+                             "train.text_encoder_lr=5e-5"])
+    trained = {"unet": base.unet, "text_encoder": base.text_encoders[0]}
+    for name, model in trained.items():
+        inject_lora(model, name, cfg.lora)
+    groups = {g["name"]: g for g in _make_optimizer(cfg.train, trained).param_groups}
+    assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(
+        {"unet": 1e-4, "unet_up": 16e-4, "text_encoder": 5e-5, "text_encoder_up": 80e-5})
+    for name, model in trained.items():
+        params = trainable_parameters(model)
+        ups = {id(p) for n, p in params.items() if ".lora_B." in n}
+        assert {id(p) for p in groups[f"{name}_up"]["params"]} == ups  # B only; A and DoRA's magnitude at the base lr
+        assert {id(p) for p in groups[name]["params"]} == {id(p) for p in params.values()} - ups

@@ -8,7 +8,7 @@ from sdlora.data import DatasetError, scan_dataset
 from sdlora.models import load_base_model
 from sdlora.train import compute_loss, train
 from sdlora.validation import best, prepare_validation, split_records, validation_loss
-from test_train import dataset, make_cfg  # noqa: F401  (the module-scoped dataset fixture)
+from test_train import make_cfg
 
 
 def test_split_is_seeded_disjoint_and_keeps_training_images(dataset):
