@@ -381,23 +381,24 @@ def preset_choices(settings: AppSettings) -> list[str]:
 
 
 def preset_values(settings: AppSettings, preset: str | None) -> tuple:
-    """(dataset, trigger, rank, learning rate, steps) of a preset, to fill the Train tab."""
+    """(dataset, trigger, rank, learning rate, steps, adapter method) of a preset, to fill the Train tab."""
     from .config import load_config
 
     cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
     dirs = cfg.data.dirs
     return (dirs[0] if dirs else "", cfg.data.caption_prefix, cfg.lora.rank, cfg.train.learning_rate,
-            cfg.train.max_train_steps)
+            cfg.train.max_train_steps, cfg.lora.method)
 
 
 def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
     try:
         return preset_values(settings, preset)
     except Exception:  # a broken preset shows its error when used; the page still opens
-        return ("", "", 16, 1e-4, 1000)
+        return ("", "", 16, 1e-4, 1000, "lora")
 
 
-def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, progress=None):
+def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, method="lora",
+              progress=None):
     """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors.
 
     The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1). `progress` is
@@ -421,7 +422,8 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
         overrides = [
             f"data.dirs=[{json.dumps(data.as_posix())}]", f"data.caption_prefix={json.dumps(trigger or '')}",
             f"lora.rank={int(rank)}", f"lora.alpha={float(int(rank))}", f"train.learning_rate={float(learning_rate)}",
-            f"train.max_train_steps={int(steps)}", f"train.output_dir={json.dumps(out.as_posix())}",
+            f"train.max_train_steps={int(steps)}", f"lora.method={json.dumps(method)}",
+            f"train.output_dir={json.dumps(out.as_posix())}",
             f"train.output_name={json.dumps(name)}",
         ]
         cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None, overrides)
@@ -725,6 +727,9 @@ def build_app(settings: AppSettings):
                             train_lr = gr.Number(start[3], label="Learning rate", elem_id="train-lr")
                             train_steps = gr.Number(start[4], precision=0, minimum=1, label="Steps",
                                                     elem_id="train-steps")
+                            train_method = gr.Dropdown(["lora", "dora", "adalora"], value=start[5],
+                                                       label="Method (see the README's adapter methods)",
+                                                       elem_id="train-method")
                         with gr.Row():
                             train_go = gr.Button("Train", variant="primary", elem_id="train")
                             train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -769,7 +774,7 @@ def build_app(settings: AppSettings):
             return run_train(engine, *values, progress=progress)
 
         train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
-                                   train_steps], [train_info, train_loss, train_samples], api_name="train",
+                                   train_steps, train_method], [train_info, train_loss, train_samples], api_name="train",
                        concurrency_id="model")
         # Not queued: Stop must not wait behind the training it stops.
         train_stop.click(partial(stop_train, engine), None, train_stop_info, api_name="stop_train", queue=False)
@@ -780,7 +785,8 @@ def build_app(settings: AppSettings):
         upload_go.click(partial(add_uploads, settings), [train_data, uploads], [captions, captions_info],
                         api_name="upload", concurrency_id="captions")
         train_preset.input(lambda p: preset_values(settings, p), train_preset,
-                           [train_data, train_trigger, train_rank, train_lr, train_steps], api_visibility="private")
+                           [train_data, train_trigger, train_rank, train_lr, train_steps, train_method],
+                           api_visibility="private")
         png.upload(partial(read_png_parameters, settings), png,
                    [model, prompt, negative, sampler, steps, cfg, width, height, seed, *slots[0::3], info],
                    api_name="read_parameters")

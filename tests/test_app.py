@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from safetensors.torch import load_file
 from PIL import Image
 
 from sdlora.app import (
@@ -232,9 +233,11 @@ def test_train_tab(tmp_path):
     local = _train_settings(tmp_path)
     engine = Engine(local)
     assert preset_choices(local) == ["mini.toml"]
-    assert preset_values(local, "mini.toml") == ("imgs", "", 4, 1e-4, 5)
+    assert preset_values(local, "mini.toml") == ("imgs", "", 4, 1e-4, 5, "lora")
     info, plot, samples = run_train(engine, "mini.toml", "imgs", "fresh", "zkstyle", 4, 1e-3, 1)
     assert "fresh.safetensors" in info and lora_choices(local) == ["fresh/fresh.safetensors"]
+    run_train(engine, "mini.toml", "imgs", "weighted", "", 4, 1e-3, 1, "dora")
+    assert any(k.endswith(".dora_scale") for k in load_file(str(local.lora_dir / "weighted" / "weighted.safetensors")))
     assert "stopped" not in info and plot is not None and samples == []  # the preset renders no samples
     for dataset, name, message in (("imgs", "fresh", "exists"), ("../imgs", "other", "only names inside"),
                                    ("imgs", "../evil", "LoRA name"), ("missing", "other", "not a folder")):
