@@ -774,8 +774,8 @@ def build_app(settings: AppSettings):
             return run_train(engine, *values, progress=progress)
 
         train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
-                                   train_steps, train_method], [train_info, train_loss, train_samples], api_name="train",
-                       concurrency_id="model")
+                                   train_steps, train_method], [train_info, train_loss, train_samples],
+                       api_name="train", concurrency_id="model")
         # Not queued: Stop must not wait behind the training it stops.
         train_stop.click(partial(stop_train, engine), None, train_stop_info, api_name="stop_train", queue=False)
         captions_load.click(partial(load_captions, settings), train_data, captions, api_name="load_captions",

@@ -174,10 +174,15 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def count_parameters(models: list[torch.nn.Module]) -> tuple[int, int]:
-    """(trainable, total) parameter counts over several models."""
+    """(trainable, total) parameter counts over several models; NF4 weights count as the weights they stand for."""
     trainable = sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
-    total = sum(p.numel() for m in models for p in m.parameters())
+    total = sum(_logical_numel(p) for m in models for p in m.parameters())
     return trainable, total
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit values per stored element
+    return state.shape.numel() if state is not None else param.numel()
 
 
 def is_up_weight(param_name: str) -> bool:

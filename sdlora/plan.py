@@ -31,6 +31,8 @@ OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 # Bytes per UNet Linear weight with model.quantize_base (sdlora/quantize.py); NF4: two a byte, a 1-byte scale per 64.
 QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
+# AdaLoRA's rank allocator keeps three fp32 averages per adapter parameter (importance, its EMA, its uncertainty).
+ADALORA_STATE_BYTES = 3 * 4
 
 
 class PlanError(ValueError):
@@ -44,7 +46,7 @@ class Estimate:
     unet: float  # frozen UNet weights
     encoders: float  # VAE and text encoders that stay on the device while training
     offloaded: float  # VAE / text encoders that leave the device once their outputs are cached
-    adapter: float  # LoRA weights, gradients and optimizer state
+    adapter: float  # LoRA weights, gradients, optimizer state (and AdaLoRA's allocator)
     activations: float  # tensors saved for backward (UNet, and text encoders when trained)
     vae_encode: float  # VAE encoder temporaries: while caching (one image), or every step without a cache
     cached: bool  # latents are cached before training
@@ -271,7 +273,8 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     activations = unet_act + (b * traced.te_saved if lo.train_text_encoder else 0)
     # The VAE encoder's live temporaries: about its largest activation three times over (input, output, norm).
     vae_encode = 3 * traced.vae_peak_output * (1 if d.cache_latents != "none" else b)
-    adapter = traced.lora_params * OPTIMIZER_BYTES[t.optimizer]
+    allocator = ADALORA_STATE_BYTES if lo.method == "adalora" else 0
+    adapter = traced.lora_params * (OPTIMIZER_BYTES[t.optimizer] + allocator)
     linear_bytes = QUANTIZED_BYTES.get(cfg.model.quantize_base, wb)
     unet = (p["unet"] - traced.unet_linear) * wb + traced.unet_linear * linear_bytes
     return Estimate(unet, encoders, offloaded, adapter, activations, vae_encode, d.cache_latents != "none")
@@ -291,7 +294,7 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
     """The fastest variant of `cfg` that fits `vram_gb`, its estimate, and why each change was made.
 
     Changes are tried cheapest-in-speed first: cache latents, cache text-encoder outputs, gradient checkpointing,
-    8-bit optimizer state, then smaller batches with gradient accumulation (the same effective batch).
+    8-bit optimizer state, an NF4 base, then smaller batches with gradient accumulation (the same effective batch).
 
     Raises:
         PlanError: nothing fits; the message gives the smallest estimate.
@@ -317,6 +320,9 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
                       "gradient checkpointing: recompute activations in backward (~20-30% slower)"))
     if cfg.train.optimizer == "adamw":
         steps.append(("train", {"optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)"))
+    if cfg.model.quantize_base == "none" and cfg.lora.init != "pissa":
+        steps.append(("model", {"quantize_base": "nf4"},
+                      "NF4 base: the UNet's Linear weights in 4 bits (QLoRA-style, needs bitsandbytes; slower steps)"))
     for table, change, why in steps:
         if fits(current):
             break

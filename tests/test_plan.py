@@ -78,6 +78,21 @@ def test_plan_takes_the_cheapest_changes_until_it_fits():
         plan.plan(cfg, 1.0, traced)
 
 
+def test_plan_quantizes_the_base_before_shrinking_the_batch():
+    cfg = cfg_for('model.base_model="sd15"', "data.resolution=512", "train.batch_size=2",
+                  "lora.train_text_encoder=false", "lora.rank=4", "lora.alpha=4")
+    traced = plan.trace(cfg)
+    saved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_text_encoder_outputs=True),
+                                train=dataclasses.replace(cfg.train, gradient_checkpointing=True, optimizer="adamw8bit"))
+    without = plan.estimate(saved, traced).total
+    nf4 = plan.estimate(dataclasses.replace(saved, model=dataclasses.replace(saved.model, quantize_base="nf4")),
+                        traced).total
+    assert nf4 < without - 0.3 * plan.GB  # SD1.5's UNet Linear weights: ~0.6 GB in fp16, a quarter of it in NF4
+    chosen, result, reasons = plan.plan(cfg, (without + nf4) / 2 / plan.GB, traced)
+    assert chosen.model.quantize_base == "nf4" and chosen.train.batch_size == 2
+    assert reasons[-1].startswith("NF4 base") and result.total == nf4
+
+
 def test_check_before_training_and_vram_parsing(sd15_path):
     cfg = cfg_for(f'model.base_model="{sd15_path}"')
     need = plan.estimate(cfg).total
@@ -89,3 +104,9 @@ def test_check_before_training_and_vram_parsing(sd15_path):
     for bad in ("", "0", "-2GB", "eight"):
         with pytest.raises(plan.PlanError):
             plan.parse_vram(bad)
+
+
+def test_adalora_counts_its_rank_allocator(sd15_path):
+    cfg = cfg_for(f'model.base_model="{sd15_path}"', "lora.method=adalora", "lora.rank=4", "lora.adalora_init_rank=8")
+    traced = plan.trace(cfg)
+    assert plan.estimate(cfg, traced).adapter == traced.lora_params * (plan.OPTIMIZER_BYTES["adamw"] + 12)

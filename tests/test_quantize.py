@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sdlora.config import ConfigError, load_config
 from sdlora.export import load_lora_layers, read_lora_file
-from sdlora.lora import inject_lora, lora_layers, trainable_parameters
+from sdlora.lora import count_parameters, inject_lora, lora_layers, trainable_parameters
 from sdlora.models import ModelError, load_base_model
 from sdlora.quantize import quantize_nf4, store_fp8, stored_bytes
 from sdlora.train import train
@@ -77,6 +77,7 @@ def test_base_is_stored_small_adapters_stay_fp32_and_output_stays_close(tiny_une
         assert packed < stored_bytes([unet], CPU) <= packed + weights // 64 + 1400 * n_linears
     assert all(p.dtype == torch.float32 for p in trainable_parameters(unet).values())
     assert len(trainable_parameters(unet)) == len(trainable_parameters(plain))
+    assert count_parameters([unet]) == count_parameters([plain])  # the log line counts packed weights as weights
 
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]),
