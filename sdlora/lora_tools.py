@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,7 +276,8 @@ def merge_loras(sources: Sequence[tuple[LoraFile, float]], rank: int | None = No
 
     Without `rank` the factors are concatenated (rank = sum of the ranks), which is exact: each source's
     weight * alpha / rank is folded into its factors (split as a square root between up and down, sign on up)
-    and the result has alpha = rank, i.e. scale 1. With `rank`, the summed delta is cut to that rank by SVD.
+    and the result has scale 1 (one alpha for the file, see `_write_all`). With `rank`, the summed delta is cut to
+    that rank by SVD.
 
     Args:
         sources: (file, weight) pairs, all for one architecture; weight 0 leaves a file out.
@@ -294,8 +296,7 @@ def merge_loras(sources: Sequence[tuple[LoraFile, float]], rank: int | None = No
     for lora, _ in sources[1:]:
         require_arch(lora.path, lora.arch, first.arch, f"{first.path} (the first LoRA)")
     names = list(dict.fromkeys(name for lora, _ in sources for name in lora.modules))
-    merged: dict[str, LoraWeights] = {}
-    report = ToolReport("merge" if rank is None else f"merge, SVD to rank {rank}")
+    parts = []  # (name, exact delta, up, down, alpha, shapes, rank before), written once the file's alpha is known
     for name in tqdm(names, desc="merging", unit="module"):
         items = [(lora, weight, lora.modules[name]) for lora, weight in sources if name in lora.modules]
         _check_same_shape(name, [(lora.path, w) for lora, _, w in items])
@@ -317,12 +318,10 @@ def merge_loras(sources: Sequence[tuple[LoraFile, float]], rank: int | None = No
         if rank is not None:
             u, s, vh = factor_svd(up, down)
             up, down = _truncate(u, s, vh, choose_rank(s, rank=rank))
-        merged[name], error = _written(name, exact, up, down, float(up.shape[1]), _shapes(items[0][2]), dtype,
-                                       total_rank)
-        report.modules.append(error)
-    if not merged:
+        parts.append((name, exact, up, down, float(up.shape[1]), _shapes(items[0][2]), total_rank))
+    if not parts:
         raise LoraFileError("merge: every LoRA has weight 0 (or alpha 0); nothing to merge")
-    return merged, report
+    return _write_all(parts, dtype, ToolReport("merge" if rank is None else f"merge, SVD to rank {rank}"))
 
 
 def _check_same_shape(name: str, items: list[tuple[Path, LoraWeights]]) -> None:
@@ -338,25 +337,36 @@ def resize_lora(lora: LoraFile, rank: int | None = None, energy: float | None = 
     """Every module cut to a rank by SVD of its delta: a fixed `rank`, or per module the smallest rank keeping
     `energy` of the sum of squared singular values. Ranks never grow; keeping the full rank is lossless.
 
-    Each module keeps its scale alpha / rank (new alpha = scale * new rank), as kohya's resize_lora.py does.
+    Each module keeps its scale alpha / rank; the file gets one alpha (see `_write_all`).
 
     Returns:
         ({kohya module name: LoraWeights}, per-module errors against the input's delta).
     """
     choose_rank(torch.ones(1), rank, energy)  # argument errors before any work
-    resized: dict[str, LoraWeights] = {}
-    action = f"resize to rank {rank}" if rank is not None else f"resize keeping {energy:g} of the energy"
-    report = ToolReport(action)
+    parts = []
     for name, lw in tqdm(lora.modules.items(), desc="resizing", unit="module"):
         up, down = factors_2d(lw)
         scale = lw.alpha / lw.rank
         u, s, vh = factor_svd(up, down)
         k = choose_rank(s, rank, energy)
         new_up, new_down = _truncate(u, s, vh, k)
-        exact = scale * (up.double() @ down.double())
-        resized[name], error = _written(name, exact, new_up, new_down, scale * k, _shapes(lw), dtype, lw.rank)
+        parts.append((name, scale * (up.double() @ down.double()), new_up, new_down, scale * k, _shapes(lw), lw.rank))
+    action = f"resize to rank {rank}" if rank is not None else f"resize keeping {energy:g} of the energy"
+    return _write_all(parts, dtype, ToolReport(action))
+
+
+def _write_all(parts: list[tuple], dtype: torch.dtype, report: ToolReport) -> tuple[dict[str, LoraWeights], ToolReport]:
+    """`_written` for every (name, exact, up, down, alpha, shapes, rank before), with ONE alpha for the file: the
+    most common one, each module's remaining scale folded into its up factor. diffusers 0.42's kohya loader applies
+    the most common alpha to every module (it mangles the names of the others), so per-module alphas, as kohya's
+    resize_lora.py writes them, load mis-scaled there; every other loader reads the same delta either way."""
+    alpha = Counter(part[4] for part in parts).most_common(1)[0][0]
+    modules = {}
+    for name, exact, up, down, own_alpha, shapes, rank_before in parts:
+        modules[name], error = _written(name, exact, up * (own_alpha / alpha), down, alpha, shapes, dtype,
+                                        rank_before)
         report.modules.append(error)
-    return resized, report
+    return modules, report
 
 
 def save_lora_modules(modules: Mapping[str, LoraWeights], path: str | Path, metadata: Mapping[str, str],

@@ -81,6 +81,16 @@ def file_deltas(path) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_alpha2_lora(path, modules) -> dict[str, torch.Tensor]:
+    """Write (kohya name, down, up) modules, each with alpha 2, as an SD1 LoRA file; returns its tensors."""
+    tensors = {}
+    for name, down, up in modules:
+        tensors.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
+                        f"{name}.alpha": torch.tensor(2.0)})
+    save_safetensors(tensors, path, SD1)
+    return tensors
+
+
 def metadata_of(path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -206,12 +216,9 @@ def test_energy_mode_picks_the_smallest_rank_with_that_energy(tmp_path):
     # A linear and a 3x3 conv module whose deltas have exactly these singular values (times alpha / r = 0.5).
     linear_up, linear_down = orthonormal(8, 4, 0) * s, orthonormal(12, 4, 1).T
     conv_up, conv_down = (orthonormal(8, 4, 2) * s)[:, :, None, None], orthonormal(27, 4, 3).T.reshape(4, 3, 3, 3)
-    tensors = {}
-    for name, down, up in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", linear_down,
-                            linear_up), ("lora_unet_down_blocks_0_resnets_0_conv1", conv_down, conv_up)):
-        tensors.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
-                        f"{name}.alpha": torch.tensor(2.0)})
-    save_safetensors(tensors, tmp_path / "known.safetensors", SD1)
+    tensors = write_alpha2_lora(tmp_path / "known.safetensors", [
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", linear_down, linear_up),
+        ("lora_unet_down_blocks_0_resnets_0_conv1", conv_down, conv_up)])
     out = tmp_path / "energy.safetensors"
     assert main(["resize", str(tmp_path / "known.safetensors"), "--energy", "0.95", "--out", str(out),
                  "--dtype", "fp32"]) == 0
@@ -223,6 +230,24 @@ def test_energy_mode_picks_the_smallest_rank_with_that_energy(tmp_path):
     for module in report.modules:
         assert module.relative_error == pytest.approx(math.sqrt(0.25 / 21.25), abs=1e-6)
     assert metadata_of(out)["ss_network_dim"] == "3"
+
+
+def test_resized_ranks_differ_but_the_file_has_one_alpha(tmp_path):
+    # diffusers applies a file's most common alpha to every module, so per-module alphas would load mis-scaled.
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_"
+    write_alpha2_lora(tmp_path / "in.safetensors", [
+        (f"{prefix}{leaf}", orthonormal(12, 4, 2 * i).T, orthonormal(8, 4, 2 * i + 1) * torch.tensor(s))
+        for i, (leaf, s) in enumerate((("to_q", [4.0, 2.0, 1.0, 0.5]), ("to_k", [4.0, 0.1, 0.1, 0.1])))])
+    out = tmp_path / "out.safetensors"
+    assert main(["resize", str(tmp_path / "in.safetensors"), "--energy", "0.95", "--out", str(out),
+                 "--dtype", "fp32"]) == 0
+    sd = load_file(str(out))
+    assert {k: v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")} == {
+        f"{prefix}to_q.lora_down.weight": 3, f"{prefix}to_k.lora_down.weight": 1}
+    assert len({v.item() for k, v in sd.items() if k.endswith(".alpha")}) == 1
+    before, after = file_deltas(tmp_path / "in.safetensors"), file_deltas(out)
+    for name, delta in before.items():  # the deltas are the SVD cuts of the input's, whatever alpha holds
+        assert torch.linalg.matrix_norm(after[name] - delta) <= 0.11 * torch.linalg.matrix_norm(delta)
 
 
 def test_read_lora_takes_peft_files_by_kohya_name(sd15, tmp_path):
