@@ -90,6 +90,8 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
     # --- data first: a broken dataset must fail before minutes of model loading --------------------------
     records, val_records = split_records(scan_dataset(cfg.data), cfg)
     _check_dataset(cfg, accelerator)
+    if init_lora:
+        _check_can_continue(cfg)
     if device.type == "cuda":  # a run that cannot fit stops here, not with an OOM minutes later
         try:
             warning = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory)
@@ -109,8 +111,6 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
         quantize_nf4(base.unet, weight_dtype, device)
     trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
     set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
-    if init_lora:
-        _check_can_continue(cfg)
     pissa_start = {}  # PiSSA's initial factors, which the export needs (see lora.pissa_as_lora)
     adalora = AdaLora(cfg.lora, t.max_train_steps) if cfg.lora.method == "adalora" else None
     for name in trained:

@@ -209,3 +209,13 @@ def test_train_writes_the_method_into_file_and_metadata(dataset, tmp_path, overr
     assert meta["ss_network_dim"] == rank and {d.shape[0] for d in downs} == {int(rank)}
     assert args.items() <= json.loads(meta["ss_network_args"]).items()
     assert any(k.endswith(".dora_scale") for k in keys) == ("dora_wd" in args)
+
+
+@pytest.mark.parametrize("override", ["lora.init=pissa", "lora.method=adalora"])
+def test_methods_that_cannot_continue_a_lora_file_say_so_before_loading(dataset, tmp_path, override):
+    from sdlora.train import TrainingError
+
+    cfg = load_config(None, [f'data.dirs=["{dataset.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
+                             "lora.rank=4", f'train.output_dir="{tmp_path.as_posix()}"', override])
+    with pytest.raises(TrainingError, match="cannot continue an existing LoRA file"):
+        train(cfg, init_lora={"unet": {}})
