@@ -122,6 +122,18 @@ def test_dora_kohya_file_loads_exactly_in_our_generator_and_fuses(tmp_path):
     _assert_outputs_equal(_loaded_outputs(path, inputs, fuse=True), expected, atol=1e-4)
 
 
+def test_dora_merges_into_the_base_model(tmp_path):
+    from sdlora.lora_tools import merge_into_base
+
+    base, _ = _trained_like("lora.method=dora")
+    inputs = _inputs(base)
+    path = save_kohya_lora(_layers(base), "sd1", tmp_path / "dora.safetensors", {"ss_base_model_version": "sd_v1"},
+                           torch.float32)
+    merged = load_base_model(str(merge_into_base("tiny-sd15", [(path, 1.0)], tmp_path / "merged", torch.float32)))
+    _assert_outputs_equal(_outputs(merged.unet, merged.text_encoders[0], inputs),
+                          _outputs(base.unet, base.text_encoders[0], inputs), atol=1e-4)
+
+
 def test_dora_peft_file_loads_exactly_in_diffusers(tmp_path):
     base, _ = _trained_like("lora.method=dora")
     inputs = _inputs(base)
