@@ -308,10 +308,8 @@ class LoraCache:
         if arch and lora_arch != arch:
             raise LoraFileError(f"{path}: a LoRA for {_ARCH_NAMES[lora_arch]}, but the base model is "
                                 f"{_ARCH_NAMES[arch]}; pick a LoRA trained on this model family")
-        if any(key.endswith(".dora_scale") for key in tensors):
-            tensors = _dora_as_peft(self.pipe, tensors, path)
-        else:
-            tensors = _fold_differing_alphas(tensors)
+        if _misread_by_diffusers(tensors):
+            tensors = _as_peft(self.pipe, tensors, path)
         self._count += 1
         name = f"sdlora{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)[:40]}"
         try:
@@ -382,31 +380,17 @@ class LoraCache:
 _ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-def _fold_differing_alphas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A file whose modules have different alphas (kohya's resize_lora.py, `sdlora resize --energy`), with each
-    alpha / rank folded into its up weight and the alphas dropped. diffusers 0.42 mangles the names of the alphas
-    that differ from the most common one and then applies that one everywhere; without alphas it gives every module
-    scale 1, correctly. Files with one alpha pass unchanged."""
-    from .export import split_lora_key
-
-    alpha_keys = {}
-    for key in tensors:
-        split = split_lora_key(key)
-        if split and split[1] == "alpha":
-            alpha_keys[split[0]] = key
-    if len({float(tensors[key]) for key in alpha_keys.values()}) <= 1:
-        return tensors
-    folded = {key: value for key, value in tensors.items() if key not in set(alpha_keys.values())}
-    for key, value in tensors.items():
-        split = split_lora_key(key)
-        if split and split[1] == "up" and split[0] in alpha_keys:
-            folded[key] = value.float() * (float(tensors[alpha_keys[split[0]]]) / value.shape[1])
-    return folded
+def _misread_by_diffusers(tensors: dict[str, torch.Tensor]) -> bool:
+    """True for kohya files diffusers 0.42 loads wrongly: DoRA files (its SD/SDXL converter drops `.dora_scale`,
+    with a warning) and files whose modules have different alphas (kohya's resize_lora.py): it mangles the names
+    of the alphas that differ from the most common one and applies that one to every module."""
+    alphas = {float(value) for key, value in tensors.items() if key.endswith(".alpha")}
+    return len(alphas) > 1 or any(key.endswith(".dora_scale") for key in tensors)
 
 
-def _dora_as_peft(pipe, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """A kohya DoRA file in peft's format. diffusers' SD/SDXL converter drops `.dora_scale` keys (with a warning),
-    but loads peft's `lora_magnitude_vector`; so the file is mapped onto the pipeline's modules here."""
+def _as_peft(pipe, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The file mapped onto the pipeline's modules by our own reader and handed over in peft's format, which
+    diffusers loads exactly: each alpha / rank folded into lora_B, DoRA's magnitude as `lora_magnitude_vector`."""
     from .export import LoraFileError, from_kohya_state_dict, to_peft_state_dict
 
     names = {part: [n for n, _ in getattr(pipe, part).named_modules()]
