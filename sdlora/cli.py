@@ -118,7 +118,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="training resolution (default: the config's, else 512)")
     p.set_defaults(func=_cmd_doctor)
 
-    dtype_help = "dtype of the written tensors"
     p = sub.add_parser("merge-into-base", help="fuse LoRAs into a base model and write the merged model",
                        description="Write BASE + weight * LoRA delta for each LoRA, as a diffusers folder or (OUT "
                                    "ending in .safetensors) a single-file checkpoint for A1111/ComfyUI.")
@@ -127,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="repeatable; weight 1.0 by default")
     p.add_argument("--out", required=True, help="output folder, or a .safetensors file for a single-file checkpoint")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
+    _add_written_options(p, verbose=False)
     p.set_defaults(func=_cmd_merge_into_base)
 
     p = sub.add_parser("merge-loras", help="merge several LoRAs into one LoRA file",
@@ -137,8 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files, weight 1.0 by default")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--rank", type=_positive_int, help="SVD to this rank per module (default: concatenate, exact)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
-    p.add_argument("--verbose", action="store_true", help="list the error of every module")
+    _add_written_options(p, verbose=True)
     p.set_defaults(func=_cmd_merge_loras)
 
     p = sub.add_parser("resize", help="change a LoRA's rank by SVD (fixed rank or kept energy)",
@@ -151,8 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--energy", type=_fraction, metavar="FRACTION",
                      help="per module, the smallest rank keeping this fraction of the sum of squared singular "
                           "values, e.g. 0.95")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
-    p.add_argument("--verbose", action="store_true", help="list the error of every module")
+    _add_written_options(p, verbose=True)
     p.set_defaults(func=_cmd_resize)
 
     p = sub.add_parser("extract", help="extract a LoRA from the difference of a fine-tuned model and its base",
@@ -165,8 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=["attn", "attn_mlp", "all"], default="attn",
                    help="module set, as lora.targets in training (default attn: attention projections)")
     p.add_argument("--conv", action="store_true", help="also the ResNet and sampler convs (LoCon)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help=f"{dtype_help} (default fp16)")
-    p.add_argument("--verbose", action="store_true", help="list the error of every module")
+    _add_written_options(p, verbose=True)
     p.set_defaults(func=_cmd_extract)
 
     grid_help = ("Render every saved LoRA file of a run (rows, by epoch/step, final last) at several weights "
@@ -214,6 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _add_written_options(p: argparse.ArgumentParser, verbose: bool) -> None:
+    """--dtype of the files the LoRA tools write and, for the SVD tools, --verbose for every module's error."""
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="dtype of the written tensors (default fp16)")
+    if verbose:
+        p.add_argument("--verbose", action="store_true", help="list the error of every module")
 
 
 def _positive_int(text: str) -> int:
