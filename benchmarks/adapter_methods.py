@@ -13,7 +13,6 @@ each method fits, not image quality.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -42,6 +41,7 @@ def run_method(overrides: list[str], steps: int, data: Path, out: Path) -> dict:
     """Train one method; returns the table's numbers for it."""
     from sdlora.config import load_config
     from sdlora.train import train
+    from sdlora.validation import read_history
 
     cfg = load_config(None, [
         f'data.dirs=["{data.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64",
@@ -52,8 +52,7 @@ def run_method(overrides: list[str], steps: int, data: Path, out: Path) -> dict:
     ])
     path = train(cfg)
     stats = json.loads((out / "train_stats.json").read_text())
-    with open(out / "validation.csv", newline="", encoding="utf-8") as f:
-        losses = [float(row["val_loss"]) for row in csv.DictReader(f)]
+    losses = [row["val_loss"] for row in read_history(out, steps)]
     return {"trainable_parameters": stats["trainable_parameters"], "file_kb": path.stat().st_size / 1024,
             "step_ms": 1000 * stats["step_s_median"], "val_loss_start": losses[0], "val_loss_end": losses[-1]}
 
