@@ -436,10 +436,10 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
 
         def on_step(info: dict) -> bool:
             last.update(info)
-            if info.get("loss") is not None:
+            if info.get("loss") is not None:  # the mean since the last log step
                 losses.append((info["step"], float(info["loss"])))
             if progress is not None:
-                loss = f" · loss {info['loss']:.4f}" if info.get("loss") is not None else ""
+                loss = f" · loss {losses[-1][1]:.4f}" if losses else ""
                 progress((info["step"], info["max_steps"]), desc=f"step {info['step']}/{info['max_steps']}{loss}")
             return not engine.stop.is_set()
 

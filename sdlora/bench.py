@@ -41,6 +41,8 @@ class Setting:
     channels_last: bool = False
     compile: str = "none"
     compile_mode: str = "default"
+    # The host reads the loss (and, through it, waits for the GPU) at log steps only; 1 = a sync every step.
+    log_every_n_steps: int = 1000
 
     def overrides(self) -> list[str]:
         return [f"train.batch_size={self.batch_size}", f"train.mixed_precision={self.mixed_precision}",
@@ -49,13 +51,14 @@ class Setting:
                 f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
                 f'data.cache_latents="{self.cache_latents}"', f'model.quantize_base="{self.quantize_base}"',
                 f"train.channels_last={str(self.channels_last).lower()}", f'train.compile="{self.compile}"',
-                f'train.compile_mode="{self.compile_mode}"']
+                f'train.compile_mode="{self.compile_mode}"', f"train.log_every_n_steps={self.log_every_n_steps}"]
 
 
 def settings(plan: str, cuda: bool) -> list[Setting]:
     """`reference`: the peers' comparison point (batch 4, fp16, rank 4, UNet only, cached latents). `sweep`: the
     reference, then one factor changed at a time (batch 1/8, bf16, rank 16/64, +TE, checkpointing, no cache, NF4
-    base); the fp8 base needs checkpointing, so it changes one factor from the checkpointing setting."""
+    base; on a GPU also channels-last, compile, CUDA graphs, a host sync every step); the fp8 base needs
+    checkpointing, so it changes one factor from the checkpointing setting."""
     reference = Setting(mixed_precision="fp16" if cuda else "no")
     if plan == "reference":
         return [reference]
@@ -66,7 +69,7 @@ def settings(plan: str, cuda: bool) -> list[Setting]:
         variants.insert(2, dict(mixed_precision="bf16"))
         # On a CPU inductor compiles for minutes and these layouts/graphs do not apply: measured on GPUs only.
         variants += [dict(channels_last=True), dict(compile="regional"),
-                     dict(compile="regional", compile_mode="reduce-overhead")]
+                     dict(compile="regional", compile_mode="reduce-overhead"), dict(log_every_n_steps=1)]
     return [reference] + [dataclasses.replace(reference, **v) for v in variants]
 
 
@@ -127,7 +130,7 @@ def run(model: str, setting: Setting, steps: int, resolution: int, work: Path) -
     cfg = load_config(None, [
         f'model.base_model="{Path(path).as_posix()}"', f'data.dirs=["{data.as_posix()}"]',
         f"data.resolution={resolution}", f"data.min_bucket_reso={resolution}", f"data.max_bucket_reso={resolution}",
-        f"train.max_train_steps={WARMUP_STEPS + steps}", "train.save_every_n_epochs=0", "train.log_every_n_steps=1000",
+        f"train.max_train_steps={WARMUP_STEPS + steps}", "train.save_every_n_epochs=0",
         f'train.output_dir="{out.as_posix()}"', *setting.overrides(),
     ])
     if torch.cuda.is_available():

@@ -11,14 +11,18 @@ from .config import TrainConfig
 def compute_loss(unet, noise_scheduler, latents, states, pooled, time_ids, mask, generator, t: TrainConfig,
                  weight_dtype, timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loss of one batch: noise the latents at random timesteps (or the given ones, for validation)
-    and regress the target."""
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    and regress the target.
+
+    The random draws happen where `generator` lives: training passes one on the training device, so no CPU tensor
+    has to be copied over (a copy of pageable memory would make the host wait for the GPU every step).
+    """
+    b, rng = latents.shape[0], {"generator": generator, "device": generator.device}
+    noise = torch.randn(latents.shape, **rng).to(latents.device)
     if t.noise_offset:
         # Offset noise: a per-channel constant lets the model shift overall brightness (crosslabs.org, 2023).
-        noise = noise + t.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents.device)
+        noise = noise + t.noise_offset * torch.randn((b, latents.shape[1], 1, 1), **rng).to(latents.device)
     if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), **rng)
     timesteps = timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":

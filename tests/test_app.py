@@ -262,7 +262,8 @@ def _train_settings(tmp_path, preset_extra: str = "") -> AppSettings:
 def test_train_tab_stop_loss_curve_and_samples(tmp_path):
     from sdlora.app import run_train, stop_train
 
-    local = _train_settings(tmp_path, '[sample]\nprompts = ["zkstyle, a boat --d 3"]\nsteps = 2\ngrid_weights = []\n')
+    local = _train_settings(tmp_path, 'log_every_n_steps = 2\n'  # the loss reaches the app at log steps
+                                      '[sample]\nprompts = ["zkstyle, a boat --d 3"]\nsteps = 2\ngrid_weights = []\n')
     engine = Engine(local)
     assert stop_train(engine) == "No training is running."
     calls = []

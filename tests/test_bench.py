@@ -19,10 +19,11 @@ def test_sweep_changes_one_factor_at_a_time():
             assert min(len(changed(v, earlier)) for earlier in [reference, *variants[:i]]) == 1
         assert {v.quantize_base for v in variants} == {"none", "fp8", "nf4"}
     cpu, gpu = bench.settings("sweep", False), bench.settings("sweep", True)
-    gpu_only = [v for v in gpu if v.mixed_precision == "bf16" or v.channels_last or v.compile != "none"]
-    assert len(gpu) == len(cpu) + len(gpu_only) and not any(v.channels_last or v.compile != "none" for v in cpu)
-    assert [changed(v, gpu[0]) for v in gpu_only] == [  # bf16, NHWC and compilation: GPU only
-        ["mixed_precision"], ["channels_last"], ["compile"], ["compile", "compile_mode"]]
+    on_gpu = [dataclasses.replace(c, mixed_precision="fp16") for c in cpu]  # the CPU runs fp32
+    gpu_only = [v for v in gpu if v not in on_gpu]
+    assert len(gpu) == len(cpu) + len(gpu_only) and [v for v in gpu if v in on_gpu] == on_gpu
+    assert [changed(v, gpu[0]) for v in gpu_only] == [  # bf16, NHWC, compilation, host syncs: GPU only
+        ["mixed_precision"], ["channels_last"], ["compile"], ["compile", "compile_mode"], ["log_every_n_steps"]]
 
 
 def test_counted_flops_follow_the_setting(sd15_path):

@@ -255,14 +255,27 @@ def _nan_at(monkeypatch, bad_calls):
     monkeypatch.setattr(train_module, "compute_loss", compute_loss)
 
 
-def test_nonfinite_step_is_skipped_and_leaves_the_weights_untouched(dataset, tmp_path, monkeypatch):
+@pytest.fixture(params=["host", "device"])
+def skip_path(request, monkeypatch):
+    """Both ways a NaN step is skipped: on the host (foreach AdamW on a CPU: the flag is read every step) and on
+    the device (fused AdamW, what a GPU run gets: the update is skipped in the kernel, flags are read at checks)."""
+    if request.param == "device":
+        import sdlora.train as train_module
+
+        real = train_module._make_optimizer
+        monkeypatch.setattr(train_module, "_make_optimizer", lambda t, trained, fused: real(t, trained, fused=True))
+    return request.param
+
+
+def test_nonfinite_step_is_skipped_and_leaves_the_weights_untouched(dataset, tmp_path, monkeypatch, skip_path):
     two_steps = train(make_cfg(dataset, tmp_path / "two", "train.max_train_steps=2"))
     _nan_at(monkeypatch, {3})
     third_skipped = train(make_cfg(dataset, tmp_path / "skipped", "train.max_train_steps=3"))
     assert_same(adapter(two_steps), adapter(third_skipped))
 
 
-def test_persistent_nan_stops_with_the_cause_and_keeps_good_checkpoints(dataset, tmp_path, monkeypatch):
+def test_persistent_nan_stops_with_the_cause_and_keeps_good_checkpoints(dataset, tmp_path, monkeypatch,
+                                                                      skip_path):
     _nan_at(monkeypatch, set(range(3, 100)))
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match=r"NaN/Inf for 3 steps in a row \(steps 3-5\).*learning_rate"):
@@ -272,6 +285,38 @@ def test_persistent_nan_stops_with_the_cause_and_keeps_good_checkpoints(dataset,
     assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4"]
     for folder in checkpoints:
         assert all(torch.isfinite(v).all() for v in load_file(str(folder / "adapters.safetensors")).values())
+
+
+def test_nonfinite_flags_reach_the_host_only_at_check_points_with_a_fused_optimizer(dataset, tmp_path, monkeypatch,
+                                                                                    skip_path, caplog):
+    import sdlora.deferred as deferred
+
+    reads = []
+    real = deferred.SkippedSteps.settle
+
+    def settle(self):
+        if self.pending:
+            reads.append([step for step, _, _ in self.pending])
+        return real(self)
+
+    monkeypatch.setattr(deferred.SkippedSteps, "settle", settle)
+    _nan_at(monkeypatch, {4})
+    train(make_cfg(dataset, tmp_path / "run", "train.max_train_steps=12", "train.log_every_n_steps=5"))
+    if skip_path == "device":  # log steps 5 and 10, and the last step
+        assert reads == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
+    else:
+        assert reads == [[step] for step in range(1, 13)]
+    assert "step 4: non-finite loss or gradient, the update was skipped" in caplog.text
+    assert len(_tb_losses(tmp_path / "run" / "logs" / "sdlora")) == 3  # steps 5, 10, 12
+
+
+def test_image_decoding_workers_train_and_resume_like_the_main_process(dataset, tmp_path):
+    uncached = ['data.cache_latents="none"', "train.max_train_steps=4"]
+    straight = train(make_cfg(dataset, tmp_path / "a", *uncached))
+    workers = [*uncached, "data.num_workers=2", "train.checkpoint_every_n_steps=2"]
+    train(make_cfg(dataset, tmp_path / "b", *workers, "train.max_train_steps=2"))  # stops mid-epoch (3 batches)
+    resumed = train(make_cfg(dataset, tmp_path / "b", *workers), resume="latest")
+    assert_same(adapter(straight), adapter(resumed))
 
 
 def test_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch, capsys):
@@ -321,7 +366,7 @@ def test_two_processes_train_one_lora(dataset, tmp_path):
     assert result.stdout.count("LoRA written to") == 1
 
 
-def test_on_step_reports_every_step_and_can_stop(dataset, tmp_path):
+def test_on_step_reports_every_step_with_the_logged_loss_and_can_stop(dataset, tmp_path):
     seen = []
 
     def on_step(info):
@@ -329,9 +374,10 @@ def test_on_step_reports_every_step_and_can_stop(dataset, tmp_path):
         return info["step"] < 3  # False at step 3: stop
 
     out = tmp_path / "stopped"
-    path = train(make_cfg(dataset, out, "train.max_train_steps=10"), on_step=on_step)
+    path = train(make_cfg(dataset, out, "train.max_train_steps=10", "train.log_every_n_steps=2"), on_step=on_step)
     assert [i["step"] for i in seen] == [1, 2, 3] and all(i["max_steps"] == 10 for i in seen)
-    assert all(i["loss"] > 0 and i["lr"] == 1e-3 for i in seen)
+    assert [i["loss"] is not None for i in seen] == [False, True, False]  # the logged mean, at log steps only
+    assert seen[1]["loss"] > 0 and all(i["lr"] == 1e-3 for i in seen)
     assert path.is_file() and load_file(str(path))  # the LoRA as it was at the stop
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3"]  # resumable from there
 
@@ -345,7 +391,7 @@ def test_loraplus_param_groups_have_the_intended_learning_rates():
     trained = {"unet": base.unet, "text_encoder": base.text_encoders[0]}
     for name, model in trained.items():
         inject_lora(model, name, cfg.lora)
-    groups = {g["name"]: g for g in _make_optimizer(cfg.train, trained).param_groups}
+    groups = {g["name"]: g for g in _make_optimizer(cfg.train, trained, fused=False).param_groups}
     assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(
         {"unet": 1e-4, "unet_up": 16e-4, "text_encoder": 5e-5, "text_encoder_up": 80e-5})
     for name, model in trained.items():
