@@ -89,7 +89,7 @@ def epoch_loader(records: list[ImageRecord], batches: list[list[int]], first: in
 def to_device(value, device: torch.device, pin: bool):
     """`value` (tensors in dicts/lists) on `device`; with `pin`, through pinned memory without a host sync."""
     if isinstance(value, torch.Tensor):
-        if pin and not value.is_pinned():
+        if pin and value.device.type == "cpu" and not value.is_pinned():
             value = value.pin_memory()
         return value.to(device, non_blocking=pin)
     if isinstance(value, dict):
