@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--init-lora", help="start from this LoRA file (same rank and targets)")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
+    p.add_argument("--vram", type=_vram_or_auto,
+                   help="fit this much GPU memory (e.g. 8GB, or auto for this GPU's): apply `sdlora plan`'s fastest "
+                        "settings that fit, then train")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("generate", help="render images with a base model and LoRAs",
@@ -236,6 +239,10 @@ def _vram(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _vram_or_auto(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else _vram(text)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -275,6 +282,8 @@ def _cmd_bench(args, extra) -> int:
 def _cmd_train(args, extra) -> int:
     unsafe = ["model.allow_unsafe_pickle=true"] if args.allow_unsafe_pickle else []
     cfg = load_config(args.config, _overrides(extra) + unsafe)
+    if args.vram is not None:
+        cfg = _fit_vram(cfg, args.vram)
     from .train import train
 
     init = _read_init_lora(args.init_lora, cfg) if args.init_lora else None
@@ -287,6 +296,25 @@ def _cmd_train(args, extra) -> int:
         finish_run(cfg, cfg.train.output_dir)  # after train() returns, so its models are freed first
     print(f"LoRA written to {path}")
     return 0
+
+
+def _fit_vram(cfg, vram: float | str):
+    """The config with `sdlora plan`'s changes for `vram` GB ("auto": the GPU's own memory), each one printed."""
+    from .plan import GB, PlanError, plan
+
+    if vram == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PlanError("--vram auto needs a CUDA GPU to measure; give the card's memory instead, e.g. --vram 8GB")
+        vram = torch.cuda.get_device_properties(0).total_memory / GB
+    chosen, estimate, reasons = plan(cfg, vram)
+    if reasons:
+        print(f"to fit {vram:.1f} GB (estimated peak {estimate.total / GB:.2f} GB):")
+        print("\n".join(f"  - {r}" for r in reasons))
+    else:
+        print(f"fits {vram:.1f} GB as configured (estimated peak {estimate.total / GB:.2f} GB)")
+    return chosen
 
 
 def _read_init_lora(file: str, cfg) -> dict:

@@ -1,6 +1,7 @@
 """Memory planner: saved-tensor accounting on meta models, the estimate's structure, and the plan it picks."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,32 @@ def test_adalora_counts_its_rank_allocator(sd15_path):
     cfg = cfg_for(f'model.base_model="{sd15_path}"', "lora.method=adalora", "lora.rank=4", "lora.adalora_init_rank=8")
     traced = plan.trace(cfg)
     assert plan.estimate(cfg, traced).adapter == traced.lora_params * (plan.OPTIMIZER_BYTES["adamw"] + 12)
+
+
+def test_train_with_vram_applies_the_plan_and_trains(dataset, tmp_path, capsys):
+    from sdlora.cli import main
+
+    out = tmp_path / "run"
+    config = tmp_path / "fit.toml"
+    config.write_text(f'[data]\ndirs = ["{dataset.as_posix()}"]\nresolution = 64\nmin_bucket_reso = 64\n'
+                      'max_bucket_reso = 64\n[lora]\nrank = 4\ntrain_text_encoder = false\n'
+                      f'[train]\nmixed_precision = "no"\nmax_train_steps = 1\nsave_every_n_epochs = 0\n'
+                      f'output_dir = "{out.as_posix()}"\n')
+    cfg = load_config(config)
+    traced = plan.trace(cfg)
+    cached = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_text_encoder_outputs=True))
+    between = (plan.estimate(cfg, traced).total + plan.estimate(cached, traced).total) / 2 / plan.GB
+    assert main(["train", str(config), "--vram", f"{between:.6f}GB"]) == 0
+    printed = capsys.readouterr().out
+    assert "- cache text-encoder outputs" in printed and "checkpointing" not in printed
+    assert load_config(out / "config.toml").data.cache_text_encoder_outputs  # the run used the planned settings
+    if not torch.cuda.is_available():
+        assert main(["train", str(config), "--vram", "auto"]) == 1
+        assert "--vram auto needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_sd15_preset_fits_a_4gb_card_with_the_plan():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sd15_style.toml", ['model.base_model="sd15"'])
+    chosen, result, reasons = plan.plan(cfg, 4.0)
+    assert result.total <= 4.0 * plan.GB and reasons  # as configured it needs more
+    assert chosen.train.batch_size * chosen.train.gradient_accumulation_steps == cfg.train.batch_size
