@@ -379,7 +379,8 @@ def check_fits(cfg: Config, capacity_bytes: float) -> str | None:
     if need <= capacity_bytes:
         return None
     vram = capacity_bytes / GB
-    advice = f"`sdlora plan CONFIG --vram {vram:.0f}GB` lists the settings that fit"
+    advice = (f"`sdlora plan CONFIG --vram {vram:.0f}GB` lists the settings that fit, `sdlora train CONFIG --vram auto` "
+              "applies them")
     if need > capacity_bytes * (1 + OVERHEAD):
         raise PlanError(f"this config needs about {need / GB:.1f} GB and the GPU has {vram:.1f} GB; {advice}")
     return f"this config needs about {need / GB:.1f} GB of the GPU's {vram:.1f} GB and may run out of memory; {advice}"
