@@ -28,6 +28,9 @@ OVERHEAD = 0.15  # share added for what the trace cannot see (see the module doc
 CUDA_CONTEXT_GB = 0.5  # the CUDA context and kernels live outside PyTorch's allocator
 # Bytes per trainable parameter: fp32 weight + fp32 grad + optimizer state.
 OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 4 + 4, "prodigy": 4 + 4 + 16}
+# bitsandbytes keeps 32-bit state for tensors smaller than this (its optimizers' min_8bit_size): a rank-4 LoRA
+# factor of a 320- or 768-wide layer is one of them.
+BNB_MIN_8BIT_SIZE = 4096
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 # Bytes per UNet Linear weight with model.quantize_base (sdlora/quantize.py); NF4: two a byte, a 1-byte scale per 64.
 QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
@@ -177,6 +180,7 @@ class _Traced:
     te_saved: int  # per caption, when text encoders are trained
     vae_peak_output: int  # largest single activation of the VAE encoder, per image
     unet_linear: int  # parameters of the UNet's Linear layers: what model.quantize_base stores smaller
+    lora_params_8bit: int  # trainable parameters in tensors large enough for bitsandbytes' 8-bit state
 
 
 def trace(cfg: Config) -> _Traced:
@@ -199,7 +203,8 @@ def trace(cfg: Config) -> _Traced:
     if cfg.lora.train_text_encoder:
         for name, encoder in zip(component_names(arch), encoders):
             inject_lora(encoder, name, cfg.lora)
-    lora_params = sum(p.numel() for m in [unet, *encoders] for p in m.parameters() if p.requires_grad)
+    trainable = [p.numel() for m in [unet, *encoders] for p in m.parameters() if p.requires_grad]
+    lora_params, lora_params_8bit = sum(trainable), sum(n for n in trainable if n >= BNB_MIN_8BIT_SIZE)
 
     latents, step, states, added = meta_unet_inputs(unet, cfg.data.resolution, dtype)
 
@@ -217,7 +222,7 @@ def trace(cfg: Config) -> _Traced:
         ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
         te_saved = sum(_trace(e, lambda e=e: e(ids, output_hidden_states=True))[0] for e in encoders)
     return _Traced(params, lora_params, saved, saved_checkpointed, unit, te_saved, _vae_peak(models["vae"], cfg),
-                   unet_linear)
+                   unet_linear, lora_params_8bit)
 
 
 def meta_unet_inputs(unet, resolution: int, dtype: torch.dtype) -> tuple:
@@ -275,6 +280,9 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     vae_encode = 3 * traced.vae_peak_output * (1 if d.cache_latents != "none" else b)
     allocator = ADALORA_STATE_BYTES if lo.method == "adalora" else 0
     adapter = traced.lora_params * (OPTIMIZER_BYTES[t.optimizer] + allocator)
+    if t.optimizer == "adamw8bit":  # the small tensors keep AdamW's 32-bit state
+        small = traced.lora_params - traced.lora_params_8bit
+        adapter += small * (OPTIMIZER_BYTES["adamw"] - OPTIMIZER_BYTES["adamw8bit"])
     linear_bytes = QUANTIZED_BYTES.get(cfg.model.quantize_base, wb)
     unet = (p["unet"] - traced.unet_linear) * wb + traced.unet_linear * linear_bytes
     return Estimate(unet, encoders, offloaded, adapter, activations, vae_encode, d.cache_latents != "none")
@@ -295,13 +303,13 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
 
     Changes are tried cheapest-in-speed first: cache latents, cache text-encoder outputs, gradient checkpointing,
     8-bit optimizer state, an NF4 base, then smaller batches with gradient accumulation (the same effective batch).
+    A slowing change that the later ones make needless is dropped again.
 
     Raises:
         PlanError: nothing fits; the message gives the smallest estimate.
     """
     traced = traced or trace(cfg)
     budget = vram_gb * GB
-    reasons: list[str] = []
     current = cfg
 
     def fits(c: Config) -> bool:
@@ -309,25 +317,44 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
 
     steps = []
     if cfg.data.cache_latents == "none" and not cfg.data.random_crop:
-        steps.append(("data", {"cache_latents": "memory"}, "cache latents: no VAE encoding during training"))
+        steps.append(("data", {"cache_latents": "memory"}, "cache latents: no VAE encoding during training", False))
     if not cfg.lora.train_text_encoder and not cfg.data.cache_text_encoder_outputs and not (
         cfg.data.shuffle_caption or cfg.data.caption_dropout or cfg.data.tag_dropout
     ):
         steps.append(("data", {"cache_text_encoder_outputs": True},
-                      "cache text-encoder outputs (frozen encoders can then leave the GPU)"))
+                      "cache text-encoder outputs (frozen encoders can then leave the GPU)", False))
     if not cfg.train.gradient_checkpointing:
         steps.append(("train", {"gradient_checkpointing": True},
-                      "gradient checkpointing: recompute activations in backward (~20-30% slower)"))
+                      "gradient checkpointing: recompute activations in backward (~20-30% slower)", True))
     if cfg.train.optimizer == "adamw":
-        steps.append(("train", {"optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)"))
+        steps.append(("train", {"optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)", True))
     if cfg.model.quantize_base == "none" and cfg.lora.init != "pissa":
         steps.append(("model", {"quantize_base": "nf4"},
-                      "NF4 base: the UNet's Linear weights in 4 bits (QLoRA-style, needs bitsandbytes; slower steps)"))
-    for table, change, why in steps:
+                      "NF4 base: the UNet's Linear weights in 4 bits (QLoRA-style, needs bitsandbytes; slower steps)",
+                      True))
+
+    def changed(applied: list) -> Config:
+        out = cfg
+        for table, change, *_ in applied:
+            out = dataclasses.replace(out, **{table: dataclasses.replace(getattr(out, table), **change)})
+        return out
+
+    applied = []
+    for step in steps:
         if fits(current):
             break
-        current = dataclasses.replace(current, **{table: dataclasses.replace(getattr(current, table), **change)})
-        reasons.append(why)
+        applied.append(step)
+        current = changed(applied)
+    if fits(current):
+        # The change that made it fit may make an earlier one needless (8-bit AdamW saves megabytes on LoRA's
+        # small tensors where an NF4 base saves a gigabyte): drop every change that slows training and that the
+        # config fits without. Caches stay: they make steps faster.
+        for step in applied[:-1]:
+            slower = step[3]
+            if slower and fits(changed([s for s in applied if s is not step])):
+                applied.remove(step)
+        current = changed(applied)
+    reasons = [why for _, _, why, _ in applied]
     while not fits(current) and current.train.batch_size > 1:
         b = current.train.batch_size
         smaller = max(1, b // 2)
