@@ -248,8 +248,11 @@ def _user_errors():
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise gr.Error("out of GPU memory: try a smaller size or batch count", print_exception=False) from None
-    except Exception as e:  # a bug: say what it was and keep the traceback in the log
-        logger.exception("job failed")
+    except Exception as e:
+        # Training's own errors carry complete messages; matched by name so generating never imports the trainer.
+        if type(e).__name__ in ("TrainingError", "PlanError", "DiskSpaceError"):
+            raise gr.Error(str(e), print_exception=False) from None
+        logger.exception("job failed")  # a bug: say what it was and keep the traceback in the log
         raise gr.Error(f"unexpected {type(e).__name__}: {e}", print_exception=False) from None
 
 
@@ -409,6 +412,7 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
     import json
 
     from .config import load_config
+    from .plan import fit, gpu_memory_gb
     from .train import train
 
     settings = engine.settings
@@ -427,6 +431,10 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
             f"train.output_name={json.dumps(name)}",
         ]
         cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None, overrides)
+        fitted = ""
+        vram = gpu_memory_gb()
+        if vram is not None:  # a preset too big for this card is made to fit; the run's config.toml records how
+            cfg, fitted = fit(cfg, vram)
         engine.release()
         started = time.perf_counter()
         if progress is not None:
@@ -460,6 +468,8 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
                 f"{out / f'checkpoint-{step}'}")
     else:
         info = f"trained in {seconds:.0f} s: {path}"
+    if fitted.startswith("to fit"):
+        info += "; " + fitted.replace("\n  - ", "; ").replace(":;", ":")
     return f"{info} (press Refresh lists to use it)", plot, samples
 
 

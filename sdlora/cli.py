@@ -283,7 +283,10 @@ def _cmd_train(args, extra) -> int:
     unsafe = ["model.allow_unsafe_pickle=true"] if args.allow_unsafe_pickle else []
     cfg = load_config(args.config, _overrides(extra) + unsafe)
     if args.vram is not None:
-        cfg = _fit_vram(cfg, args.vram)
+        from .plan import fit
+
+        cfg, changes = fit(cfg, args.vram)
+        print(changes)
     from .train import train
 
     init = _read_init_lora(args.init_lora, cfg) if args.init_lora else None
@@ -296,25 +299,6 @@ def _cmd_train(args, extra) -> int:
         finish_run(cfg, cfg.train.output_dir)  # after train() returns, so its models are freed first
     print(f"LoRA written to {path}")
     return 0
-
-
-def _fit_vram(cfg, vram: float | str):
-    """The config with `sdlora plan`'s changes for `vram` GB ("auto": the GPU's own memory), each one printed."""
-    from .plan import GB, PlanError, plan
-
-    if vram == "auto":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PlanError("--vram auto needs a CUDA GPU to measure; give the card's memory instead, e.g. --vram 8GB")
-        vram = torch.cuda.get_device_properties(0).total_memory / GB
-    chosen, estimate, reasons = plan(cfg, vram)
-    if reasons:
-        print(f"to fit {vram:.1f} GB (estimated peak {estimate.total / GB:.2f} GB):")
-        print("\n".join(f"  - {r}" for r in reasons))
-    else:
-        print(f"fits {vram:.1f} GB as configured (estimated peak {estimate.total / GB:.2f} GB)")
-    return chosen
 
 
 def _read_init_lora(file: str, cfg) -> dict:

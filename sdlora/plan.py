@@ -369,6 +369,30 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
     return current, result, reasons
 
 
+def gpu_memory_gb() -> float | None:
+    """The memory of the GPU training would use (CUDA device 0), None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GB
+
+
+def fit(cfg: Config, vram: float | str) -> tuple[Config, str]:
+    """`cfg` with `plan`'s changes for `vram` GB ("auto": this GPU's memory), and a line per change made.
+
+    Raises:
+        PlanError: "auto" without a GPU, or nothing fits.
+    """
+    if vram == "auto":
+        vram = gpu_memory_gb()
+        if vram is None:
+            raise PlanError("--vram auto needs a CUDA GPU to measure; give the card's memory instead, e.g. --vram 8GB")
+    chosen, result, reasons = plan(cfg, vram)
+    if not reasons:
+        return chosen, f"fits {vram:.1f} GB as configured (estimated peak {result.total / GB:.2f} GB)"
+    return chosen, "\n".join([f"to fit {vram:.1f} GB (estimated peak {result.total / GB:.2f} GB):",
+                              *(f"  - {r}" for r in reasons)])
+
+
 def parse_vram(text: str) -> float:
     """'8GB', '8 GiB', '8' -> gigabytes (GiB are converted)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(gib|gi|gb|g)?\s*", text.lower())

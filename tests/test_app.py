@@ -283,6 +283,23 @@ def test_train_tab_stop_loss_curve_and_samples(tmp_path):
     assert not engine.training and not engine.stop.is_set()  # the next run starts fresh
 
 
+def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
+    import dataclasses
+
+    import sdlora.plan
+    from sdlora.app import run_train
+    from sdlora.config import load_config
+
+    local = _train_settings(tmp_path)
+    preset = load_config(local.configs_dir / "mini.toml", ["lora.rank=4", "lora.alpha=4.0"])  # as the tab sets it
+    cached = dataclasses.replace(preset, data=dataclasses.replace(preset.data, cache_latents="memory"))
+    between = (sdlora.plan.estimate(preset).total + sdlora.plan.estimate(cached).total) / 2 / sdlora.plan.GB
+    monkeypatch.setattr(sdlora.plan, "gpu_memory_gb", lambda: between)  # a card just too small for the preset
+    info, _, _ = run_train(Engine(local), "mini.toml", "imgs", "fitted", "zkstyle", 4, 1e-3, 2)
+    assert "trained in" in info and "to fit" in info and "cache latents" in info
+    assert load_config(local.lora_dir / "fitted" / "config.toml").data.cache_latents == "memory"
+
+
 def test_caption_table_round_trip(tmp_path):
     from sdlora.app import load_captions, save_captions
 
