@@ -137,7 +137,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     # LoRA+ (arXiv 2402.12354): the up (B) matrices learn this many times faster; 0 disables.
     loraplus_lr_ratio: float = 0.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # "auto": bf16 on a GPU that has it (Ampere and newer), fp16 on an older GPU, fp32 ("no") on a CPU.
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     # torch.compile of the UNet: "regional" compiles the repeated transformer block once per shape (diffusers'
     # compile_repeated_blocks: a fraction of the full compile time), "full" the whole UNet. Pays on long GPU runs.

@@ -32,6 +32,8 @@ OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 
 # factor of a 320- or 768-wide layer is one of them.
 BNB_MIN_8BIT_SIZE = 4096
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+# A plan is for a GPU, where "auto" precision is bf16 or fp16: two bytes a weight either way.
+GPU_AUTO_PRECISION = "bf16"
 # Bytes per UNet Linear weight with model.quantize_base (sdlora/quantize.py); NF4: two a byte, a 1-byte scale per 64.
 QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
 # AdaLoRA's rank allocator keeps three fp32 averages per adapter parameter (importance, its EMA, its uncertainty).
@@ -193,7 +195,7 @@ def trace(cfg: Config) -> _Traced:
     from .train import DTYPES
 
     arch, configs = model_configs(cfg.model.base_model, cfg.model.allow_unsafe_pickle)
-    dtype = DTYPES[cfg.train.mixed_precision]
+    dtype = DTYPES[_precision(cfg)]
     models = _meta_models(arch, configs, dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     unet, encoders = models["unet"], [models[n] for n in ("te1", "te2") if n in models]
@@ -263,7 +265,7 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     """Peak memory of training with `cfg` (see the module docstring for what is counted)."""
     traced = traced or trace(cfg)
     t, d, lo = cfg.train, cfg.data, cfg.lora
-    wb = WEIGHT_BYTES[t.mixed_precision]
+    wb = WEIGHT_BYTES[_precision(cfg)]
     p = traced.params
     te_weights = sum(n for name, n in p.items() if name.startswith("te")) * wb
     vae_weights = p["vae"] * 4
@@ -286,6 +288,10 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     linear_bytes = QUANTIZED_BYTES.get(cfg.model.quantize_base, wb)
     unet = (p["unet"] - traced.unet_linear) * wb + traced.unet_linear * linear_bytes
     return Estimate(unet, encoders, offloaded, adapter, activations, vae_encode, d.cache_latents != "none")
+
+
+def _precision(cfg: Config) -> str:
+    return GPU_AUTO_PRECISION if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
 
 
 def offloads(cfg: Config) -> tuple[bool, bool]:

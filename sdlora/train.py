@@ -8,6 +8,7 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,17 @@ logger = get_logger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def with_precision(cfg: Config) -> Config:
+    """`train.mixed_precision = "auto"` made concrete for this machine; the run's config.toml records the choice."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    if torch.cuda.is_available():
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        precision = "no"  # CPUs have no fast half-precision matmuls for training
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
@@ -64,6 +76,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
             (reading it every step would make the host wait for the GPU); returning False stops training there,
             saving the LoRA (under its final name) and a checkpoint to resume from.
     """
+    cfg = with_precision(cfg)
     t = cfg.train
     out = Path(t.output_dir)
     # Ranks started by torchrun / accelerate launch on a machine without a GPU: accelerate joins them over gloo

@@ -19,7 +19,7 @@ from sdlora.cache import build_latent_cache
 from sdlora.data import DatasetError, scan_dataset
 from sdlora.lora import inject_lora, trainable_parameters
 from sdlora.models import encode_prompt, load_base_model, tokenize
-from sdlora.train import TrainingError, compute_loss, train
+from sdlora.train import TrainingError, compute_loss, train, with_precision
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over
@@ -103,7 +103,7 @@ def test_train_end_to_end_outputs(dataset, tmp_path):
     assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint-*"))] == ["checkpoint-6"]
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == [
         "step00000003-00.png", "step00000006-00.png"]
-    assert load_config(tmp_path / "run" / "config.toml") == cfg
+    assert load_config(tmp_path / "run" / "config.toml") == with_precision(cfg)  # "auto" recorded as chosen
     assert len(_tb_losses(tmp_path / "run" / "logs" / "sdlora")) == 6
 
 
@@ -188,6 +188,20 @@ def test_text_encoder_cache_equals_frozen_encoder(dataset, tmp_path):
                             "data.cache_text_encoder_outputs=true"))
     assert not any(k.startswith("lora_te") for k in adapter(frozen))
     assert_same(adapter(frozen), adapter(cached), atol=1e-6)
+
+
+def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
+    cfg = load_config(None, [])
+    assert cfg.train.mixed_precision == "auto"
+
+    def chosen(cuda, bf16):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+        return with_precision(cfg).train.mixed_precision
+
+    assert [chosen(False, False), chosen(True, False), chosen(True, True)] == ["no", "fp16", "bf16"]
+    explicit = load_config(None, ["train.mixed_precision=fp16"])
+    assert with_precision(explicit) is explicit
 
 
 def test_sdxl_trains_both_text_encoders(dataset, tmp_path):
