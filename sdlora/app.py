@@ -431,10 +431,10 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
             f"train.output_name={json.dumps(name)}",
         ]
         cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None, overrides)
-        fitted = ""
+        changes = []
         vram = gpu_memory_gb()
-        if vram is not None:  # a preset too big for this card is made to fit; the run's config.toml records how
-            cfg, fitted = fit(cfg, vram)
+        if vram is not None:  # the preset is fitted to this card (the run's config.toml records how)
+            cfg, changes, _ = fit(cfg, vram)
         engine.release()
         started = time.perf_counter()
         if progress is not None:
@@ -468,8 +468,8 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
                 f"{out / f'checkpoint-{step}'}")
     else:
         info = f"trained in {seconds:.0f} s: {path}"
-    if fitted.startswith("to fit"):
-        info += "; " + fitted.replace("\n  - ", "; ").replace(":;", ":")
+    if changes:
+        info += f"; fitted to the GPU's {vram:.1f} GB: " + "; ".join(changes)
     return f"{info} (press Refresh lists to use it)", plot, samples
 
 

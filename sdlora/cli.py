@@ -285,8 +285,8 @@ def _cmd_train(args, extra) -> int:
     if args.vram is not None:
         from .plan import fit
 
-        cfg, changes = fit(cfg, args.vram)
-        print(changes)
+        cfg, changes, summary = fit(cfg, args.vram)
+        print("\n".join([summary, *(f"  - {c}" for c in changes)]))
     from .train import train
 
     init = _read_init_lora(args.init_lora, cfg) if args.init_lora else None

@@ -309,7 +309,9 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
 
     Changes are tried cheapest-in-speed first: cache latents, cache text-encoder outputs, gradient checkpointing,
     8-bit optimizer state, an NF4 base, then smaller batches with gradient accumulation (the same effective batch).
-    A slowing change that the later ones make needless is dropped again.
+    A slowing change that the later ones make needless is dropped again. A config that fits as it is gets the
+    opposite: the memory savings it turns on that slow training (checkpointing, a quantized base, 8-bit AdamW) are
+    turned off while it still fits.
 
     Raises:
         PlanError: nothing fits; the message gives the smallest estimate.
@@ -360,6 +362,24 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
             if slower and fits(changed([s for s in applied if s is not step])):
                 applied.remove(step)
         current = changed(applied)
+    if not applied and fits(cfg):
+        # It fits as configured: undo configured memory savings that slow training, biggest speed-up first, while
+        # it still fits (fp8 storage needs checkpointing, hence a second round once the base is no longer fp8).
+        relax = [("train", {"gradient_checkpointing": False},
+                  "gradient checkpointing off: there is room for the activations (~20-30% faster)", False),
+                 ("model", {"quantize_base": "none"},
+                  "no quantized base: there is room for the UNet's own weights (faster steps)", False),
+                 ("train", {"optimizer": "adamw"},
+                  "AdamW instead of 8-bit AdamW: there is room for its state (fused, no host sync per step)", False)]
+        for _ in range(2):
+            for step in relax:
+                t, m = current.train, current.model
+                needless = {"gradient_checkpointing": not t.gradient_checkpointing or m.quantize_base == "fp8",
+                            "quantize_base": m.quantize_base == "none", "optimizer": t.optimizer != "adamw8bit"}
+                if step in applied or needless[next(iter(step[1]))] or not fits(changed([*applied, step])):
+                    continue
+                applied.append(step)
+                current = changed(applied)
     reasons = [why for _, _, why, _ in applied]
     while not fits(current) and current.train.batch_size > 1:
         b = current.train.batch_size
@@ -382,8 +402,8 @@ def gpu_memory_gb() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GB
 
 
-def fit(cfg: Config, vram: float | str) -> tuple[Config, str]:
-    """`cfg` with `plan`'s changes for `vram` GB ("auto": this GPU's memory), and a line per change made.
+def fit(cfg: Config, vram: float | str) -> tuple[Config, list[str], str]:
+    """`cfg` with `plan`'s changes for `vram` GB ("auto": this GPU's memory), the changes, and a summary line.
 
     Raises:
         PlanError: "auto" without a GPU, or nothing fits.
@@ -393,10 +413,8 @@ def fit(cfg: Config, vram: float | str) -> tuple[Config, str]:
         if vram is None:
             raise PlanError("--vram auto needs a CUDA GPU to measure; give the card's memory instead, e.g. --vram 8GB")
     chosen, result, reasons = plan(cfg, vram)
-    if not reasons:
-        return chosen, f"fits {vram:.1f} GB as configured (estimated peak {result.total / GB:.2f} GB)"
-    return chosen, "\n".join([f"to fit {vram:.1f} GB (estimated peak {result.total / GB:.2f} GB):",
-                              *(f"  - {r}" for r in reasons)])
+    how = "with these changes" if reasons else "as configured"
+    return chosen, reasons, f"planned for {vram:.1f} GB {how} (estimated peak {result.total / GB:.2f} GB)"
 
 
 def parse_vram(text: str) -> float:
@@ -416,7 +434,7 @@ def report(cfg: Config, vram_gb: float) -> str:
     if not reasons:
         lines.append(f"fits in {vram_gb:g} GB as configured")
         return "\n".join(lines)
-    lines.append(f"to fit {vram_gb:g} GB (then {result.total / GB:.2f} GB):")
+    lines.append(f"for {vram_gb:g} GB (then {result.total / GB:.2f} GB):")
     lines += [f"  - {r}" for r in reasons]
     before, after = config_to_dict(cfg), config_to_dict(chosen)
     changed = [f"{table}.{key}={json.dumps(value)}" for table, values in after.items()

@@ -296,7 +296,7 @@ def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
     between = (sdlora.plan.estimate(preset).total + sdlora.plan.estimate(cached).total) / 2 / sdlora.plan.GB
     monkeypatch.setattr(sdlora.plan, "gpu_memory_gb", lambda: between)  # a card just too small for the preset
     info, _, _ = run_train(Engine(local), "mini.toml", "imgs", "fitted", "zkstyle", 4, 1e-3, 2)
-    assert "trained in" in info and "to fit" in info and "cache latents" in info
+    assert "trained in" in info and "fitted to the GPU's" in info and "cache latents" in info
     assert load_config(local.lora_dir / "fitted" / "config.toml").data.cache_latents == "memory"
 
 

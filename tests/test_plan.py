@@ -166,3 +166,22 @@ def test_the_sd15_preset_fits_a_4gb_card_with_the_plan():
     chosen, result, reasons = plan.plan(cfg, 4.0)
     assert result.total <= 4.0 * plan.GB and reasons  # as configured it needs more
     assert chosen.train.batch_size * chosen.train.gradient_accumulation_steps == cfg.train.batch_size
+
+
+def test_a_config_that_fits_drops_the_savings_that_slow_it():
+    cfg = cfg_for('model.base_model="sd15"', "data.resolution=512", "train.batch_size=1", "lora.rank=4",
+                  "lora.alpha=4", "lora.train_text_encoder=false", "train.gradient_checkpointing=true",
+                  "train.optimizer=adamw8bit", 'model.quantize_base="nf4"')
+    traced = plan.trace(cfg)
+    chosen, result, reasons = plan.plan(cfg, 80.0, traced)
+    assert (chosen.train.gradient_checkpointing, chosen.model.quantize_base, chosen.train.optimizer) == (
+        False, "none", "adamw")
+    assert reasons[0].startswith("gradient checkpointing off") and len(reasons) == 3
+    # Room for the unquantized base (a few hundred MB) but not for activations without checkpointing (GBs) or
+    # AdamW's 32-bit state (MBs): only the base changes.
+    full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize_base="none"))
+    budget = (plan.estimate(full, traced).total + 1e5) / plan.GB
+    chosen, result, reasons = plan.plan(cfg, budget, traced)
+    assert (chosen.train.gradient_checkpointing, chosen.model.quantize_base, chosen.train.optimizer) == (
+        True, "none", "adamw8bit")
+    assert reasons == ["no quantized base: there is room for the UNet's own weights (faster steps)"]

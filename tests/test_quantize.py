@@ -150,9 +150,9 @@ def test_plan_counts_the_quantized_unet(tiny_unet):
     from sdlora.plan import estimate, trace
 
     weights, biases, _ = linear_sizes(tiny_unet)
-    traced = trace(load_config(None, []))
-    unet = {q: estimate(load_config(None, [f"model.quantize_base={q}", "train.gradient_checkpointing=true"]),
-                        traced).unet for q in ("none", "fp8", "nf4")}
+    traced = trace(load_config(None, ["train.mixed_precision=no"]))
+    unet = {q: estimate(load_config(None, [f"model.quantize_base={q}", "train.gradient_checkpointing=true",
+                                           "train.mixed_precision=no"]), traced).unet for q in ("none", "fp8", "nf4")}
     assert unet["none"] - unet["fp8"] == 3 * (weights + biases)  # fp32 training: 4 bytes -> 1
     assert unet["fp8"] - unet["nf4"] == pytest.approx((1 - 0.5 - 1 / 64) * (weights + biases))
 
