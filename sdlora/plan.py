@@ -32,6 +32,8 @@ OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 
 # factor of a 320- or 768-wide layer is one of them.
 BNB_MIN_8BIT_SIZE = 4096
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+# Share of the card left free when the plan turns a memory saving off for speed (the estimate is uncalibrated).
+RELAX_HEADROOM = 0.10
 # A plan is for a GPU, where "auto" precision is bf16 or fp16: two bytes a weight either way.
 GPU_AUTO_PRECISION = "bf16"
 # Bytes per UNet Linear weight with model.quantize_base (sdlora/quantize.py); NF4: two a byte, a 1-byte scale per 64.
@@ -320,8 +322,8 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
     budget = vram_gb * GB
     current = cfg
 
-    def fits(c: Config) -> bool:
-        return estimate(c, traced).total <= budget
+    def fits(c: Config, share: float = 1.0) -> bool:
+        return estimate(c, traced).total <= share * budget
 
     steps = []
     if cfg.data.cache_latents == "none" and not cfg.data.random_crop:
@@ -364,7 +366,8 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
         current = changed(applied)
     if not applied and fits(cfg):
         # It fits as configured: undo configured memory savings that slow training, biggest speed-up first, while
-        # it still fits (fp8 storage needs checkpointing, hence a second round once the base is no longer fp8).
+        # it still fits with RELAX_HEADROOM to spare: a config that ran must not run out of memory for speed
+        # (fp8 storage needs checkpointing, hence a second round once the base is no longer fp8).
         relax = [("train", {"gradient_checkpointing": False},
                   "gradient checkpointing off: there is room for the activations (~20-30% faster)", False),
                  ("model", {"quantize_base": "none"},
@@ -376,7 +379,8 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
                 t, m = current.train, current.model
                 needless = {"gradient_checkpointing": not t.gradient_checkpointing or m.quantize_base == "fp8",
                             "quantize_base": m.quantize_base == "none", "optimizer": t.optimizer != "adamw8bit"}
-                if step in applied or needless[next(iter(step[1]))] or not fits(changed([*applied, step])):
+                if step in applied or needless[next(iter(step[1]))] or not fits(changed([*applied, step]),
+                                                                                1 - RELAX_HEADROOM):
                     continue
                 applied.append(step)
                 current = changed(applied)
