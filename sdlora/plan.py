@@ -17,6 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -306,6 +307,18 @@ def offloads(cfg: Config) -> tuple[bool, bool]:
     return vae, te
 
 
+class _Change(NamedTuple):
+    """One config change the planner may make, and why."""
+
+    table: str
+    values: dict
+    why: str
+    slows: bool = False  # costs speed: dropped again when a later change makes it needless
+
+    def apply(self, cfg: Config) -> Config:
+        return dataclasses.replace(cfg, **{self.table: dataclasses.replace(getattr(cfg, self.table), **self.values)})
+
+
 def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Config, Estimate, list[str]]:
     """The fastest variant of `cfg` that fits `vram_gb`, its estimate, and why each change was made.
 
@@ -327,64 +340,63 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
 
     steps = []
     if cfg.data.cache_latents == "none" and not cfg.data.random_crop:
-        steps.append(("data", {"cache_latents": "memory"}, "cache latents: no VAE encoding during training", False))
+        steps.append(_Change("data", {"cache_latents": "memory"}, "cache latents: no VAE encoding during training"))
     if not cfg.lora.train_text_encoder and not cfg.data.cache_text_encoder_outputs and not (
         cfg.data.shuffle_caption or cfg.data.caption_dropout or cfg.data.tag_dropout
     ):
-        steps.append(("data", {"cache_text_encoder_outputs": True},
-                      "cache text-encoder outputs (frozen encoders can then leave the GPU)", False))
+        steps.append(_Change("data", {"cache_text_encoder_outputs": True},
+                             "cache text-encoder outputs (frozen encoders can then leave the GPU)"))
     if not cfg.train.gradient_checkpointing:
-        steps.append(("train", {"gradient_checkpointing": True},
-                      "gradient checkpointing: recompute activations in backward (~20-30% slower)", True))
+        steps.append(_Change("train", {"gradient_checkpointing": True},
+                             "gradient checkpointing: recompute activations in backward (~20-30% slower)", slows=True))
     if cfg.train.optimizer == "adamw":
-        steps.append(("train", {"optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)", True))
+        steps.append(_Change("train", {"optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)", slows=True))
     if cfg.model.quantize_base == "none" and cfg.lora.init != "pissa":
-        steps.append(("model", {"quantize_base": "nf4"},
-                      "NF4 base: the UNet's Linear weights in 4 bits (QLoRA-style, needs bitsandbytes; slower steps)",
-                      True))
+        steps.append(_Change("model", {"quantize_base": "nf4"},
+                             "NF4 base: the UNet's Linear weights in 4 bits (QLoRA-style, needs bitsandbytes; slower "
+                             "steps)", slows=True))
 
-    def changed(applied: list) -> Config:
+    def changed(applied: list[_Change]) -> Config:
         out = cfg
-        for table, change, *_ in applied:
-            out = dataclasses.replace(out, **{table: dataclasses.replace(getattr(out, table), **change)})
+        for change in applied:
+            out = change.apply(out)
         return out
 
-    applied = []
+    applied: list[_Change] = []
     for step in steps:
         if fits(current):
             break
         applied.append(step)
-        current = changed(applied)
+        current = step.apply(current)
     if fits(current):
         # The change that made it fit may make an earlier one needless (8-bit AdamW saves megabytes on LoRA's
         # small tensors where an NF4 base saves a gigabyte): drop every change that slows training and that the
         # config fits without. Caches stay: they make steps faster.
         for step in applied[:-1]:
-            slower = step[3]
-            if slower and fits(changed([s for s in applied if s is not step])):
+            if step.slows and fits(changed([s for s in applied if s is not step])):
                 applied.remove(step)
         current = changed(applied)
     if not applied and fits(cfg):
         # It fits as configured: undo configured memory savings that slow training, biggest speed-up first, while
         # it still fits with RELAX_HEADROOM to spare: a config that ran must not run out of memory for speed
         # (fp8 storage needs checkpointing, hence a second round once the base is no longer fp8).
-        relax = [("train", {"gradient_checkpointing": False},
-                  "gradient checkpointing off: there is room for the activations (~20-30% faster)", False),
-                 ("model", {"quantize_base": "none"},
-                  "no quantized base: there is room for the UNet's own weights (faster steps)", False),
-                 ("train", {"optimizer": "adamw"},
-                  "AdamW instead of 8-bit AdamW: there is room for its state (fused, no host sync per step)", False)]
+        relax = [
+            (_Change("train", {"gradient_checkpointing": False},
+                     "gradient checkpointing off: there is room for the activations (~20-30% faster)"),
+             lambda c: c.train.gradient_checkpointing and c.model.quantize_base != "fp8"),
+            (_Change("model", {"quantize_base": "none"},
+                     "no quantized base: there is room for the UNet's own weights (faster steps)"),
+             lambda c: c.model.quantize_base != "none"),
+            (_Change("train", {"optimizer": "adamw"},
+                     "AdamW instead of 8-bit AdamW: there is room for its state (fused, no host sync per step)"),
+             lambda c: c.train.optimizer == "adamw8bit"),
+        ]
         for _ in range(2):
-            for step in relax:
-                t, m = current.train, current.model
-                needless = {"gradient_checkpointing": not t.gradient_checkpointing or m.quantize_base == "fp8",
-                            "quantize_base": m.quantize_base == "none", "optimizer": t.optimizer != "adamw8bit"}
-                if step in applied or needless[next(iter(step[1]))] or not fits(changed([*applied, step]),
-                                                                                1 - RELAX_HEADROOM):
-                    continue
-                applied.append(step)
-                current = changed(applied)
-    reasons = [why for _, _, why, _ in applied]
+            for change, applies in relax:
+                if applies(current) and fits(change.apply(current), 1 - RELAX_HEADROOM):
+                    applied.append(change)
+                    current = change.apply(current)
+    reasons = [change.why for change in applied]
     while not fits(current) and current.train.batch_size > 1:
         b = current.train.batch_size
         smaller = max(1, b // 2)
@@ -458,8 +470,8 @@ def check_fits(cfg: Config, capacity_bytes: float) -> str | None:
     if need <= capacity_bytes:
         return None
     vram = capacity_bytes / GB
-    advice = (f"`sdlora plan CONFIG --vram {vram:.0f}GB` lists the settings that fit, `sdlora train CONFIG --vram auto` "
-              "applies them")
+    advice = (f"`sdlora plan CONFIG --vram {vram:.0f}GB` lists the settings that fit, "
+              "`sdlora train CONFIG --vram auto` applies them")
     if need > capacity_bytes * (1 + OVERHEAD):
         raise PlanError(f"this config needs about {need / GB:.1f} GB and the GPU has {vram:.1f} GB; {advice}")
     return f"this config needs about {need / GB:.1f} GB of the GPU's {vram:.1f} GB and may run out of memory; {advice}"
