@@ -32,7 +32,7 @@ class SkippedSteps:
 
     def __init__(self, limit: int, stop: Callable[[int, int], Exception]):
         self.limit, self.stop = limit, stop
-        self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, flag on the device, micro-batches)
+        self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, flag on the device or host, micro-batches)
         self.streak = self.skipped = self.finite_micro_batches = 0
 
     def add(self, step: int, nonfinite: torch.Tensor, micro_batches: int) -> None:

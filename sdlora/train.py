@@ -282,12 +282,14 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
                 # NaN/Inf guard: an AdamW update with NaN would ruin the adapter for good.
                 grad_norm = accelerator.clip_grad_norm_(adapter_params, t.max_grad_norm or math.inf)
                 nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+                flag = nonfinite  # what `skipped` reads at its next check
                 if on_device:
                     if accelerator.scaler is None:  # under fp16 the GradScaler passes its own flag
                         optimizer.optimizer.found_inf = nonfinite.float()
                     optimizer.step()
                 else:
                     finite = not nonfinite.item()
+                    flag = torch.tensor(not finite)  # read already: the check must not wait for the device again
                     if finite or accelerator.scaler is not None:
                         optimizer.step()  # under fp16 the GradScaler skips a non-finite step itself
                     if adalora is not None:
@@ -298,7 +300,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
                 global_step += 1
                 progress.update(1)
                 loss_sum += torch.where(nonfinite, 0.0, step_loss)
-                skipped.add(global_step, nonfinite, len(group))
+                skipped.add(global_step, flag, len(group))
 
                 # --- after the step: log, save, sample -----------------------------------------------------------
                 epoch_done = group[-1] + 1 == len(batches)
