@@ -249,8 +249,9 @@ def _user_errors():
         torch.cuda.empty_cache()
         raise gr.Error("out of GPU memory: try a smaller size or batch count", print_exception=False) from None
     except Exception as e:
-        # Training's own errors carry complete messages; matched by name so generating never imports the trainer.
-        if type(e).__name__ in ("TrainingError", "PlanError", "DiskSpaceError"):
+        from .cli import USER_ERRORS  # by name, so generating never imports the trainer for its error types
+
+        if type(e).__name__ in USER_ERRORS:
             raise gr.Error(str(e), print_exception=False) from None
         logger.exception("job failed")  # a bug: say what it was and keep the traceback in the log
         raise gr.Error(f"unexpected {type(e).__name__}: {e}", print_exception=False) from None

@@ -35,15 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         print("sdlora: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if type(e).__name__ in _USER_ERRORS:
+        if type(e).__name__ in USER_ERRORS:
             print(f"sdlora: error: {e}", file=sys.stderr)
             return 1
         raise
 
 
 # Our own error types (and a missing file) carry complete one-line messages; anything else is a bug and keeps
-# its traceback. Matched by name so this module does not import the heavy modules that define them.
-_USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "DiskSpaceError", "PlanError",
+# its traceback. Matched by name so this module does not import the heavy modules that define them (the app
+# matches training's errors by this set too).
+USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "DiskSpaceError", "PlanError",
                 "FileNotFoundError"}
 
 

@@ -300,6 +300,20 @@ def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
     assert load_config(local.lora_dir / "fitted" / "config.toml").data.cache_latents == "memory"
 
 
+def test_training_errors_reach_the_page_as_their_own_message():
+    from sdlora.app import _user_errors
+    from sdlora.plan import PlanError
+    from sdlora.train import TrainingError
+
+    for error in (TrainingError("loss or gradients were NaN/Inf; set train.max_grad_norm = 1.0"),
+                  PlanError("this config needs about 9.0 GB and the GPU has 8.0 GB")):
+        with pytest.raises(gr.Error) as caught, _user_errors():
+            raise error
+        assert caught.value.message == str(error)
+    with pytest.raises(gr.Error, match="unexpected KeyError"), _user_errors():
+        raise KeyError("a bug")
+
+
 def test_caption_table_round_trip(tmp_path):
     from sdlora.app import load_captions, save_captions
 
