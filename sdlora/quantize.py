@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from . import bnb_import
 from .models import ModelError
 
 FP8 = torch.float8_e4m3fn
@@ -34,9 +35,9 @@ def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: tor
         ModelError: bitsandbytes is not installed.
     """
     try:
+        bnb_import.load()  # before accelerate's bnb helpers, which look for it
         from accelerate.utils import BnbQuantizationConfig
         from accelerate.utils.bnb import replace_with_bnb_layers
-        import bitsandbytes  # noqa: F401  (accelerate imports it lazily; fail here with the fix)
     except ImportError:
         raise ModelError("model.quantize_base = \"nf4\" needs bitsandbytes: pip install 'sdlora[bnb]'") from None
     config = BnbQuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

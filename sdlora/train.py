@@ -23,7 +23,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
+from . import bnb_import, checkpoint as ckpt
 from .adalora import AdaLora
 from .atomic import write_text
 from .cache import build_latent_cache, encode_latents
@@ -449,7 +449,7 @@ def _make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: 
                          scale_parameter=False, warmup_init=False)
     if t.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            bnb = bnb_import.load()
         except ImportError:
             raise TrainingError("train.optimizer = \"adamw8bit\" needs bitsandbytes: pip install 'sdlora[bnb]'") from None
         return bnb.optim.AdamW8bit(groups, weight_decay=t.weight_decay)

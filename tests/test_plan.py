@@ -51,7 +51,9 @@ def test_estimate_follows_the_settings(sd15_path):
 
 
 def test_8bit_state_is_counted_only_for_tensors_bitsandbytes_quantizes():
-    import bitsandbytes as bnb
+    from sdlora import bnb_import
+
+    bnb = bnb_import.load()
 
     small, large = (torch.nn.Parameter(torch.zeros(n)) for n in (plan.BNB_MIN_8BIT_SIZE - 1, plan.BNB_MIN_8BIT_SIZE))
     optimizer = bnb.optim.AdamW8bit([small, large])

@@ -1,7 +1,8 @@
 """model.quantize_base: the frozen UNet's Linear layers stored in fp8 / NF4, adapters fp32, training end to end."""
 
 import copy
-import importlib.util
+import importlib.abc
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdlora import bnb_import
 from sdlora.config import ConfigError, load_config
 from sdlora.export import load_lora_layers, read_lora_file
 from sdlora.lora import count_parameters, inject_lora, lora_layers, trainable_parameters
@@ -22,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 OVERRIDES = {"fp8": ("model.quantize_base=fp8", "train.gradient_checkpointing=true"),
              "nf4": ("model.quantize_base=nf4",)}
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+# By distribution, not find_spec: sdlora hides bitsandbytes from imports until a run asks for it (bnb_import).
+needs_bnb = pytest.mark.skipif("bitsandbytes" not in importlib.metadata.packages_distributions(),
                                reason="nf4 needs bitsandbytes: pip install 'sdlora[bnb]'")
 MODES = [pytest.param("fp8"), pytest.param("nf4", marks=needs_bnb)]
 
@@ -63,9 +66,9 @@ def test_base_is_stored_small_adapters_stay_fp32_and_output_stays_close(tiny_une
         assert unet.conv_in.weight.dtype == torch.float32
         assert unet.dtype == torch.float32  # what pipelines read: the compute dtype, not fp8
     else:
-        import bitsandbytes as bnb
         from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
+        bnb = bnb_import.load()
         adapted = [m for m in unet.modules() if isinstance(m, PeftLinear4bit)]
         assert len(adapted) == len(trainable_parameters(unet)) // 2  # peft's bnb layer around every adapted Linear
         quantized = [m for m in unet.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -167,7 +170,14 @@ def test_config_rejects_what_cannot_work(overrides, message):
         load_config(None, overrides)
 
 
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "bitsandbytes":
+            raise ModuleNotFoundError("No module named 'bitsandbytes'")
+
+
 def test_nf4_without_bitsandbytes_names_the_fix(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as when it is not installed
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)  # import fails as when it is not installed
+    monkeypatch.setattr(sys, "meta_path", [_NotInstalled(), *sys.meta_path])
     with pytest.raises(ModelError, match=r"pip install 'sdlora\[bnb\]'"):
         quantize_nf4(torch.nn.Linear(4, 4), torch.float32, CPU)
