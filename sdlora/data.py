@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps
 
 from .config import DataConfig
@@ -416,6 +415,8 @@ def load_image(record: ImageRecord, flip: bool, rng: random.Random, random_crop:
     Raises:
         DatasetError: the image or mask cannot be read, or the mask size differs from the image size.
     """
+    import torch  # here, not at the top: `sdlora doctor` reads datasets without torch, to start in a second
+
     image = _load_rgb(record.path)
     resized = _cover_size(image.size, record.bucket)
     top, left = _crop_offset(resized, record.bucket, rng, random_crop)

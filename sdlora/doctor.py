@@ -129,7 +129,7 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
 
     Args:
         cfg: the `[data]` table; `skip_bad_images` decides whether bad files are errors or skipped warnings.
-        tokenizer: a CLIP tokenizer for caption lengths; None loads the real one (`tiny.load_clip_tokenizer`).
+        tokenizer: a CLIP tokenizer for caption lengths; None loads the real one (`clip_tokenizer.load_clip_tokenizer`).
         base_dir: folder that relative `cfg.dirs` are resolved against, as in `scan_dataset`; cwd if None.
 
     Returns:
@@ -153,7 +153,7 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
     for record, fact in zip(records, facts):
         findings += _image_findings(record, fact, cfg)
     if tokenizer is None:
-        from .tiny import load_clip_tokenizer
+        from .clip_tokenizer import load_clip_tokenizer
 
         tokenizer = load_clip_tokenizer()
     findings += _caption_findings(records, cfg, tokenizer)

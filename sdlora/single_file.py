@@ -19,7 +19,7 @@ import torch
 
 from .atomic import save_safetensors
 from .models import PICKLE_SUFFIXES, ModelError
-from .tiny import load_clip_tokenizer
+from .clip_tokenizer import load_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ def _looks_like(keys) -> str | None:
 
 
 # --- detection ---------------------------------------------------------------------------------------------------
+
+
+def describe_tensors(tensors: Mapping[str, object]) -> str:
+    """What a file of these tensors looks like, for one-line messages: "an SDXL base model (single file)", "a VAE
+    alone; pass it as model.vae", or its number of tensors and first keys.
+
+    Args:
+        tensors: key -> tensor or shape, as for `detect_checkpoint`.
+    """
+    try:
+        return f"a {ARCH_NAMES[detect_checkpoint(tensors)]} base model (single file)"
+    except ModelError:
+        pass
+    shapes = list(tensors)
+    return _looks_like(shapes) or f"{len(shapes)} tensors of no known kind (first keys: {', '.join(sorted(shapes)[:3])})"
 
 
 def detect_checkpoint(tensors: Mapping[str, object], name: str = "checkpoint") -> str:

@@ -18,38 +18,27 @@ from pathlib import Path
 
 import torch
 
-TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
+from .clip_tokenizer import load_clip_tokenizer
+
+# Pretrained on the toy world by sdlora.toyworld.pretrain: its fp16 weights ship beside its configs.
+TOY_MODELS = ("toy-sd15",)
+TINY_MODELS = TOY_MODELS + ("tiny-sd15", "tiny-sdxl")
 # The real widths with random weights, from the shipped configs: for GPU benchmarks only (GBs on disk, saved fp16).
 FULL_SIZE_MODELS = ("sd15", "sdxl")
 DEFAULT_SEED = 0
 
 
-def tokenizer_files() -> Path:
-    """Folder holding the real CLIP BPE vocabulary (vocab.json, merges.txt) shipped as package data."""
-    return Path(str(resources.files("sdlora") / "tokenizer"))
-
-
-def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """The real CLIP tokenizer from package data. SD1.x pads with <|endoftext|>; SDXL's second one with '!'."""
-    from transformers import CLIPTokenizer
-
-    folder = tokenizer_files()
-    return CLIPTokenizer(
-        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
-    )
-
-
 def tiny_model_path(name: str, seed: int = DEFAULT_SEED) -> Path:
     """Path of the cached tiny model `name`, building it on first use.
 
-    The cache key hashes the shipped configs and the seed, so editing a config rebuilds the model.
+    The cache key hashes the shipped configs (and weights) and the seed, so editing one rebuilds the model.
     Set SDLORA_CACHE to move the cache (default ~/.cache/sdlora).
     """
     if name not in TINY_MODELS + FULL_SIZE_MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TINY_MODELS + FULL_SIZE_MODELS)}")
     digest = hashlib.sha256(f"{seed}".encode())
-    for config in sorted(_config_dir(name).glob("*.json")):
-        digest.update(config.read_bytes())
+    for shipped in sorted(_config_dir(name).glob("*.json")) + sorted(_config_dir(name).glob("*.safetensors")):
+        digest.update(shipped.read_bytes())
     cache = Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora"))
     out = cache / f"{name}-{digest.hexdigest()[:12]}"
     if not (out / "model_index.json").is_file():
@@ -82,32 +71,57 @@ def _config_dir(name: str) -> Path:
     return Path(str(resources.files("sdlora") / "model_configs" / name))
 
 
-def _read(name: str, part: str) -> dict:
+def read_config(name: str, part: str) -> dict:
+    """The shipped config of one component (`unet`, `vae`, `text_encoder`, `scheduler`, ...) of model `name`."""
     config = json.loads((_config_dir(name) / f"{part}.json").read_text())
+    if part == "scheduler":
+        return config
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _build_pipeline(name: str, seed: int):
-    import diffusers
+def build_components(name: str, seed: int) -> tuple:
+    """(unet, vae, text_encoder) of model `name`, randomly initialised from its shipped configs."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     def seeded(offset: int):
         # Each component gets its own seed so adding a component never changes the others' weights.
         torch.manual_seed(seed * 1000 + offset)
 
     seeded(0)
-    unet = UNet2DConditionModel(**_read(name, "unet"))
+    unet = UNet2DConditionModel(**read_config(name, "unet"))
     seeded(1)
-    vae = AutoencoderKL(**_read(name, "vae"))
-    scheduler_config = json.loads((_config_dir(name) / "scheduler.json").read_text())
-    scheduler = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
+    vae = AutoencoderKL(**read_config(name, "vae"))
     seeded(2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_read(name, "text_encoder")))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read_config(name, "text_encoder")))
+    return unet, vae, text_encoder
+
+
+def shipped_weights(name: str, component: str) -> Path:
+    return _config_dir(name) / f"{component}.safetensors"
+
+
+def load_shipped_weights(name: str, components: dict[str, torch.nn.Module]) -> None:
+    """Load the shipped fp16 weights of a toy model into its components; every key must match the config."""
+    from safetensors.torch import load_file
+
+    for component, module in components.items():
+        module.load_state_dict(load_file(str(shipped_weights(name, component))), strict=True)
+
+
+def _build_pipeline(name: str, seed: int):
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    unet, vae, text_encoder = build_components(name, seed)
+    if name in TOY_MODELS:
+        load_shipped_weights(name, {"unet": unet, "vae": vae, "text_encoder": text_encoder})
+    scheduler_config = read_config(name, "scheduler")
+    scheduler = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet, scheduler=scheduler)
     if name.endswith("sdxl"):
-        seeded(3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_read(name, "text_encoder_2")))
+        torch.manual_seed(seed * 1000 + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**read_config(name, "text_encoder_2")))
         return diffusers.StableDiffusionXLPipeline(
             **common, text_encoder_2=text_encoder_2, tokenizer_2=load_clip_tokenizer(pad_token="!")
         )

@@ -22,7 +22,7 @@ SMALL = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=256, bucket_step
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from sdlora.tiny import load_clip_tokenizer
+    from sdlora.clip_tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 

@@ -35,7 +35,7 @@ def clip_dir(tmp_path_factory) -> Path:
     """A random CLIP at tiny widths saved as a CLIP folder: safetensors, the real CLIP tokenizer, a processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from sdlora.tiny import load_clip_tokenizer
+    from sdlora.clip_tokenizer import load_clip_tokenizer
 
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
     config = CLIPConfig(text_config=dict(small, vocab_size=49408, max_position_embeddings=77),

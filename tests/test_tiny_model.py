@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sdlora.models import detect_arch, encode_prompt, load_base_model, tokenize
-from sdlora.tiny import build_tiny_model, load_clip_tokenizer
+from sdlora.clip_tokenizer import load_clip_tokenizer
+from sdlora.tiny import build_tiny_model
 
 PROMPTS = [
     "a photo of a cat",
