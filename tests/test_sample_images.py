@@ -1,4 +1,4 @@
-"""The committed sample_images/ set: shape of the dataset, and that scripts/make_sample_images.py reproduces it."""
+"""The committed sample_images/ set: the demo's style set, and that scripts/make_sample_images.py reproduces it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from types import ModuleType
 import pytest
 from PIL import Image
 
+from sdlora.toyworld.style_set import SAMPLE_SIZE, TRIGGER, training_scenes, with_trigger
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_images"
 SCRIPT = REPO / "scripts" / "make_sample_images.py"
-MAX_TOTAL_BYTES = 5 * 1024 * 1024
+MAX_TOTAL_BYTES = 1024 * 1024
 
 
 def load_script() -> ModuleType:
@@ -21,7 +23,6 @@ def load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("make_sample_images", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class body is built.
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
@@ -32,24 +33,19 @@ def images() -> list[Path]:
     return sorted(SAMPLES.glob("*.png"))
 
 
-def test_count(images: list[Path]) -> None:
-    assert 16 <= len(images) <= 24
+def test_one_picture_per_style_set_scene(images: list[Path]) -> None:
+    scenes = training_scenes()
+    assert len(images) == len(scenes) == 20
+    for image, scene in zip(images, scenes):
+        assert image.with_suffix(".txt").read_text(encoding="utf-8").strip() == with_trigger(scene.caption())
+        with Image.open(image) as im:
+            assert im.size == (SAMPLE_SIZE, SAMPLE_SIZE) and im.mode == "RGB"
 
 
 def test_captions_start_with_trigger(images: list[Path]) -> None:
     for image in images:
         caption = image.with_suffix(".txt").read_bytes().decode("utf-8").strip()
-        assert caption.startswith("zkstyle"), image.name
-        assert caption != "zkstyle", image.name
-
-
-def test_sizes_and_aspect_ratios(images: list[Path]) -> None:
-    sizes = set()
-    for image in images:
-        with Image.open(image) as im:
-            sizes.add(im.size)
-    assert all(512 <= side <= 768 for size in sizes for side in size)
-    assert len({w / h for w, h in sizes}) >= 2
+        assert caption.startswith(f"{TRIGGER}, a "), image.name
 
 
 def test_total_size() -> None:
