@@ -62,6 +62,7 @@ class AppSettings:
     model: str = "tiny-sd15"  # the base model selected at start
     data_dir: Path = Path(".")  # Train tab: dataset folders must be inside this one
     configs_dir: Path = Path("configs")  # Train tab: the presets (*.toml)
+    strict: bool = False  # refuse LoRA files with modules that match nothing in the model (else: a warning)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class Engine:
             device, dtype = default_device()
             pipe = load_pipeline(path, device, dtype, vae=vae_path)
             pipe.set_progress_bar_config(disable=True)
-            self.pipe, self.loras, self.model, self.vae = pipe, LoraCache(pipe), model, vae
+            self.pipe, self.loras, self.model, self.vae = pipe, LoraCache(pipe, self.settings.strict), model, vae
             self.model_seconds = time.perf_counter() - started
             logger.info(f"loaded {model}{f' with VAE {vae}' if vae else ''} in {self.model_seconds:.1f} s")
         return self.pipe, self.loras
@@ -281,8 +282,7 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
         pipe, loras = engine.pipeline(model, vae)
         result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
                                  lora_dir=engine.settings.lora_dir, model_name=model_label(model))
-    for warning in result.warnings:
-        gr.Warning(warning)
+    _show_warnings(result.warnings)
     gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
     loading = f"LoRA loading {result.load_seconds:.1f} s"
     if model_loaded:
@@ -290,6 +290,13 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
     info = (f"{len(result.paths)} image(s) in {result.generate_seconds:.1f} s ({loading})"
             f" · saved to {result.paths[0].parent}")
     return gallery, result.seeds[0], info
+
+
+def _show_warnings(warnings) -> None:
+    import gradio as gr
+
+    for warning in warnings:
+        gr.Warning(warning)
 
 
 def read_png_parameters(settings: AppSettings, file):
@@ -357,7 +364,7 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
         if len(weights) * len(rows) > MAX_GRID_CELLS:
             raise GenerationError(f"{len(weights)} x {len(rows)} cells; the grid takes at most {MAX_GRID_CELLS}")
         pipe, loras = engine.pipeline(model, vae)
-        cells, total, started = [], len(weights) * len(rows), time.perf_counter()
+        cells, total, started, notes = [], len(weights) * len(rows), time.perf_counter(), {}
         for r, (_, p, x_lora, extra) in enumerate(rows):
             swept = {x_lora, *(Path(e.path) for e in extra)}
             others = [s for s in engine.slot_specs(slots) if Path(s.path) not in swept]
@@ -367,6 +374,7 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
                     progress((r * len(weights) + c, total), desc="X/Y grid")
                 result = generate_images(pipe, loras, p, [*others, *extra, LoraSpec(x_lora, weight)],
                                          lora_dir=lora_dir, model_name=model_label(model))
+                notes.update(dict.fromkeys(result.warnings))
                 row.append(result.images[0])
             cells.append(row)
         row_labels = [label for label, _, _, _ in rows]
@@ -375,6 +383,7 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
         text = grid_parameters(params, model_label(model),
                                [(f"LoRA weight ({name})", [f"{w:g}" for w in weights]), (y_axis, None)])
         path = save_png(grid, _next_grid_path(Path(engine.settings.out_dir) / "grids"), text)
+    _show_warnings(notes)
     return str(path), f"{total} cells in {time.perf_counter() - started:.1f} s · saved to {path}"
 
 

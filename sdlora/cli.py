@@ -17,15 +17,15 @@ from .config import ConfigError, load_config
 USAGE_ERRORS = (ConfigError,)
 
 
+logger = logging.getLogger("sdlora.cli")  # not __name__: that is "__main__" under `python -m sdlora.cli`
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _configure_output(args.verbose)
     try:
         return args.func(args, extra) or 0
     except USAGE_ERRORS as e:
@@ -39,6 +39,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sdlora: error: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _configure_output(verbose: bool) -> None:
+    """sdlora's own log lines on stderr; other libraries' log lines, warnings and progress bars only with --verbose.
+
+    A user acts on what sdlora says, and an error must stay one line: a library's notice (bitsandbytes' kernel
+    download, diffusers' float32 note, transformers' loading bars) in front of it reads as the failure.
+    transformers and diffusers log through handlers of their own, set from these variables when they are imported.
+    Where logging is already set up (a test runner, a program that calls `main`), it is left as it is.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose:
+        for variable, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                                ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+            os.environ.setdefault(variable, value)
+        handler.addFilter(lambda record: record.name.partition(".")[0] == "sdlora")
+        logging.captureWarnings(True)  # warnings.warn() becomes a "py.warnings" record, which the filter drops
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 # Our own error types (and a missing file) carry complete one-line messages; anything else is a bug and keeps
@@ -85,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/generated")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
+    _add_strict_option(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("app", help="start the Gradio app (generate with LoRAs, X/Y grids, train)",
@@ -97,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default 7860 (or GRADIO_SERVER_PORT)")
     p.add_argument("--listen", action="store_true", help="listen on 0.0.0.0: anyone on your network can use it")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    _add_strict_option(p)
     p.set_defaults(func=_cmd_app)
 
     p = sub.add_parser("inspect", help="print a LoRA file's architecture, ranks, metadata and problems")
@@ -130,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="repeatable; weight 1.0 by default")
     p.add_argument("--out", required=True, help="output folder, or a .safetensors file for a single-file checkpoint")
-    _add_written_options(p, verbose=False)
+    _add_written_options(p)
+    _add_strict_option(p)
     p.set_defaults(func=_cmd_merge_into_base)
 
     p = sub.add_parser("merge-loras", help="merge several LoRAs into one LoRA file",
@@ -140,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files, weight 1.0 by default")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--rank", type=_positive_int, help="SVD to this rank per module (default: concatenate, exact)")
-    _add_written_options(p, verbose=True)
+    _add_written_options(p)
     p.set_defaults(func=_cmd_merge_loras)
 
     p = sub.add_parser("resize", help="change a LoRA's rank by SVD (fixed rank or kept energy)",
@@ -153,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--energy", type=_fraction, metavar="FRACTION",
                      help="per module, the smallest rank keeping this fraction of the sum of squared singular "
                           "values, e.g. 0.95")
-    _add_written_options(p, verbose=True)
+    _add_written_options(p)
     p.set_defaults(func=_cmd_resize)
 
     p = sub.add_parser("extract", help="extract a LoRA from the difference of a fine-tuned model and its base",
@@ -166,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=["attn", "attn_mlp", "all"], default="attn",
                    help="module set, as lora.targets in training (default attn: attention projections)")
     p.add_argument("--conv", action="store_true", help="also the ResNet and sampler convs (LoCon)")
-    _add_written_options(p, verbose=True)
+    _add_written_options(p)
     p.set_defaults(func=_cmd_extract)
 
     grid_help = ("Render every saved LoRA file of a run (rows, by epoch/step, final last) at several weights "
@@ -213,15 +239,27 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    for name, command in sub.choices.items():
+        what = "list the error of every module, and " if name in _SVD_TOOLS else ""
+        command.add_argument("--verbose", action="store_true",
+                             help=f"{what}show other libraries' warnings, log lines and progress bars too")
     return parser
 
 
-def _add_written_options(p: argparse.ArgumentParser, verbose: bool) -> None:
-    """--dtype of the files the LoRA tools write and, for the SVD tools, --verbose for every module's error."""
+_SVD_TOOLS = ("merge-loras", "resize", "extract")  # their reports list every module's error with --verbose
+
+
+def _add_strict_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a LoRA file with modules that match nothing in the base model (by default they are "
+                        "left out with a warning)")
+
+
+def _add_written_options(p: argparse.ArgumentParser) -> None:
+    """--dtype of the files the LoRA tools write."""
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="dtype of the written tensors (default fp16)")
-    if verbose:
-        p.add_argument("--verbose", action="store_true", help="list the error of every module")
 
 
 def _positive_int(text: str) -> int:
@@ -327,32 +365,33 @@ def _cmd_generate(args, extra) -> int:
         for spec in loras:
             if not spec.path.is_file():
                 raise FileNotFoundError(f"{spec.path}: no such LoRA file")
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # one "Loading weights" bar per component otherwise
         pipe = load_pipeline(args.model, *default_device(), allow_unsafe_pickle=args.allow_unsafe_pickle)
         pipe.set_progress_bar_config(disable=True)
         size = default_size(pipe.sdlora_arch)
         params = replace(params, width=args.width or size, height=args.height or size)
-        result = generate_images(pipe, LoraCache(pipe), params, loras, args.count, out_dir=args.out,
+        result = generate_images(pipe, LoraCache(pipe, strict=args.strict), params, loras, args.count, out_dir=args.out,
                                  lora_dir=args.lora_dir, model_name=model_label(args.model))
     except GenerationError as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
-    for warning in result.warnings:
-        print(f"sdlora: warning: {warning}", file=sys.stderr)
+    _print_warnings(result.warnings)
     for path in result.paths:
         print(path)
-    logging.getLogger(__name__).info(f"{len(result.paths)} image(s) in {result.generate_seconds:.1f} s "
+    logger.info(f"{len(result.paths)} image(s) in {result.generate_seconds:.1f} s "
                                      f"(LoRA loading {result.load_seconds:.1f} s)")
     return 0
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"sdlora: warning: {warning}", file=sys.stderr)
 
 
 def _cmd_app(args, extra) -> int:
     from .app import AppSettings, launch
 
     settings = AppSettings(models_dir=Path(args.models_dir), lora_dir=Path(args.lora_dir), out_dir=Path(args.out),
-                           model=args.model, data_dir=Path(args.data_dir))
+                           model=args.model, data_dir=Path(args.data_dir), strict=args.strict)
     launch(settings, listen=args.listen, share=args.share, port=args.port)
     return 0
 
@@ -373,7 +412,7 @@ def _is_number(text: str) -> bool:
 
 
 def _cmd_inspect(args, extra) -> int:
-    from .export import inspect_lora
+    from .lora_files import inspect_lora  # not from .export, which imports peft: inspect reads a file only
 
     print(inspect_lora(args.file))
     return 0
@@ -383,7 +422,8 @@ def _cmd_merge_into_base(args, extra) -> int:
     from .export import EXPORT_DTYPES
     from .lora_tools import merge_into_base
 
-    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, EXPORT_DTYPES[args.dtype]))
+    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, EXPORT_DTYPES[args.dtype],
+                          strict=args.strict))
     return 0
 
 
@@ -470,6 +510,7 @@ def _cmd_grid(args, extra) -> int:
     except (GenerationError, ClipError) as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
+    _print_warnings(result.warnings)
     print(result.path)
     if clip is not None:
         rows, path = measure_grid(clip, result, next((s for s in map(Path, args.sources) if s.is_dir()), None))

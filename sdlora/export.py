@@ -32,17 +32,19 @@ from .lora_files import (
     group_lora_keys,
     inspect_lora,
     read_lora_file,
+    refuse_other_networks,
     split_lora_key,
     unsupported_network_type,
 )
 
 __all__ = [
-    "ARCHS", "COMPONENTS", "EXPORT_DTYPES", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout", "arch_metadata",
-    "build_metadata", "detect_arch", "file_hashes", "from_kohya_state_dict", "group_lora_keys", "inspect_lora",
-    "kohya_module_name", "kohya_module_tensors", "load_lora_layers", "lora_weights_from_tensors", "read_lora_file",
-    "save_kohya_lora", "save_kohya_state_dict", "save_peft_lora", "split_lora_key", "text_encoder_path",
-    "to_kohya_state_dict", "to_peft_state_dict", "unet_layout_from_config", "unet_layout_from_names",
-    "unet_path_to_ldm", "unsupported_network_type",
+    "ARCHS", "COMPONENTS", "EXPORT_DTYPES", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout",
+    "arch_metadata", "build_metadata", "detect_arch", "file_hashes", "from_kohya_state_dict", "group_lora_keys",
+    "inspect_lora", "kohya_module_name", "kohya_module_tensors", "load_lora_layers", "lora_weights_from_tensors",
+    "match_lora_keys", "read_lora_file", "refuse_other_networks", "save_kohya_lora", "save_kohya_state_dict",
+    "save_peft_lora", "split_lora_key", "stray_message", "text_encoder_path", "to_kohya_state_dict",
+    "to_peft_state_dict", "unet_layout_from_config", "unet_layout_from_names", "unet_path_to_ldm",
+    "unsupported_network_type",
 ]
 
 logger = logging.getLogger(__name__)
@@ -349,6 +351,35 @@ def _module_aliases(module_names: Mapping[str, Iterable[str]]) -> dict[str, tupl
     return aliases
 
 
+def match_lora_keys(
+    sd: Mapping[str, torch.Tensor], module_names: Mapping[str, Iterable[str]]
+) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
+    """Which module of the model each key of a LoRA state dict (any format `from_kohya_state_dict` reads) belongs to.
+
+    Returns:
+        ({(component, module path): {"down" | "up" | "alpha" | ...: key}}, the keys that match no module, in file
+        order: modules the model lacks and keys that are no LoRA tensor).
+    """
+    aliases = _module_aliases(module_names)
+    matched: dict[tuple[str, str], dict[str, str]] = {}
+    unmatched = []
+    for key in sd:
+        split = split_lora_key(key)
+        target = aliases.get(split[0]) if split else None
+        if target is None:
+            unmatched.append(key)
+        else:
+            matched.setdefault(target, {})[split[1]] = key
+    return matched, unmatched
+
+
+def unmatched_modules(keys: Iterable[str]) -> list[str]:
+    """The module names of unmatched keys (from `match_lora_keys`), each once, in order; a key that is no LoRA
+    tensor stands for itself."""
+    names = [split[0] if (split := split_lora_key(key)) else key for key in keys]
+    return list(dict.fromkeys(names))
+
+
 def from_kohya_state_dict(
     sd: Mapping[str, torch.Tensor], module_names: Mapping[str, Iterable[str]]
 ) -> dict[str, dict[str, LoraWeights]]:
@@ -374,27 +405,23 @@ def from_kohya_state_dict(
             f"this is a {name} network (e.g. key {key!r}), which is not supported; only plain LoRA "
             "(lora_down/lora_up or lora_A/lora_B) files can be imported"
         )
-    aliases = _module_aliases(module_names)
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    unmatched = []
-    for key, tensor in sd.items():
-        split = split_lora_key(key)
-        target = aliases.get(split[0]) if split else None
-        if target is None:
-            unmatched.append(key)
-            continue
-        parts.setdefault(target, {})[split[1]] = tensor
+    matched, unmatched = match_lora_keys(sd, module_names)
     if unmatched:
-        shown = ", ".join(repr(k) for k in unmatched[:5])
-        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
-        raise LoraFileError(
-            f"{len(unmatched)} of {len(sd)} keys match no module of this model: {shown}{more} "
-            "(a LoRA for another architecture, or another network type?)"
-        )
+        raise LoraFileError(f"{stray_message(unmatched, len(matched))} (a LoRA for another architecture, or "
+                            "another network type?)")
     layers: dict[str, dict[str, LoraWeights]] = {}
-    for (component, name), tensors in parts.items():
+    for (component, name), keys in matched.items():
+        tensors = {kind: sd[key] for kind, key in keys.items()}
         layers.setdefault(component, {})[name] = lora_weights_from_tensors(tensors, f"{component} module {name}")
     return layers
+
+
+def stray_message(unmatched: Iterable[str], matched_modules: int) -> str:
+    """'N of M LoRA modules match no module of this model: a, b, c and K more', from `match_lora_keys`' unmatched
+    keys and its number of matched modules."""
+    modules = unmatched_modules(unmatched)
+    shown = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+    return f"{len(modules)} of {len(modules) + matched_modules} LoRA modules match no module of this model: {shown}"
 
 
 def lora_weights_from_tensors(tensors: Mapping[str, torch.Tensor], label: str) -> LoraWeights:

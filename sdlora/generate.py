@@ -265,10 +265,14 @@ class LoraCache:
     Switching weights is `pipe.set_adapters` (a scale per adapter and component), so moving a slider costs
     nothing and never touches the base model. A file that changes on disk (retrained) is loaded again.
     When every weight is 0 the adapters are disabled altogether, so the image is the base model's, bit for bit.
+    A module of a file that matches nothing in the model is left out with a note (`notes`), or with `strict`
+    refused: never dropped silently, whichever way the file is loaded.
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, strict: bool = False):
         self.pipe = pipe
+        self.strict = strict
+        self.notes: dict[Path, str] = {}  # file -> what was left out of it when it was loaded
         self._adapters: dict[Path, tuple[str, tuple[int, int]]] = {}  # file -> (adapter name, (mtime_ns, size))
         self._count = 0
         self.load_seconds: dict[Path, float] = {}  # the last load time of each file
@@ -279,10 +283,11 @@ class LoraCache:
 
         Raises:
             LoraFileError: not a safetensors LoRA (missing, truncated, a pickle), another network type (LoHa,
-                LoKr, ...), another architecture than the pipeline's, or keys/shapes that do not fit the model.
-                The pipeline is left as it was.
+                LoKr, ...), another architecture than the pipeline's, keys/shapes that do not fit the model, or
+                with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
-        from .export import LoraFileError, detect_arch, read_lora_file, split_lora_key, unsupported_network_type
+        from .export import (LoraFileError, detect_arch, match_lora_keys, read_lora_file, refuse_other_networks,
+                             split_lora_key)
 
         path = Path(path).resolve()
         stat = path.stat() if path.is_file() else None
@@ -293,11 +298,10 @@ class LoraCache:
                 return name
             self._delete(name)
             del self._adapters[path]
+            self.notes.pop(path, None)
         started = time.perf_counter()
         tensors, metadata = read_lora_file(path)
-        unsupported = unsupported_network_type(tensors)
-        if unsupported:
-            raise LoraFileError(f"{path}: a {unsupported[0]} network, not a LoRA; this loader reads LoRA files only")
+        refuse_other_networks(path, tensors)
         if not any(split_lora_key(key) for key in tensors):
             raise LoraFileError(f"{path}: holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B keys)")
         arch = getattr(self.pipe, "sdlora_arch", None)
@@ -308,13 +312,25 @@ class LoraCache:
         if arch and lora_arch != arch:
             raise LoraFileError(f"{path}: a LoRA for {_ARCH_NAMES[lora_arch]}, but the base model is "
                                 f"{_ARCH_NAMES[arch]}; pick a LoRA trained on this model family")
+        module_names = {part: [n for n, _ in getattr(self.pipe, part).named_modules()]
+                        for part in self.pipe._lora_loadable_modules if getattr(self.pipe, part, None) is not None}
+        matched, unmatched = match_lora_keys(tensors, module_names)
+        self._strays(path, unmatched, len(matched))
+        tensors = {key: tensors[key] for keys in matched.values() for key in keys.values()}
         if _misread_by_diffusers(tensors):
-            tensors = _as_peft(self.pipe, tensors, path)
+            tensors = _as_peft(tensors, module_names, path)
         self._count += 1
         name = f"sdlora{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)[:40]}"
         try:
             with _quiet_diffusers():
                 self.pipe.load_lora_weights(tensors, adapter_name=name)
+            # What diffusers' own conversion or peft dropped on the way counts as stray too.
+            adapted = self._adapted(name)
+            dropped = [next(iter(keys.values())) for target, keys in matched.items() if target not in adapted]
+            note = self._strays(path, unmatched + dropped, len(matched) - len(dropped))
+        except LoraFileError:
+            self._delete(name)
+            raise
         except Exception as e:  # diffusers/peft raise ValueError, RuntimeError (shapes), KeyError, ...
             self._delete(name)
             if type(e).__name__ == "NoMatchingPeftModuleError":
@@ -322,12 +338,35 @@ class LoraCache:
             else:
                 reason = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
             raise LoraFileError(f"{path}: does not fit this base model ({reason})") from None
-        if not any(name in names for names in self.pipe.get_list_adapters().values()):
-            raise LoraFileError(f"{path}: none of its keys match this base model (is it a LoRA for another model?)")
+        if note:
+            self.notes[path] = note
         self._adapters[path] = (name, stamp)
         self.load_seconds[path] = time.perf_counter() - started
         logger.info(f"loaded {path.name} in {self.load_seconds[path]:.2f} s")
         return name
+
+    def _strays(self, path: Path, unmatched: list[str], matched: int) -> str | None:
+        """The note on a file's modules that match nothing in the model (`unmatched` keys), if any.
+
+        Raises:
+            LoraFileError: nothing matches, or with `strict` anything does not.
+        """
+        from .export import LoraFileError, stray_message
+
+        if not matched:
+            raise LoraFileError(f"{path}: none of its modules exist in this base model (is it a LoRA for another "
+                                "model?)")
+        if not unmatched:
+            return None
+        if self.strict:
+            raise LoraFileError(f"{path}: {stray_message(unmatched, matched)}; refused (--strict), as it would load "
+                                "only in part")
+        return f"{path.name}: {stray_message(unmatched, matched)}; they are left out (--strict refuses such files)"
+
+    def _adapted(self, adapter: str) -> set[tuple[str, str]]:
+        """(component, module name) of every module that holds a LoRA layer of this adapter."""
+        return {(part, n) for part in self.pipe._lora_loadable_modules if getattr(self.pipe, part, None) is not None
+                for n, module in getattr(self.pipe, part).named_modules() if adapter in getattr(module, "lora_A", {})}
 
     def model_hash(self, path: str | Path) -> str:
         """The file's `sshs_model_hash` (A1111's "Lora hashes" use its first 12 hex), computed once per file."""
@@ -388,15 +427,13 @@ def _misread_by_diffusers(tensors: dict[str, torch.Tensor]) -> bool:
     return len(alphas) > 1 or any(key.endswith(".dora_scale") for key in tensors)
 
 
-def _as_peft(pipe, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _as_peft(tensors: dict[str, torch.Tensor], module_names: dict[str, list[str]], path: Path) -> dict[str, torch.Tensor]:
     """The file mapped onto the pipeline's modules by our own reader and handed over in peft's format, which
     diffusers loads exactly: each alpha / rank folded into lora_B, DoRA's magnitude as `lora_magnitude_vector`."""
     from .export import LoraFileError, from_kohya_state_dict, to_peft_state_dict
 
-    names = {part: [n for n, _ in getattr(pipe, part).named_modules()]
-             for part in pipe._lora_loadable_modules if getattr(pipe, part, None) is not None}
     try:
-        return to_peft_state_dict(from_kohya_state_dict(tensors, names), torch.float32)
+        return to_peft_state_dict(from_kohya_state_dict(tensors, module_names), torch.float32)
     except LoraFileError as e:
         raise LoraFileError(f"{path}: {e}") from None
 
@@ -465,7 +502,8 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
         model_name: written as `Model:` in the PNG parameters.
 
     Returns:
-        Images, seeds, the saved parameters and paths, warnings (malformed or unknown tags) and timings.
+        Images, seeds, the saved parameters and paths, warnings (malformed or unknown tags, modules of a LoRA
+        file that match nothing in the model) and timings.
 
     Raises:
         GenerationError: impossible settings. LoraFileError: a LoRA file cannot be used (see LoraCache.load).
@@ -488,6 +526,8 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
     loaded_before = dict(loras.load_seconds)
     loras.activate(specs)
     load_seconds = sum(t for p, t in loras.load_seconds.items() if loaded_before.get(p) != t)
+    used = dict.fromkeys(Path(spec.path).resolve() for spec in specs)
+    notes += [loras.notes[path] for path in used if path in loras.notes]
 
     # The saved prompt keeps the tags the user typed and gets the other LoRAs appended as tags, so A1111 (and our
     # "read parameters") reproduce the image from the PNG alone; Lora hashes let model sites credit each file.

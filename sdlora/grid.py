@@ -287,6 +287,7 @@ class GridResult:
     cells: dict[tuple[int, int, int], tuple[int, int, int, int]] = field(default_factory=dict)
     path: Path | None = None
     renders: int = 0  # images rendered (weight-0 cells are the base image, rendered once per prompt)
+    warnings: list[str] = field(default_factory=list)  # from the renders, each once (e.g. LoRA modules left out)
 
 
 def render_grid(pipe, loras: LoraCache, files: list[LoraFile | str | Path], prompts: list[GenerationParams],
@@ -328,7 +329,9 @@ def render_grid(pipe, loras: LoraCache, files: list[LoraFile | str | Path], prom
                         row.append(base)
                         continue
                     specs = [LoraSpec(f.path, w)] if w != 0 else []
-                    image = generate_images(pipe, loras, params, specs, model_name=model_name).images[0]
+                    rendered = generate_images(pipe, loras, params, specs, model_name=model_name)
+                    image = rendered.images[0]
+                    result.warnings += [w for w in rendered.warnings if w not in result.warnings]
                     result.renders += 1
                     bar.update(1)
                     if w == 0:

@@ -111,6 +111,14 @@ def unsupported_network_type(keys: Iterable[str]) -> tuple[str, str] | None:
     return None
 
 
+def refuse_other_networks(path: str | Path, keys: Iterable[str]) -> None:
+    """Raise LoraFileError (naming the file, the network type and a key) for a LyCORIS network that is no LoRA."""
+    unsupported = unsupported_network_type(keys)
+    if unsupported:
+        raise LoraFileError(f"{path}: a {unsupported[0]} network (e.g. key {unsupported[1]!r}), not a LoRA; sdlora "
+                            "reads LoRA files only")
+
+
 def bytes_hashes(data: bytes) -> dict[str, str]:
     """`file_hashes` of a serialised safetensors file held in memory."""
     n = int.from_bytes(data[:8], "little")
@@ -258,30 +266,35 @@ def inspect_lora(path: str | Path) -> str:
     stored `sshs_model_hash` that does not match the file.
 
     Raises:
-        LoraFileError: see `read_lora_file`.
+        LoraFileError: see `read_lora_file`; and a file that holds no LoRA module (a checkpoint, a VAE, a LyCORIS
+            network), in one line saying what it looks like.
     """
     path = Path(path)
     sd, metadata = read_lora_file(path)
+    refuse_other_networks(path, sd)
+    modules, unknown = group_lora_keys(sd)
+    if not any("down" in parts and "up" in parts for parts in modules.values()):
+        from .single_file import describe_tensors
+
+        what = f"LoRA tensors without their pairs, e.g. {next(iter(modules))}" if modules else describe_tensors(sd)
+        raise LoraFileError(f"{path}: holds no LoRA module (lora_down/lora_up or lora_A/lora_B pairs); it looks "
+                            f"like {what}")
     warnings: list[str] = []
     try:
         arch = detect_arch(sd, metadata)
     except LoraFileError:
         arch = "unknown"
-    unsupported = unsupported_network_type(sd)
-    if unsupported:
-        fmt = f"{unsupported[0]} (not importable here)"
-    elif all(k.startswith(KOHYA_PREFIXES) for k in sd):
+    if all(k.startswith(KOHYA_PREFIXES) for k in sd):
         fmt = "kohya (lora_down/lora_up)" + (" with DoRA dora_scale" if any(k.endswith(".dora_scale") for k in sd) else "")
     else:
         fmt = "diffusers/peft" if any(".lora_A." in k for k in sd) else "other"
         if any(k.endswith(".lora_magnitude_vector") for k in sd):
             fmt += " with DoRA lora_magnitude_vector"
 
-    modules, unknown = group_lora_keys(sd)
     for key, tensor in sd.items():
         if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all():
             warnings.append(f"{key} contains NaN/Inf")
-    if unknown and not unsupported:
+    if unknown:
         warnings.append(f"{len(unknown)} keys are not LoRA weights, e.g. {unknown[0]!r}")
 
     # (component, block) -> Counter of (rank, alpha)

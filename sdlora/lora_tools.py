@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import statistics
 from collections import Counter
@@ -44,6 +45,8 @@ from .export import (
 from .lora import LoraWeights, target_module_names
 from .models import PICKLE_SUFFIXES, BaseModel, ModelError, component_names
 from .single_file import ARCH_NAMES
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoraFile", "ModuleError", "ToolReport", "choose_rank", "extract_lora", "extract_lora_file",
@@ -554,7 +557,7 @@ def extract_lora_file(base_model: str, tuned_model: str, out: str | Path, rank: 
 # --------------------------------------------------------------------------------------------------------------
 
 def merge_into_base(base_model: str, loras: Sequence[tuple[str | Path, float]], out: str | Path,
-                    dtype: torch.dtype = torch.float16) -> Path:
+                    dtype: torch.dtype = torch.float16, strict: bool = False) -> Path:
     """Write the base model with LoRAs fused into its weights: W + sum_i weight_i * (alpha_i / r_i) * up_i @ down_i.
 
     The LoRAs are loaded into a diffusers pipeline exactly as `sdlora generate` loads them (`LoraCache`), then
@@ -565,12 +568,15 @@ def merge_into_base(base_model: str, loras: Sequence[tuple[str | Path, float]], 
         loras: (LoRA file, weight) pairs; weight 0 leaves a file out.
         out: a folder (diffusers layout) or a `.safetensors` file (single-file A1111/ComfyUI layout).
         dtype: dtype of the written weights (the merge itself runs in fp32).
+        strict: refuse a LoRA with modules that match nothing in the base model; otherwise they are left out and
+            a warning is logged.
 
     Returns:
         The path written (atomically: a crash leaves no half-written model).
 
     Raises:
-        LoraFileError: an unreadable LoRA, or one for another architecture (one line naming both).
+        LoraFileError: an unreadable LoRA, or one for another architecture (one line naming both), or with
+            `strict` one that would load only in part.
         ModelError: bad base model or output name.
     """
     from .atomic import atomic_dir
@@ -595,9 +601,11 @@ def merge_into_base(base_model: str, loras: Sequence[tuple[str | Path, float]], 
     # Weight 0 must not reach LoraCache: it would disable the adapters, and fuse_lora merges disabled ones too.
     specs = [LoraSpec(path, weight) for path, weight in totals.items() if weight != 0]
     pipe = load_pipeline(base_model)  # CPU, fp32
-    cache = LoraCache(pipe)
+    cache = LoraCache(pipe, strict)
     for spec in tqdm(specs, desc="loading LoRAs", unit="file"):
         cache.load(spec.path)
+    for note in cache.notes.values():
+        logger.warning(note)
     if specs:
         cache.activate(specs)
         pipe.fuse_lora(components=list(pipe.get_list_adapters()), lora_scale=1.0)

@@ -190,6 +190,22 @@ def test_errors_become_messages_and_the_app_goes_on(engine, settings):
     assert Path(gallery[0][0]).is_file()
 
 
+def test_a_stray_module_is_a_message_in_the_page_or_refused_with_strict(engine, settings):
+    from test_generate import STRAY, _with_stray_module
+
+    stray, _ = _with_stray_module(settings.lora_dir / ALPHA, settings.lora_dir, "uniform")
+    try:
+        with pytest.warns(UserWarning, match=f"stray_uniform.safetensors: 1 of .* {STRAY}; they are left out"):
+            gallery, _, _ = run_generate(engine, *COMMON, 1, 1, *slots((stray.name, 1.0)))
+        assert Path(gallery[0][0]).is_file()
+        strict = Engine(AppSettings(**{**vars(settings), "strict": True}))
+        with pytest.raises(gr.Error, match=f"{STRAY}; refused"):
+            run_generate(strict, *COMMON, 1, 1, *slots((stray.name, 1.0)))
+    finally:
+        for path in settings.lora_dir.glob("*_uniform.safetensors"):
+            path.unlink()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -265,3 +265,38 @@ def test_lcm_sampler_and_setting_checks(pipe, cache):
     for bad in (dict(width=100), dict(height=32), dict(steps=0), dict(sampler="heun"), dict(sampler="lcm", steps=60)):
         with pytest.raises(GenerationError):
             generate_images(pipe, cache, replace(PARAMS, **bad))
+
+
+STRAY = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q"  # the tiny UNet has 2 down blocks
+
+
+def _with_stray_module(alpha: Path, folder: Path, alphas: str) -> tuple[Path, Path]:
+    """(alpha's file plus one module the model lacks, the same file without it), with the file's one alpha or with
+    alphas that differ per module: diffusers and our own reader load those two kinds of file."""
+    tensors = load_file(str(alpha))
+    if alphas == "varied":
+        for i, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))):
+            tensors[key] = tensors[key] * (1 + i % 3)
+    clean, stray = folder / f"clean_{alphas}.safetensors", folder / f"stray_{alphas}.safetensors"
+    save_file(tensors, str(clean))
+    save_file({**tensors, f"{STRAY}.lora_down.weight": torch.ones(4, 32), f"{STRAY}.lora_up.weight": torch.ones(32, 4),
+               f"{STRAY}.alpha": torch.tensor(4.0)}, str(stray))
+    return stray, clean
+
+
+@pytest.mark.parametrize("alphas", ["uniform", "varied"])
+def test_a_stray_module_is_named_in_a_warning_or_refused_with_strict(pipe, alpha, base_image, tmp_path, alphas):
+    stray, clean = _with_stray_module(alpha, tmp_path, alphas)
+    modules = len({k.rsplit(".", 2)[0] for k in load_file(str(stray)) if "lora_down" in k})
+    result = generate_images(pipe, LoraCache(pipe), PARAMS, [LoraSpec(stray)])
+    assert result.warnings == [f"{stray.name}: 1 of {modules} LoRA modules match no module of this model: {STRAY}; "
+                               "they are left out (--strict refuses such files)"]
+    # Everything else is loaded: the image is the one of the file without the stray module.
+    image = result.images[0].tobytes()
+    assert image != base_image and image == render(pipe, LoraCache(pipe), [LoraSpec(clean)])
+
+    adapters = pipe.get_list_adapters()
+    with pytest.raises(LoraFileError) as err:
+        LoraCache(pipe, strict=True).load(stray)
+    assert "\n" not in str(err.value) and STRAY in str(err.value) and "--strict" in str(err.value)
+    assert pipe.get_list_adapters() == adapters  # nothing of the refused file is left in the pipeline

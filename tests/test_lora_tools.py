@@ -339,6 +339,38 @@ def test_merge_into_base_adds_the_deltas_and_renders_like_the_loras(sd15_path, s
     assert np.abs(fused - with_loras).max() <= 1  # ...and the merged model renders the same (fp rounding only)
 
 
+STRAY = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q"  # the tiny UNet has 2 down blocks
+
+
+@pytest.mark.parametrize("alphas", ["uniform", "varied"])
+def test_merge_into_base_names_a_stray_module_or_refuses_it_with_strict(sd15_path, small_loras, tmp_path, capsys,
+                                                                         caplog, alphas):
+    tensors = load_file(str(small_loras[1]))  # rank 2, alpha 3 everywhere
+    if alphas == "varied":
+        for i, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))):
+            tensors[key] = tensors[key] * (1 + i % 3)
+    clean, stray = tmp_path / "clean.safetensors", tmp_path / "stray.safetensors"
+    save_safetensors(tensors, clean, SD1)
+    save_safetensors({**tensors, f"{STRAY}.lora_down.weight": torch.ones(2, 32),
+                      f"{STRAY}.lora_up.weight": torch.ones(32, 2), f"{STRAY}.alpha": torch.tensor(2.0)}, stray, SD1)
+    merged = {}
+    for name, path in (("stray", stray), ("clean", clean)):
+        out = tmp_path / f"{name}-merged.safetensors"
+        assert main(["merge-into-base", "--model", str(sd15_path), "--lora", str(path), "--out", str(out)]) == 0
+        merged[name] = load_file(str(out))
+    notes = [r.getMessage() for r in caplog.records if STRAY in r.getMessage()]
+    assert len(notes) == 1 and "stray.safetensors: 1 of" in notes[0] and "--strict" in notes[0]
+    assert merged["stray"].keys() == merged["clean"].keys()  # the rest of the file is merged as without the module
+    assert all(torch.equal(merged["stray"][k], merged["clean"][k]) for k in merged["clean"])
+
+    capsys.readouterr()
+    out = tmp_path / "strict.safetensors"
+    assert main(["merge-into-base", "--model", str(sd15_path), "--lora", str(stray), "--out", str(out),
+                 "--strict"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # in-process, after transformers' loading bars
+    assert last.startswith("sdlora: error: ") and STRAY in last and "--strict" in last and not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # extract
 # ----------------------------------------------------------------------------------------------------------------
