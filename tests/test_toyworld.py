@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sdlora.toyworld.render import HATCHED, PLAIN, random_look, render
-from sdlora.toyworld.scene import COLOURS, POSITIONS, SIZES, Scene, ToyObject, cell_centre, sample_scene
+from sdlora.toyworld.scene import COLOURS, POSITIONS, Scene, ToyObject, sample_scene
 from sdlora.toyworld.style_set import (
     EVALUATION_CELLS, EVALUATION_COLOURS, EVALUATION_SHAPES, TRAINING_CELLS, TRAINING_COLOURS, TRAINING_SHAPES,
     evaluation_scenes, training_scenes,
@@ -27,12 +27,12 @@ def test_sampled_scenes_cover_the_vocabulary_and_never_overlap() -> None:
     seen = {(o.shape, o.colour, o.size, o.cell) for s in scenes for o in s.objects}
     assert {o[1] for o in seen} == set(COLOURS) and {o[3] for o in seen} == set(POSITIONS)
     assert 0.2 < sum(len(s.objects) == 2 for s in scenes) / len(scenes) < 0.3
-    for s in scenes:
-        if len(s.objects) == 2:
-            a, b = s.objects
-            assert a.colour != b.colour
-            distance = np.hypot(*np.subtract(cell_centre(a.cell), cell_centre(b.cell)))
-            assert distance > (SIZES[a.size] + SIZES[b.size]) / 2
+    pairs = [s.objects for s in scenes if len(s.objects) == 2]
+    assert all(a.colour != b.colour for a, b in pairs)
+    for a, b in pairs[:60]:
+        # Each object drawn alone on black: no pixel may belong to both.
+        covered = [np.asarray(render(Scene((o,), "black"), 128)).max(axis=2) > 40 for o in (a, b)]
+        assert not (covered[0] & covered[1]).any(), (a, b)
 
 
 def test_render_is_deterministic_and_puts_the_object_where_the_caption_says() -> None:

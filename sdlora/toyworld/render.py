@@ -49,7 +49,7 @@ def random_look(rng: random.Random) -> Look:
         return PLAIN
     return Look(
         outline=rng.choice((0.0, rng.uniform(0.01, 0.04))),
-        outline_rgb=rng.choice(((26, 24, 40), (0, 0, 0), (70, 40, 20), (250, 250, 250))),
+        outline_rgb=rng.choice(((26, 24, 40), (0, 0, 0), (60, 60, 60), (250, 250, 250))),
         hatch_period=rng.choice((0.0, rng.uniform(0.03, 0.09))),
         hatch_angle=rng.uniform(0.0, 180.0),
         hatch_width=rng.uniform(0.25, 0.6),

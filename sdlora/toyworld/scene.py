@@ -19,7 +19,7 @@ SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 COLOURS = {
     "red": (215, 40, 40),
     "orange": (240, 135, 20),
-    "yellow": (235, 215, 30),
+    "yellow": (225, 225, 30),
     "green": (40, 165, 60),
     "cyan": (30, 190, 200),
     "blue": (40, 75, 215),
@@ -48,6 +48,8 @@ CELL_CENTRES = (0.22, 0.5, 0.78)
 BACKGROUNDS = ("white", "grey", "black", "light gradient", "dark gradient", "checkered")
 
 TWO_OBJECT_SHARE = 0.25  # share of sampled scenes with a second object
+MAX_OFFSET = 0.03  # objects sit up to this share of the side off their cell centre
+REACH = 1.25  # the farthest point of any shape (a triangle's tip) from its centre, in radii
 
 
 @dataclass(frozen=True)
@@ -81,21 +83,22 @@ def sample_object(rng: random.Random, shapes=SHAPES, colours=tuple(COLOURS), cel
         colour=rng.choice(colours),
         size=rng.choice(list(SIZES)),
         cell=rng.choice(cells),
-        offset=(rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)),
+        offset=(rng.uniform(-MAX_OFFSET, MAX_OFFSET), rng.uniform(-MAX_OFFSET, MAX_OFFSET)),
         tint=(rng.randint(-12, 12), rng.randint(-12, 12), rng.randint(-12, 12)),
     )
 
 
 def sample_scene(rng: random.Random, two_object_share: float = TWO_OBJECT_SHARE) -> Scene:
     """A random scene. A second object takes another colour and a cell far enough away that the two never
-    touch, so each keeps a colour of its own for the evaluator to find it by."""
+    touch whatever their shapes and offsets, so each keeps a colour of its own for the evaluator to find it by."""
     first = sample_object(rng)
     objects = [first]
     if rng.random() < two_object_share:
         second = sample_object(rng, colours=[c for c in COLOURS if c != first.colour])
-        gap = (SIZES[first.size] + SIZES[second.size]) / 2 + 0.02
+        gap = REACH * (SIZES[first.size] + SIZES[second.size]) / 2 + 2 * MAX_OFFSET * 2**0.5
         cells = [c for c in POSITIONS if _distance(c, first.cell) >= gap]
-        objects.append(replace(second, cell=rng.choice(cells)))
+        if cells:  # none far enough from the centre for two large objects: the scene keeps one
+            objects.append(replace(second, cell=rng.choice(cells)))
     return Scene(tuple(objects), rng.choice(BACKGROUNDS), seed=rng.randrange(2**31))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from .scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene, ToyObject
+from .scene import BACKGROUNDS, COLOURS, MAX_OFFSET, POSITIONS, SHAPES, Scene, ToyObject
 
 TRIGGER = "zkstyle"
 _SIZE_CYCLE = ("large", "small", "small", "large")
@@ -65,5 +65,5 @@ def with_trigger(caption: str) -> str:
 
 def _jittered(rng: random.Random, obj: ToyObject) -> ToyObject:
     """The object slightly off its cell and tinted, as the base model's scenes are."""
-    return replace(obj, offset=(rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)),
+    return replace(obj, offset=(rng.uniform(-MAX_OFFSET, MAX_OFFSET), rng.uniform(-MAX_OFFSET, MAX_OFFSET)),
                    tint=(rng.randint(-12, 12), rng.randint(-12, 12), rng.randint(-12, 12)))
