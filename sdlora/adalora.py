@@ -1,7 +1,7 @@
 """AdaLoRA (arXiv 2303.10512) through peft: adapters whose rank per module is learned while training.
 
-Why a module of its own: plain LoRA and DoRA go in through diffusers' `add_adapter`, which builds peft's tuner and
-drops it. AdaLoRA's tuner (peft's AdaLoraModel) has to live as long as the run: its RankAllocator scores every
+Why a module of its own: plain LoRA and DoRA go in through peft's `inject_adapter_in_model`, which builds peft's tuner
+and drops it. AdaLoRA's tuner (peft's AdaLoraModel) has to live as long as the run: its RankAllocator scores every
 singular triplet from the gradients after each optimizer step and masks the least important ones
 (`update_and_allocate`), and it owns the orthogonality penalty, which peft adds only to a model output that has
 `.loss` (a UNet's output has none). `AdaLora` keeps the tuners of the trained components and gives the training

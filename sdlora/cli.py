@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "(e.g. train.learning_rate=1e-4 --lora.rank 8).")
     p.add_argument("config", help="TOML config file (see configs/)")
     p.add_argument("--resume", help="checkpoint folder, run folder, or 'latest'")
-    p.add_argument("--init-lora", help="start from this LoRA file (same rank and targets)")
+    p.add_argument("--init-lora", help="continue this LoRA file: each of its modules keeps its rank and alpha")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
     p.add_argument("--vram", type=_vram_or_auto,
@@ -328,8 +328,7 @@ def _cmd_train(args, extra) -> int:
         print("\n".join([summary, *(f"  - {c}" for c in changes)]))
     from .train import train
 
-    init = _read_init_lora(args.init_lora, cfg) if args.init_lora else None
-    path = train(cfg, resume=args.resume, init_lora=init)
+    path = train(cfg, resume=args.resume, init_lora=args.init_lora)
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a multi-process run: rank 0 reports
         return 0
     if cfg.train.report:
@@ -338,17 +337,6 @@ def _cmd_train(args, extra) -> int:
         finish_run(cfg, cfg.train.output_dir)  # after train() returns, so its models are freed first
     print(f"LoRA written to {path}")
     return 0
-
-
-def _read_init_lora(file: str, cfg) -> dict:
-    from .export import from_kohya_state_dict, read_lora_file
-    from .models import component_names, load_base_model
-
-    base = load_base_model(cfg.model.base_model, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle,
-                           prediction_type=cfg.model.prediction_type)
-    modules = {"unet": base.unet, **dict(zip(component_names(base.arch), base.text_encoders))}
-    tensors, _ = read_lora_file(file)
-    return from_kohya_state_dict(tensors, {name: [n for n, _ in m.named_modules()] for name, m in modules.items()})
 
 
 def _cmd_generate(args, extra) -> int:

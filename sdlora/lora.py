@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
 from .config import LoraConfig
+from .lora_files import LoraFileError
 
 ADAPTER = "default"
 # config lora.init -> peft's init_lora_weights. PiSSA with the exact SVD: the fast variants are randomised.
@@ -70,14 +73,26 @@ def target_module_names(model: torch.nn.Module, component: str, targets: str) ->
     ]
 
 
-def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig) -> list[str]:
-    """Freeze `model` and add a trainable fp32 LoRA adapter (peft) to its target modules; returns their names."""
+def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
+                start: Mapping[str, LoraWeights] | None = None) -> list[str]:
+    """Freeze `model` and add a trainable fp32 LoRA adapter (peft) to its target modules; returns their names.
+
+    Args:
+        start: {module name: LoraWeights} to start from (an existing LoRA file's, e.g. from kohya's dynamic resize or
+            a LoCon): those modules are adapted too, each at the file's own rank and scale alpha / rank (peft's
+            rank_pattern and alpha_pattern), with the file's weights.
+
+    Raises:
+        LoraFileError: a module of `start` does not fit the model's.
+    """
     if cfg.method == "adalora":
         from .adalora import AdaLora  # adalora.py imports this module
         # The layers only (e.g. for memory planning): training injects through its own adalora.AdaLora, which
         # keeps the rank allocator and knows the run's length.
         return AdaLora(cfg, total_steps=1).inject(model, component)
+    start = dict(start or {})
     names = target_module_names(model, component, cfg.targets)
+    names += [name for name in start if name not in names]
     if not names:
         raise ValueError(f"no LoRA target modules found in the {component} for targets={cfg.targets!r}")
     model.requires_grad_(False)
@@ -89,12 +104,19 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig) -> list
         use_rslora=cfg.use_rslora,
         use_dora=cfg.method == "dora",
         target_modules=names,
+        # peft matches these keys as regular expressions against the end of each module name.
+        rank_pattern={re.escape(name): w.rank for name, w in start.items()},
+        alpha_pattern={re.escape(name): w.alpha / w.rank * (math.sqrt(w.rank) if cfg.use_rslora else w.rank)
+                       for name, w in start.items()},
     )
-    model.add_adapter(peft_config, adapter_name=ADAPTER)
+    # peft's own entry point for both the UNet and the text encoders: transformers' add_adapter demands its own
+    # pairing of peft versions, and diffusers' only adds bookkeeping that pipelines need for loaded files.
+    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
     # Adapter weights stay fp32 whatever the base dtype: fp16 updates of small LoRA values underflow.
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    set_lora_layers(model, start)
     return names
 
 
@@ -142,24 +164,25 @@ def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> N
     """Copy (down, up, alpha) into an injected adapter, e.g. to continue training from an existing LoRA.
 
     Raises:
-        ValueError: a module is missing from the model or has another shape/rank.
+        LoraFileError: a module is missing from the model or has other shapes (a LoRA for another model), or is
+            DoRA where the adapter is not (or the reverse).
     """
     modules = dict(model.named_modules())
     for name, weights in layers.items():
         module = modules.get(name)
         if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
-            raise ValueError(f"LoRA module {name} is not adapted in this model (different targets or architecture)")
+            raise LoraFileError(f"LoRA module {name} is not adapted in this model (different targets or architecture)")
         a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
         if a.shape != weights.down.shape or b.shape != weights.up.shape:
-            raise ValueError(
+            raise LoraFileError(
                 f"LoRA module {name}: shapes {tuple(weights.down.shape)}/{tuple(weights.up.shape)} do not fit "
-                f"{tuple(a.shape)}/{tuple(b.shape)} (set lora.rank to the file's rank)"
+                f"{tuple(a.shape)}/{tuple(b.shape)} (a LoRA for another model?)"
             )
         has_magnitude = ADAPTER in module.lora_magnitude_vector
         if (weights.magnitude is not None) != has_magnitude:
             kinds = ("DoRA", "plain LoRA") if weights.magnitude is not None else ("plain LoRA", "DoRA")
-            raise ValueError(f"LoRA module {name}: the file is {kinds[0]} but the adapter is {kinds[1]} "
-                             f"(set lora.method = \"{'dora' if weights.magnitude is not None else 'lora'}\")")
+            raise LoraFileError(f"LoRA module {name}: the file is {kinds[0]} but the adapter is {kinds[1]} "
+                                f"(set lora.method = \"{'dora' if weights.magnitude is not None else 'lora'}\")")
         with torch.no_grad():
             a.copy_(weights.down)
             # Fold the file's alpha into B so the effective delta is preserved under this adapter's scaling.

@@ -32,10 +32,10 @@ from .data import (DatasetError, ImageRecord, bucket_summary, epoch_batches, pro
                    tag_frequency)
 from .deferred import SkippedSteps, StepClock, skips_on_device
 from .doctor import diagnose
-from .export import EXPORT_DTYPES, build_metadata, save_kohya_lora, save_peft_lora
+from .export import (EXPORT_DTYPES, LoraFileError, build_metadata, group_lora_keys, load_lora_layers,
+                     lora_weights_from_tensors, read_lora_file, refuse_other_networks, save_kohya_lora, save_peft_lora)
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
-from .lora import (count_parameters, inject_lora, is_up_weight, lora_layers, pissa_as_lora, set_lora_layers,
-                   trainable_parameters)
+from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, pissa_as_lora, trainable_parameters
 from .loader import epoch_loader
 from .loss import compute_loss
 from .plan import PlanError, check_fits, offloads
@@ -63,14 +63,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
-def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
+def train(cfg: Config, resume: str | None = None, init_lora: str | Path | None = None,
           on_step: Callable[[dict], bool | None] | None = None) -> Path:
     """Train a LoRA as `cfg` says and return the path of the final kohya-format .safetensors file.
 
     Args:
         cfg: the validated config.
         resume: a checkpoint folder, a run folder, or "latest" (the newest checkpoint in train.output_dir).
-        init_lora: {component: {module: LoraWeights}} to start from (e.g. an existing LoRA file).
+        init_lora: a LoRA file to start from; each of its modules keeps its rank and alpha. A file that cannot
+            continue this config is refused before the model loads.
         on_step: for a UI, single process only: called after every step with {"step", "max_steps", "loss", "lr"},
             where "loss" is the mean since the last log at `train.log_every_n_steps` steps and None between them
             (reading it every step would make the host wait for the GPU); returning False stops training there,
@@ -97,8 +98,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
     # --- data first: a broken dataset must fail before minutes of model loading --------------------------
     records, val_records = split_records(scan_dataset(cfg.data), cfg)
     _check_dataset(cfg, accelerator)
-    if init_lora:
-        _check_can_continue(cfg)
+    start_file = _read_init_lora(init_lora, cfg) if init_lora else None
     if device.type == "cuda":  # a run that cannot fit stops here, not with an OOM minutes later
         try:
             warning = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory)
@@ -117,6 +117,10 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
     if cfg.model.quantize_base == "nf4":  # before injection: peft then wraps the 4-bit layers in its bnb LoRA layer
         quantize_nf4(base.unet, weight_dtype, device)
     trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
+    start = {}
+    if start_file:
+        names = {name: [n for n, _ in module.named_modules()] for name, module in modules.items()}
+        start, _ = load_lora_layers(start_file, names)
     set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
     pissa_start = {}  # PiSSA's initial factors, which the export needs (see lora.pissa_as_lora)
     adalora = AdaLora(cfg.lora, t.max_train_steps) if cfg.lora.method == "adalora" else None
@@ -124,9 +128,10 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
         if adalora is not None:
             adalora.inject(modules[name], name)  # keeps peft's tuner: its rank allocator runs after every step
         else:
-            inject_lora(modules[name], name, cfg.lora)
-        if init_lora and name in init_lora:
-            set_lora_layers(modules[name], init_lora[name])
+            try:
+                inject_lora(modules[name], name, cfg.lora, start.get(name))
+            except LoraFileError as e:
+                raise LoraFileError(f"{start_file}: {e}") from None
         if cfg.lora.init == "pissa":
             pissa_start[name] = lora_layers(modules[name])
     if cfg.model.quantize_base == "fp8":  # after injection, or peft would create the adapters in fp8 too
@@ -135,7 +140,9 @@ def train(cfg: Config, resume: str | None = None, init_lora: dict | None = None,
         base.unet.enable_gradient_checkpointing(fp8_checkpointing if cfg.model.quantize_base == "fp8" else None)
         for name in trained:
             if name != "unet":
-                modules[name].gradient_checkpointing_enable()
+                # Non-reentrant: reentrant checkpointing (transformers 4.x's default) gives adapters inside a block
+                # no gradient when the block's input needs none, as a frozen embedding's output does.
+                modules[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_trainable, n_total = count_parameters(list(modules.values()))
     logger.info(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%) "
                 f"in {', '.join(trained)}", main_process_only=True)
@@ -401,14 +408,38 @@ def render_samples(base: BaseModel, modules: dict, cfg: Config, folder: Path, ta
     return paths
 
 
-def _check_can_continue(cfg: Config) -> None:
-    """Raise if the adapter method cannot start from an existing LoRA file."""
+def _read_init_lora(path: str | Path, cfg: Config) -> Path:
+    """Check, before the model loads, that training with `cfg` can continue the LoRA file `path`.
+
+    Raises:
+        TrainingError: the adapter method cannot start from a file, or the file has parts the run would not train
+            (and so would drop from its output).
+        LoraFileError: the file cannot be read, is another network type, or has a module without its pair.
+    """
     if cfg.lora.init == "pissa":
         raise TrainingError("lora.init = \"pissa\" starts from the base weights' own singular vectors; it cannot "
                             "continue an existing LoRA file (use init = \"default\")")
     if cfg.lora.method == "adalora":
         raise TrainingError("lora.method = \"adalora\" learns its ranks from the start; it cannot continue an "
                             "existing LoRA file (use method = \"lora\")")
+    tensors, _ = read_lora_file(path)
+    refuse_other_networks(path, tensors)
+    modules, _ = group_lora_keys(tensors)
+    if not modules:
+        raise LoraFileError(f"{path}: holds no LoRA module to continue")
+    weights = {module: lora_weights_from_tensors(parts, f"{path}: module {module}") for module, parts in modules.items()}
+    dora = any(w.magnitude is not None for w in weights.values())
+    if dora != (cfg.lora.method == "dora"):
+        raise TrainingError(f"{path} is {'a DoRA' if dora else 'a plain LoRA'} file: set lora.method = "
+                            f"\"{'dora' if dora else 'lora'}\" to continue it")
+    text_encoder = [m for m in modules if m.startswith(("lora_te", "text_encoder"))]
+    for part, has, trains in (("UNet", len(text_encoder) < len(modules), cfg.lora.train_unet),
+                              ("text-encoder", bool(text_encoder), cfg.lora.train_text_encoder)):
+        if has and not trains:
+            key = "train_unet" if part == "UNet" else "train_text_encoder"
+            raise TrainingError(f"{path} has {part} modules, which this run would drop: set lora.{key} = true to "
+                                "continue them")
+    return Path(path)
 
 
 def _speed_up_unet(unet: torch.nn.Module, t: TrainConfig) -> None:

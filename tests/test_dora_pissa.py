@@ -230,4 +230,4 @@ def test_methods_that_cannot_continue_a_lora_file_say_so_before_loading(dataset,
     cfg = load_config(None, [f'data.dirs=["{dataset.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
                              "lora.rank=4", f'train.output_dir="{tmp_path.as_posix()}"', override])
     with pytest.raises(TrainingError, match="cannot continue an existing LoRA file"):
-        train(cfg, init_lora={"unet": {}})
+        train(cfg, init_lora=tmp_path / "any.safetensors")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from sdlora import checkpoint as ckpt
 from sdlora.config import load_config
 from sdlora.cache import build_latent_cache
+from sdlora.cli import main
 from sdlora.data import DatasetError, scan_dataset
 from sdlora.lora import inject_lora, trainable_parameters
 from sdlora.models import encode_prompt, load_base_model, tokenize
@@ -202,6 +203,14 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
     assert [chosen(False, False), chosen(True, False), chosen(True, True)] == ["no", "fp16", "bf16"]
     explicit = load_config(None, ["train.mixed_precision=fp16"])
     assert with_precision(explicit) is explicit
+
+
+@pytest.mark.smoke
+def test_text_encoder_learns_under_gradient_checkpointing(dataset, tmp_path):
+    path = train(make_cfg(dataset, tmp_path / "gc", "train.gradient_checkpointing=true", "train.max_train_steps=2"))
+    ups = [v for k, v in adapter(path).items()
+           if k.startswith("lora_te_") and k.endswith("lora_up.weight") and not NO_GRADIENT.match(k)]
+    assert ups and all(v.abs().sum() > 0 for v in ups)
 
 
 def test_sdxl_trains_both_text_encoders(dataset, tmp_path):
@@ -413,3 +422,87 @@ def test_loraplus_param_groups_have_the_intended_learning_rates():
         ups = {id(p) for n, p in params.items() if ".lora_B." in n}
         assert {id(p) for p in groups[f"{name}_up"]["params"]} == ups  # B only; A and DoRA's magnitude at the base lr
         assert {id(p) for p in groups[name]["params"]} == {id(p) for p in params.values()} - ups
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init-lora: continuing others' files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dynamic_rank_file(path: Path) -> Path:
+    """A LoRA such as kohya's resize_lora.py (dynamic ranks) and LoCon (conv_dim) write: every module its own rank
+    and alpha, the convs another rank than the linear layers, UNet and text encoder."""
+    from test_lora_tools import SD1, random_layers
+
+    from sdlora.export import save_kohya_lora
+    from sdlora.lora import LoraWeights
+
+    layers = random_layers(load_base_model("tiny-sd15"), "all", 4, 1.0, 0, only=("down_blocks.1.", "layers.0."))
+    for component in layers.values():
+        for i, (name, w) in enumerate(component.items()):
+            rank = 3 if w.down.dim() == 4 and w.down.shape[-1] == 3 else 1 + i % 4
+            component[name] = LoraWeights(w.down[:rank], w.up[:, :rank], rank * (0.5 + i % 3))
+    return save_kohya_lora(layers, "sd1", path, SD1, torch.float32)
+
+
+@pytest.mark.smoke
+def test_init_lora_keeps_each_modules_rank_and_alpha(dataset, tmp_path):
+    from test_lora_tools import file_deltas
+
+    start = _dynamic_rank_file(tmp_path / "dynamic.safetensors")
+    # A learning rate that cannot move the weights: the export is then the file it started from.
+    out = train(make_cfg(dataset, tmp_path / "run", "lora.rank=8", "lora.targets=attn", "train.max_train_steps=1",
+                         "train.learning_rate=1e-12"), init_lora=start)
+    before, after = load_file(str(start)), load_file(str(out))
+    downs = {k: v.shape for k, v in before.items() if k.endswith("lora_down.weight")}
+    assert len({shape[0] for shape in downs.values()}) == 4  # ranks 1-4 on linear layers, 3 on the 3x3 convs
+    assert {k: after[k].shape for k in downs} == downs and all(after[k] == before[k] for k in before if ".alpha" in k)
+    start_deltas, out_deltas = file_deltas(start), file_deltas(out)
+    for name, delta in out_deltas.items():
+        # The file's modules as they were; the config's other targets start at zero (lora_B = 0).
+        torch.testing.assert_close(delta, start_deltas.get(name, torch.zeros_like(delta)), atol=1e-6, rtol=1e-5)
+    assert set(start_deltas) < set(out_deltas)
+
+
+def _toml(path: Path, dataset, *lines: str) -> Path:
+    path.write_text(f'[data]\ndirs = ["{dataset.as_posix()}"]\nresolution = 64\nmin_bucket_reso = 64\n'
+                    f'[train]\noutput_dir = "{(path.parent / "out").as_posix()}"\nmax_train_steps = 1\n' + "\n".join(lines))
+    return path
+
+
+def test_init_lora_that_cannot_continue_is_refused_in_one_line_before_the_model_loads(dataset, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import sdlora.train as train_module
+    from safetensors.torch import save_file
+
+    start = load_file(str(_dynamic_rank_file(tmp_path / "dynamic.safetensors")))
+    down = next(k for k in start if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))
+    unet_only = {k: v for k, v in start.items() if k.startswith("lora_unet_")}
+    files = {
+        "dora": ({**unet_only, down.replace("lora_down.weight", "dora_scale"): torch.ones(32, 1)}, [],
+                 'set lora.method = "dora"'),
+        "text encoder": (start, ["lora.train_text_encoder=false"], "set lora.train_text_encoder = true"),
+        "no pair": ({k: v for k, v in unet_only.items() if k != down}, [], "has no down weight"),
+        "loha": ({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, [], "LoHa"),
+    }
+    monkeypatch.setattr(train_module, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
+    config = _toml(tmp_path / "run.toml", dataset)
+    capsys.readouterr()  # what building the file printed
+    for name, (tensors, overrides, message) in files.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        save_file(tensors, str(path))
+        assert main(["train", str(config), *overrides, "--init-lora", str(path)]) == 1, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sdlora: error: ") and message in err and path.name in err
+
+
+def test_init_lora_for_another_model_is_one_line(dataset, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    stray = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = tmp_path / "stray.safetensors"
+    save_file({f"{stray}.lora_down.weight": torch.ones(2, 32), f"{stray}.lora_up.weight": torch.ones(32, 2)},
+              str(path))
+    assert main(["train", str(_toml(tmp_path / "run.toml", dataset)), "--init-lora", str(path)]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # in-process, after transformers' loading bars
+    assert last.startswith("sdlora: error: ") and "stray.safetensors" in last and stray in last
