@@ -16,10 +16,15 @@ _NAME = "bitsandbytes"
 _hidden = False  # True while the None entry in sys.modules is ours
 
 
+# Libraries that ask once whether bitsandbytes is installed and import it later on that answer (diffusers' quantizers,
+# for one): imported before sdlora, they may have been told yes.
+_ASKERS = ("accelerate", "diffusers", "peft", "transformers")
+
+
 def hide() -> None:
-    """Make bitsandbytes look uninstalled until `load()`, unless it is already imported."""
+    """Make bitsandbytes look uninstalled until `load()`, unless it or a library that asks for it is imported."""
     global _hidden
-    if _NAME not in sys.modules:
+    if _NAME not in sys.modules and not any(name in sys.modules for name in _ASKERS):
         sys.modules[_NAME] = None
         _hidden = True
 

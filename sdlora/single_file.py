@@ -73,7 +73,7 @@ def describe_tensors(tensors: Mapping[str, object]) -> str:
         tensors: key -> tensor or shape, as for `detect_checkpoint`.
     """
     try:
-        return f"a {ARCH_NAMES[detect_checkpoint(tensors)]} base model (single file)"
+        return f"an {ARCH_NAMES[detect_checkpoint(tensors)]} base model (single file)"
     except ModelError:
         pass
     shapes = list(tensors)

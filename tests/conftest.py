@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sdlora  # noqa: F401  (first: it hides bitsandbytes from the libraries test modules import; see bnb_import)
+
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
