@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean smoke-newest smoke-oldest
 
 $(BIN)/sdlora: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,22 @@ test: install
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	$(BIN)/python -m pytest
 
+# The smoke tests (pytest -m smoke: train with the text encoder, export, generate, diffusers loads the file, the app
+# starts, an NF4 base) in a fresh .venv-newest with the newest versions pyproject allows, or .venv-oldest with its
+# lower bounds (constraints-oldest.txt). CI runs both beside `make test`. torch is the CPU wheel, as above.
+$(VENV)-%/bin/sdlora: pyproject.toml constraints-oldest.txt
+	rm -rf $(VENV)-$*
+	$(PYTHON) -m venv $(VENV)-$*
+	$(VENV)-$*/bin/python -m pip install -q --upgrade pip
+	$(VENV)-$*/bin/python -m pip install -q torch==2.13.0
+	$(VENV)-$*/bin/python -m pip install -q $(if $(filter oldest,$*),-c constraints-oldest.txt) -e ".[test]"
+	touch $@
+
+.PRECIOUS: $(VENV)-%/bin/sdlora
+
+smoke-newest smoke-oldest: smoke-%: $(VENV)-%/bin/sdlora
+	$(VENV)-$*/bin/python -m pip list --format=freeze | grep -iE '^(torch|diffusers|transformers|peft|accelerate|gradio|pillow|numpy)='
+	SDLORA_CACHE=$(VENV)-$*/models $(VENV)-$*/bin/python -m pytest -m smoke -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VENV)-newest $(VENV)-oldest outputs

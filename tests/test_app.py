@@ -212,6 +212,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.smoke
 def test_running_app_through_gradio_client(settings):
     from gradio_client import Client
 

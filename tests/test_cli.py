@@ -97,6 +97,7 @@ def noisy_sdlora(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", NOISY_IMPORTS, *argv], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.smoke
 def test_an_error_is_one_line_whatever_other_libraries_print_and_verbose_shows_them(dataset, tmp_path):
     missing = train_config(tmp_path / "missing.toml", tmp_path / "no_such_folder", tmp_path / "out")
     checkpoint = tmp_path / "vae.safetensors"
@@ -113,6 +114,7 @@ def test_an_error_is_one_line_whatever_other_libraries_print_and_verbose_shows_t
     assert verbose.returncode == 1 and "simulated" in verbose.stderr  # the noise is there; the quiet runs drop it
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("keys, what", [
     ({"encoder.down.0.resnets.0.conv1.weight": (4, 4, 3, 3)}, "looks like a VAE alone"),
     ({"down_blocks.0.resnets.0.conv1.weight": (4, 4, 3, 3)}, "looks like a diffusers UNet alone"),

@@ -94,6 +94,7 @@ def base_image(pipe, cache):
     return render(pipe, cache)
 
 
+@pytest.mark.smoke
 def test_weight_zero_is_the_base_model_bit_for_bit(pipe, cache, alpha, beta, base_image):
     assert render(pipe, cache, [LoraSpec(alpha, 1.0)]) != base_image
     assert render(pipe, cache, [LoraSpec(alpha, 0.0)]) == base_image
@@ -284,6 +285,7 @@ def _with_stray_module(alpha: Path, folder: Path, alphas: str) -> tuple[Path, Pa
     return stray, clean
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("alphas", ["uniform", "varied"])
 def test_a_stray_module_is_named_in_a_warning_or_refused_with_strict(pipe, alpha, base_image, tmp_path, alphas):
     stray, clean = _with_stray_module(alpha, tmp_path, alphas)

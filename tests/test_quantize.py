@@ -27,7 +27,7 @@ OVERRIDES = {"fp8": ("model.quantize_base=fp8", "train.gradient_checkpointing=tr
 # By distribution, not find_spec: sdlora hides bitsandbytes from imports until a run asks for it (bnb_import).
 needs_bnb = pytest.mark.skipif("bitsandbytes" not in importlib.metadata.packages_distributions(),
                                reason="nf4 needs bitsandbytes: pip install 'sdlora[bnb]'")
-MODES = [pytest.param("fp8"), pytest.param("nf4", marks=needs_bnb)]
+MODES = [pytest.param("fp8"), pytest.param("nf4", marks=[needs_bnb, pytest.mark.smoke])]
 
 pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 
