@@ -14,6 +14,7 @@ import pickle
 import warnings
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,7 @@ def test_diffusers_loads_kohya_file(pipes, trained, base_images, tmp_path, name,
     path = save_kohya_lora(layers, arch, tmp_path / "lora.safetensors", build_metadata(Config(), arch, run_info()),
                            unet_config=pipe.unet.config)
     base = base_images(name)
+    weights = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in COMPONENTS[name]}
     with captured_messages() as messages:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # the form every diffusers reads offline
     try:
@@ -181,10 +183,15 @@ def test_diffusers_loads_kohya_file(pipes, trained, base_images, tmp_path, name,
         bad = [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "not loaded", "no lora"))]
         assert not bad, bad
         assert_diffusers_applies(pipe, layers)
-        assert not (generate(pipe) == base).all()
+        assert np.abs(generate(pipe) - base).max() > 1e-3
     finally:
         pipe.unload_lora_weights()
-    assert (generate(pipe) == base).all()
+    for component, state in weights.items():  # unloading restores the base weights bit for bit...
+        now = getattr(pipe, component).state_dict()
+        assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items()), component
+    # ...but the SDXL image can differ in the last bits: on a Xeon with AMX the same weights gave latents 6e-6 apart
+    # after a load and unload (a fresh pipeline: bit-identical), so the image is compared to 1e-5.
+    assert np.abs(generate(pipe) - base).max() <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
