@@ -32,7 +32,7 @@ from .data import (DatasetError, ImageRecord, bucket_summary, epoch_batches, pro
                    tag_frequency)
 from .deferred import SkippedSteps, StepClock, skips_on_device
 from .doctor import diagnose
-from .export import (EXPORT_DTYPES, LoraFileError, build_metadata, group_lora_keys, load_lora_layers,
+from .export import (EXPORT_DTYPES, LoraFileError, build_metadata, from_kohya_state_dict, group_lora_keys,
                      lora_weights_from_tensors, read_lora_file, refuse_other_networks, save_kohya_lora, save_peft_lora)
 from .generate import GenerationParams, build_pipeline, generate, parse_sample_prompt, save_png, a1111_parameters
 from .lora import count_parameters, inject_lora, is_up_weight, lora_layers, pissa_as_lora, trainable_parameters
@@ -98,7 +98,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: str | Path | None =
     # --- data first: a broken dataset must fail before minutes of model loading --------------------------
     records, val_records = split_records(scan_dataset(cfg.data), cfg)
     _check_dataset(cfg, accelerator)
-    start_file = _read_init_lora(init_lora, cfg) if init_lora else None
+    start_tensors = _read_init_lora(init_lora, cfg) if init_lora else {}
     if device.type == "cuda":  # a run that cannot fit stops here, not with an OOM minutes later
         try:
             warning = check_fits(cfg, torch.cuda.get_device_properties(device).total_memory)
@@ -117,23 +117,21 @@ def train(cfg: Config, resume: str | None = None, init_lora: str | Path | None =
     if cfg.model.quantize_base == "nf4":  # before injection: peft then wraps the 4-bit layers in its bnb LoRA layer
         quantize_nf4(base.unet, weight_dtype, device)
     trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
-    start = {}
-    if start_file:
-        names = {name: [n for n, _ in module.named_modules()] for name, module in modules.items()}
-        start, _ = load_lora_layers(start_file, names)
-    set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
-    pissa_start = {}  # PiSSA's initial factors, which the export needs (see lora.pissa_as_lora)
-    adalora = AdaLora(cfg.lora, t.max_train_steps) if cfg.lora.method == "adalora" else None
-    for name in trained:
-        if adalora is not None:
-            adalora.inject(modules[name], name)  # keeps peft's tuner: its rank allocator runs after every step
-        else:
-            try:
+    try:  # the file of --init-lora mapped onto the model, each module at its own rank
+        start = from_kohya_state_dict(start_tensors, {name: [n for n, _ in m.named_modules()] for name, m in
+                                                      modules.items()}) if start_tensors else {}
+        set_seed(t.seed)  # LoRA A matrices are initialised from the global RNG
+        pissa_start = {}  # PiSSA's initial factors, which the export needs (see lora.pissa_as_lora)
+        adalora = AdaLora(cfg.lora, t.max_train_steps) if cfg.lora.method == "adalora" else None
+        for name in trained:
+            if adalora is not None:
+                adalora.inject(modules[name], name)  # keeps peft's tuner: its rank allocator runs after every step
+            else:
                 inject_lora(modules[name], name, cfg.lora, start.get(name))
-            except LoraFileError as e:
-                raise LoraFileError(f"{start_file}: {e}") from None
-        if cfg.lora.init == "pissa":
-            pissa_start[name] = lora_layers(modules[name])
+            if cfg.lora.init == "pissa":
+                pissa_start[name] = lora_layers(modules[name])
+    except LoraFileError as e:
+        raise LoraFileError(f"{init_lora}: {e}") from None
     if cfg.model.quantize_base == "fp8":  # after injection, or peft would create the adapters in fp8 too
         store_fp8(base.unet, weight_dtype)
     if t.gradient_checkpointing:
@@ -408,8 +406,8 @@ def render_samples(base: BaseModel, modules: dict, cfg: Config, folder: Path, ta
     return paths
 
 
-def _read_init_lora(path: str | Path, cfg: Config) -> Path:
-    """Check, before the model loads, that training with `cfg` can continue the LoRA file `path`.
+def _read_init_lora(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """The tensors of the LoRA file `path`, after checking, before the model loads, that `cfg` can continue it.
 
     Raises:
         TrainingError: the adapter method cannot start from a file, or the file has parts the run would not train
@@ -432,14 +430,12 @@ def _read_init_lora(path: str | Path, cfg: Config) -> Path:
     if dora != (cfg.lora.method == "dora"):
         raise TrainingError(f"{path} is {'a DoRA' if dora else 'a plain LoRA'} file: set lora.method = "
                             f"\"{'dora' if dora else 'lora'}\" to continue it")
-    text_encoder = [m for m in modules if m.startswith(("lora_te", "text_encoder"))]
-    for part, has, trains in (("UNet", len(text_encoder) < len(modules), cfg.lora.train_unet),
-                              ("text-encoder", bool(text_encoder), cfg.lora.train_text_encoder)):
-        if has and not trains:
-            key = "train_unet" if part == "UNet" else "train_text_encoder"
-            raise TrainingError(f"{path} has {part} modules, which this run would drop: set lora.{key} = true to "
-                                "continue them")
-    return Path(path)
+    text_encoder = [m.startswith(("lora_te", "text_encoder")) for m in modules]
+    for key, present in (("train_unet", not all(text_encoder)), ("train_text_encoder", any(text_encoder))):
+        if present and not getattr(cfg.lora, key):
+            raise TrainingError(f"{path} has modules that lora.{key} = false would drop from the result: set "
+                                f"lora.{key} = true to continue them")
+    return tensors
 
 
 def _speed_up_unet(unet: torch.nn.Module, t: TrainConfig) -> None:
