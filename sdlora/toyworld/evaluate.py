@@ -190,11 +190,11 @@ HATCH_ANGLE = HATCHED.hatch_angle
 # Energies are in squared grey levels of a sine grating's amplitude: texture fainter than about 2 grey levels
 # counts as flat, so a nearly flat picture cannot read as hatched from a trace of diagonal structure.
 FLAT_ENERGY = 4.0
-# `hatch_excess` measured on 60 renders per row: plain at most 0.046 clean or under degrade(strength 1.3);
-# hatched at least 0.57 clean, 0.47 under strength 1 and 0.28 under 1.3. The logistic centres between those and
-# reads plain's worst as 0.02 and hatched's as 0.99 (strength 1) and 0.63 (strength 1.3).
-STYLE_MIDPOINT = 0.25
-STYLE_WIDTH = 0.05
+# `hatch_excess` measured on 60 renders per row: plain at most 0.085 clean, under degrade (strength 1 or 1.3) or
+# grain of sigma 20; hatched at least 0.45 clean, 0.39 under strength 1, 0.37 under 1.3 and 0.43 with grain. The
+# logistic centres between those: it reads plain's worst as 0.03 and hatched's as 0.99.
+STYLE_MIDPOINT = 0.2
+STYLE_WIDTH = 0.03
 
 
 def style_score(image: Image.Image) -> float:

@@ -40,7 +40,7 @@ class Look:
 
 PLAIN = Look()
 # The demo's style: thick dark outlines and diagonal hatching, like a pen-and-ink print.
-HATCHED = Look(outline=0.02, hatch_period=0.05, hatch_angle=45.0, background_hatch=True)
+HATCHED = Look(outline=0.025, hatch_period=0.08, hatch_width=0.45, hatch_angle=45.0, background_hatch=True)
 
 
 def random_look(rng: random.Random) -> Look:
@@ -82,6 +82,11 @@ def render(scene: Scene, size: int = 128, look: Look = PLAIN) -> Image.Image:
             canvas = canvas * (1.0 - edge[..., None]) + np.asarray(look.outline_rgb, np.float32) * edge[..., None]
     picture = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
     return picture.reduce(SUPERSAMPLE)
+
+
+def render_batch(scenes: list[Scene], size: int = 128, look: Look = PLAIN) -> np.ndarray:
+    """[N, size, size, 3] uint8 pictures of `scenes` (a picklable unit of work for a process pool)."""
+    return np.stack([np.asarray(render(scene, size, look)) for scene in scenes])
 
 
 def _background(scene: Scene, side: int) -> np.ndarray:
