@@ -30,7 +30,6 @@ from .generate import (
     LoraCache,
     LoraSpec,
     default_device,
-    default_size,
     generate_images,
     list_lora_files,
     load_pipeline,
@@ -44,7 +43,6 @@ from .tiny import TINY_MODELS
 logger = logging.getLogger(__name__)
 
 SLOTS = 4  # LoRA rows in the Generate tab; more can be added with <lora:name:weight> tags in the prompt
-TINY_SIZE = 128  # the embedded tiny models render colour fields: 128 px is plenty, and fast on a CPU
 MAX_GRID_CELLS = 64
 
 
@@ -59,7 +57,7 @@ class AppSettings:
     models_dir: Path = Path("models")  # diffusers folders and single-file .safetensors checkpoints
     lora_dir: Path = Path("outputs")  # searched recursively for *.safetensors
     out_dir: Path = Path("outputs/app")  # every generated PNG, and grids/ for X/Y grids
-    model: str = "tiny-sd15"  # the base model selected at start
+    model: str = "toy-sd15"  # the base model selected at start
     data_dir: Path = Path(".")  # Train tab: dataset folders must be inside this one
     configs_dir: Path = Path("configs")  # Train tab: the presets (*.toml)
     strict: bool = False  # refuse LoRA files with modules that match nothing in the model (else: a warning)
@@ -161,13 +159,11 @@ def resolve_model(settings: AppSettings, name: str) -> str:
 
 
 def size_for_model(settings: AppSettings, name: str) -> int:
-    """Default width/height: 128 for the tiny models, else the model's training size (SDXL 1024, else 512)."""
-    if name in TINY_MODELS:
-        return TINY_SIZE
-    from .models import detect_model
+    """Default width/height: the size the model was trained at (`models.native_size`), 512 when unreadable."""
+    from .models import native_size
 
     with contextlib.suppress(Exception):
-        return default_size(detect_model(resolve_model(settings, name)))
+        return native_size(resolve_model(settings, name))
     return 512
 
 

@@ -72,6 +72,8 @@ USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .tiny import TINY_MODELS
+
     parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -92,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Render PNGs with A1111 metadata. The prompt may hold A1111 tags "
                                    "<lora:name:weight> (or <lora:name:te_weight:unet_weight>), looked up by file "
                                    "name in --lora-dir; prompts over 75 tokens are encoded in chunks, as A1111 does.")
-    p.add_argument("--model", default="tiny-sd15",
-                   help="diffusers folder, single-file .safetensors checkpoint, or tiny-sd15 / tiny-sdxl")
+    p.add_argument("--model", default="toy-sd15",
+                   help="diffusers folder, single-file .safetensors checkpoint, or toy-sd15 (pretrained on the toy "
+                        "world) / tiny-sd15 / tiny-sdxl (random weights)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable; weight 1.0 by default")
     p.add_argument("--lora-dir", default="outputs", help="where <lora:name> tags in the prompt are looked up")
     p.add_argument("--prompt", required=True)
@@ -113,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("app", help="start the Gradio app (generate with LoRAs, X/Y grids, train)",
                        description="The web app on http://127.0.0.1:7860 (local only unless --listen/--share).")
-    p.add_argument("--model", default="tiny-sd15", help="base model selected at start (tiny name or a name in --models-dir)")
+    p.add_argument("--model", default="toy-sd15", help="base model selected at start (toy-sd15, a tiny model, or a name in --models-dir)")
     p.add_argument("--models-dir", default="models", help="diffusers folders / .safetensors checkpoints to offer")
     p.add_argument("--lora-dir", default="outputs", help="LoRA files to offer (searched recursively)")
     p.add_argument("--out", default="outputs/app", help="where generated PNGs are saved")
@@ -128,8 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("tiny-model", help="write an embedded tiny random-init model as a diffusers folder")
-    p.add_argument("name", choices=["tiny-sd15", "tiny-sdxl"])
+    p = sub.add_parser("tiny-model", help="write an embedded model (toy-sd15, or a tiny random-init one) as a "
+                                          "diffusers folder")
+    p.add_argument("name", choices=TINY_MODELS)
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_model)
@@ -355,7 +359,7 @@ def _cmd_generate(args, extra) -> int:
                 raise FileNotFoundError(f"{spec.path}: no such LoRA file")
         pipe = load_pipeline(args.model, *default_device(), allow_unsafe_pickle=args.allow_unsafe_pickle)
         pipe.set_progress_bar_config(disable=True)
-        size = default_size(pipe.sdlora_arch)
+        size = default_size(pipe)
         params = replace(params, width=args.width or size, height=args.height or size)
         result = generate_images(pipe, LoraCache(pipe, strict=args.strict), params, loras, args.count, out_dir=args.out,
                                  lora_dir=args.lora_dir, model_name=model_label(args.model))

@@ -96,9 +96,11 @@ def model_label(model: str) -> str:
     return path.stem if path.suffix.lower() in (".safetensors", ".ckpt") else path.name
 
 
-def default_size(arch: str) -> int:
-    """The side length a base model was trained at: 1024 for SDXL, 512 otherwise."""
-    return 1024 if arch == "sdxl" else 512
+def default_size(pipe) -> int:
+    """The side length the pipeline's base model was trained at (`models.side_length`)."""
+    from .models import side_length
+
+    return side_length(pipe.unet.config, pipe.vae.config)
 
 
 def generate(pipe, params: GenerationParams, sampler_config: dict | None = None) -> Image.Image:

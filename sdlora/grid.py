@@ -249,14 +249,14 @@ def run_config(run_dir: str | Path) -> dict:
         return {}
 
 
-def sample_prompts(config: dict, arch: str | None = None) -> list[GenerationParams]:
+def sample_prompts(config: dict, size: int = 512) -> list[GenerationParams]:
     """The `[sample]` prompts of a run config as GenerationParams, as training renders them (kohya flags in a
-    line win over the table's defaults; size 0 means data.resolution, or the model's size without one)."""
+    line win over the table's defaults; size 0 means data.resolution, or `size`, the model's, without one)."""
     from .config import SampleConfig
 
     sample = config.get("sample", {})
     s = SampleConfig(**{f.name: sample[f.name] for f in fields(SampleConfig) if f.name in sample})
-    size = config.get("data", {}).get("resolution") or (default_size(arch) if arch else 512)
+    size = config.get("data", {}).get("resolution") or size
     defaults = GenerationParams(prompt="", steps=s.steps, cfg=s.cfg, seed=s.seed, sampler=s.sampler,
                                 width=s.width or size, height=s.height or size)
     return [parse_sample_prompt(line, defaults) for line in s.prompts]
@@ -420,11 +420,10 @@ def make_grid(sources: list[str | Path], model: str | None = None, weights: list
         pipe.set_progress_bar_config(disable=True)
         loras = LoraCache(pipe)
     pipe = loras.pipe
-    arch = getattr(pipe, "sdlora_arch", None)
-    defaults = sample_prompts({**config, "sample": {**config.get("sample", {}), "prompts": lines}}, arch)
+    size = default_size(pipe)
+    defaults = sample_prompts({**config, "sample": {**config.get("sample", {}), "prompts": lines}}, size)
     overrides = {k: v for k, v in dict(negative_prompt=negative, seed=seed, steps=steps, cfg=cfg, width=width,
                                        height=height, sampler=sampler).items() if v is not None}
-    size = default_size(arch) if arch else 512
     for key in ("width", "height"):
         if overrides.get(key) == 0:
             overrides[key] = size

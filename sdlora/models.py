@@ -115,6 +115,27 @@ def detect_model(base_model: str, allow_unsafe_pickle: bool = False) -> str:
     return detect_arch(model_index, json.loads((path / "unet" / "config.json").read_text()))
 
 
+def native_size(base_model: str, allow_unsafe_pickle: bool = False) -> int:
+    """The side length a model was trained at, read from its configs without loading weights (see `side_length`).
+
+    Raises:
+        ModelError: see `resolve_model_path` and `single_file.file_configs`.
+    """
+    path = resolve_model_path(base_model, allow_unsafe_pickle)
+    if path.is_file():
+        from .single_file import file_configs
+
+        configs = file_configs(path, allow_unsafe_pickle)
+        return side_length(configs["unet"], configs["vae"])
+    return side_length(*(json.loads((path / part / "config.json").read_text()) for part in ("unet", "vae")))
+
+
+def side_length(unet_config, vae_config) -> int:
+    """Pixels per side at the UNet's training size, as diffusers' pipelines default it: the UNet's sample size
+    times the VAE's downscaling (SD 1.x 512, SD 2.x 768-v 768, SDXL 1024, the tiny models 128)."""
+    return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def load_base_model(base_model: str, vae: str = "", allow_unsafe_pickle: bool = False,
                     prediction_type: str = "") -> BaseModel:
     """Load UNet, VAE, text encoder(s) and tokenizer(s) of a base model on the CPU in fp32.

@@ -191,6 +191,7 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
         lines += ["## Grid", "", "Saved LoRA files (rows) at several weights (columns), one block per prompt, fixed "
                   "seeds; weight 0 is the base model.", "", f"![grid](<{rel}>)", ""]
     lines += _similarity_section(run) + [""]
+    lines += _quality_section(run)
     if files:
         by_step = {r["step"]: r["val_loss"] for r in rows}
         lines += ["## Saved LoRA files", "", "| file | epoch | step | validation loss |", "|---|---|---|---|"]
@@ -287,6 +288,17 @@ def _similarity_section(run: Path) -> list[str]:
     return ["## Similarity (CLIP)", "", "Mean over the grid's prompts: CLIP-T is the cosine similarity of each image "
             "to its prompt, CLIP-I its mean cosine similarity to the training images (higher is closer); weight 0 "
             f"is the base model. From `{SIMILARITY_NAME}`.", "", markdown_table(rows)]
+
+
+def _quality_section(run: Path) -> list[str]:
+    """What `sdlora demo` measured on the toy world (quality.json), when it did."""
+    from .quality import QUALITY_NAME, load, summary
+
+    if not (run / QUALITY_NAME).is_file():
+        return []
+    return ["## Measured on the toy world", "", "The final LoRA on 12 held-out prompts, read by the toy world's "
+            "evaluator (`sdlora.toyworld.evaluate`), fixed seeds:", "",
+            *(f"- {line}" for line in summary(load(run / QUALITY_NAME))), ""]
 
 
 def _when(f: LoraFile) -> str:

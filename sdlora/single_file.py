@@ -157,11 +157,7 @@ def load_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False, predict
     path = Path(path)
     shapes, metadata, load = _open_checkpoint(path, allow_unsafe_pickle)
     arch = detect_checkpoint(shapes, str(path))
-    embedded = _embedded_configs(metadata)
-    if embedded and embedded.get("arch") == arch:
-        configs, source = embedded, "the file's metadata"
-    else:
-        configs, source, embedded = shipped_configs(arch), f"sdlora/model_configs/{SHIPPED_CONFIGS[arch]}", None
+    configs, source, embedded = _configs(arch, metadata)
     name = f"{path} ({ARCH_NAMES[arch]}, configs from {source})"
 
     unet = _load_unet(load(UNET_PREFIX), configs["unet"], name)
@@ -265,6 +261,25 @@ def _embedded_configs(metadata: dict) -> dict | None:
     except json.JSONDecodeError:
         logger.warning("ignoring unreadable %s metadata", CONFIG_METADATA_KEY)
         return None
+
+
+def file_configs(path: str | Path, allow_unsafe_pickle: bool = False) -> dict:
+    """The diffusers configs a single-file checkpoint loads with (its own embedded ones, else the shipped ones
+    of its architecture), read from the header alone.
+
+    Raises:
+        ModelError: see `read_header` and `detect_checkpoint`.
+    """
+    shapes, metadata = read_header(path, allow_unsafe_pickle)
+    return _configs(detect_checkpoint(shapes, str(path)), metadata)[0]
+
+
+def _configs(arch: str, metadata: dict) -> tuple[dict, str, dict | None]:
+    """(configs, where they come from, the embedded configs or None) for a file of `arch`."""
+    embedded = _embedded_configs(metadata)
+    if embedded and embedded.get("arch") == arch:
+        return embedded, "the file's metadata", embedded
+    return shipped_configs(arch), f"sdlora/model_configs/{SHIPPED_CONFIGS[arch]}", None
 
 
 def shipped_configs(arch: str) -> dict:

@@ -16,8 +16,6 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from .clip_tokenizer import load_clip_tokenizer
 
 # Pretrained on the toy world by sdlora.toyworld.pretrain: its fp16 weights ship beside its configs.
@@ -37,7 +35,7 @@ def tiny_model_path(name: str, seed: int = DEFAULT_SEED) -> Path:
     if name not in TINY_MODELS + FULL_SIZE_MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(TINY_MODELS + FULL_SIZE_MODELS)}")
     digest = hashlib.sha256(f"{seed}".encode())
-    for shipped in sorted(_config_dir(name).glob("*.json")) + sorted(_config_dir(name).glob("*.safetensors")):
+    for shipped in sorted(config_dir(name).glob("*.json")) + sorted(config_dir(name).glob("*.safetensors")):
         digest.update(shipped.read_bytes())
     cache = Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora"))
     out = cache / f"{name}-{digest.hexdigest()[:12]}"
@@ -51,6 +49,8 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -
 
     The folder is written under a temporary name and renamed, so an interrupted build leaves nothing half-made.
     """
+    import torch
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     pipe = _build_pipeline(name, seed)
@@ -67,13 +67,13 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -
     return out_dir
 
 
-def _config_dir(name: str) -> Path:
+def config_dir(name: str) -> Path:
     return Path(str(resources.files("sdlora") / "model_configs" / name))
 
 
 def read_config(name: str, part: str) -> dict:
     """The shipped config of one component (`unet`, `vae`, `text_encoder`, `scheduler`, ...) of model `name`."""
-    config = json.loads((_config_dir(name) / f"{part}.json").read_text())
+    config = json.loads((config_dir(name) / f"{part}.json").read_text())
     if part == "scheduler":
         return config
     return {k: v for k, v in config.items() if not k.startswith("_")}
@@ -81,6 +81,7 @@ def read_config(name: str, part: str) -> dict:
 
 def build_components(name: str, seed: int) -> tuple:
     """(unet, vae, text_encoder) of model `name`, randomly initialised from its shipped configs."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -98,7 +99,7 @@ def build_components(name: str, seed: int) -> tuple:
 
 
 def shipped_weights(name: str, component: str) -> Path:
-    return _config_dir(name) / f"{component}.safetensors"
+    return config_dir(name) / f"{component}.safetensors"
 
 
 def load_shipped_weights(name: str, components: dict[str, torch.nn.Module]) -> None:
@@ -111,6 +112,7 @@ def load_shipped_weights(name: str, components: dict[str, torch.nn.Module]) -> N
 
 def _build_pipeline(name: str, seed: int):
     import diffusers
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     unet, vae, text_encoder = build_components(name, seed)

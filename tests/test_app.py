@@ -81,7 +81,7 @@ def test_model_and_lora_lists(settings, tmp_path):
     (models / "notes").mkdir()
     (models / "one.safetensors").write_bytes(b"")
     local = AppSettings(models_dir=models, lora_dir=settings.lora_dir, out_dir=tmp_path / "out")
-    assert model_choices(local) == ["tiny-sd15", "tiny-sdxl", "one.safetensors", "sd15"]
+    assert model_choices(local) == ["toy-sd15", "tiny-sd15", "tiny-sdxl", "one.safetensors", "sd15"]
     assert resolve_model(local, "sd15") == str((models / "sd15").resolve())
     assert resolve_model(local, "tiny-sdxl") == "tiny-sdxl"
     for bad in ("notes", "../models/sd15", "/etc"):

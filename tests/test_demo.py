@@ -1,37 +1,64 @@
-"""`sdlora demo` / `make demo` end to end, shortened: the files it promises, and weight 0 is the base model."""
+"""`sdlora demo` / `make demo` end to end on the toy-world model: the files it promises, and what its LoRA does.
+
+The demo runs once, exactly as `make demo` runs it (configs/tiny.toml), and the quality figures it measures are
+pinned here: a regression test of what training produces, not of whether a loss went down.
+"""
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdlora.config import dump_toml, load_config
 from sdlora.demo import run_demo
 from sdlora.generate import GenerationParams, generate, load_pipeline, parse_sample_prompt
+from sdlora.quality import QUALITY_NAME, load
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Measured on the committed demo (configs/tiny.toml, seeds 1) on a 2-core CPU; see README "What the demo's LoRA
+# learns". The bounds leave a margin for other CPUs' floating-point differences.
+STYLE_W1_MIN = 0.8
+STYLE_W0_MAX = 0.1
+CONTENT_DROP_MAX = 0.10
+BLEED_MAX = 0.3
 
-def test_demo_writes_lora_comparison_grid_and_report(tmp_path):
-    cfg = load_config(REPO / "configs" / "tiny.toml", [
-        f'data.dirs=["{(REPO / "sample_images").as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
-        "train.max_train_steps=4", "train.save_every_n_steps=2", "sample.every_n_steps=0", "sample.steps=2",
-    ])
-    config = tmp_path / "demo.toml"
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    cfg = load_config(REPO / "configs" / "tiny.toml", [f'data.dirs=["{(REPO / "sample_images").as_posix()}"]'])
+    config = tmp_path_factory.mktemp("config") / "demo.toml"
     config.write_text(dump_toml(cfg))
-    out = tmp_path / "demo"
-    written = run_demo(out, config)
+    out = tmp_path_factory.mktemp("run") / "demo"
+    return cfg, out, run_demo(out, config)
 
+
+def test_demo_writes_lora_comparison_grid_and_report(demo):
+    cfg, out, written = demo
     assert written["lora"] == out / "zkstyle_tiny.safetensors" and written["lora"].is_file()
     assert (out / "grid.png").is_file() and written["report"] == out / "report.md"
+    assert "## Measured on the toy world" in written["report"].read_text()
     comparison = Image.open(written["comparison"])
-    assert comparison.width > 3 * 64 and comparison.height > 2 * 64  # 2 prompts x (without, with, difference)
+    assert comparison.width > 3 * 128 and comparison.height > 3 * 128  # 3 prompts x 3 columns
 
     pipe = load_pipeline(cfg.model.base_model)
     pipe.set_progress_bar_config(disable=True)
     defaults = GenerationParams(prompt="", steps=cfg.sample.steps, cfg=cfg.sample.cfg, seed=cfg.sample.seed,
-                                width=64, height=64, sampler=cfg.sample.sampler)
+                                width=128, height=128, sampler=cfg.sample.sampler)
     for i, line in enumerate(cfg.sample.prompts):
         base = np.asarray(generate(pipe, parse_sample_prompt(line, defaults)))
         assert np.array_equal(np.asarray(Image.open(out / "compare" / f"{i:02d}-base.png").convert("RGB")), base)
         assert not np.array_equal(np.asarray(Image.open(out / "compare" / f"{i:02d}-lora.png").convert("RGB")), base)
+
+
+def test_the_lora_draws_the_style_keeps_the_content_and_answers_its_trigger(demo):
+    _, out, _ = demo
+    q = load(out / QUALITY_NAME)
+    base, lora = q.at(0.0), q.at(1.0)
+    assert q.weight0_equals_base
+    assert lora["style"] >= STYLE_W1_MIN and base["style"] <= STYLE_W0_MAX
+    assert base["style"] < q.at(0.5)["style"] < lora["style"]
+    for key in ("colour", "position"):
+        assert lora[key] >= base[key] - CONTENT_DROP_MAX, key
+    assert q.bleed <= BLEED_MAX

@@ -470,8 +470,8 @@ def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Modu
         f"{cfg.min_snr_gamma:g}, EMA {cfg.ema_decay:g} (shipped); final MSE {logs['unet']['losses'][-1][1]:.4f}, "
         f"{logs['unet']['seconds'] / 3600:.1f} h.",
         f"- Command: `python -m sdlora.toyworld.pretrain WORK_DIR --ship sdlora/model_configs/{MODEL}"
-        f"{' ' + options if options else ''}` (seed {cfg.seed}; resumable; the times above are CPU time on "
-        f"{cfg.threads} threads of a shared 2-core machine).",
+        f"{' ' + options if options else ''}` (seed {cfg.seed}; resumable, and the UNet and decoder stages can run "
+        "side by side with `--only`; the times above are wall-clock on a shared 2-core CPU).",
         "",
         "## Prompt following",
         "",

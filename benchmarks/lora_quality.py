@@ -1,0 +1,140 @@
+"""What each adapter method's LoRA does to pictures, on the toy-world model; writes the README's table.
+
+    python benchmarks/lora_quality.py                      # every row, the demo's config, updates README.md
+    python benchmarks/lora_quality.py --rows LoRA DoRA --no-readme
+    python benchmarks/lora_quality.py --lora my.safetensors   # measure a file instead of training one
+
+Every row trains the demo's LoRA (configs/tiny.toml: sample_images/, the toy-world model `toy-sd15`) with the
+same data, seed and steps; only the row's own switches differ. Each file is then measured by sdlora.quality on
+the 12 held-out prompts at weights 0 / 0.5 / 1 with fixed seeds: the style score, content kept (colour, position,
+shape), bleed (the style without the trigger word), and whether weight 0 renders the base model bit for bit.
+Rows print as JSON lines (also appended to outputs/bench/quality.jsonl) and as a markdown table.
+To add a row (a new adapter kind, a training option), add its name and config overrides to ROWS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- lora-quality:start -->", "<!-- lora-quality:end -->"
+CONFIG = REPO / "configs" / "tiny.toml"
+
+# (name in the table, config overrides). LoRA+ and PiSSA are switches of the plain LoRA method.
+ROWS = [
+    ("LoRA", []),
+    ("LoRA, rsLoRA scale", ["lora.use_rslora=true"]),
+    ("LoRA, PiSSA init", ["lora.init=pissa"]),
+    ("LoRA+ (B lr x16)", ["train.loraplus_lr_ratio=16.0"]),
+    ("DoRA", ["lora.method=dora"]),
+    ("AdaLoRA (16 -> 8 avg)", ["lora.method=adalora", "lora.adalora_init_rank=16"]),
+    ("QLoRA-style, nf4 base", ["model.quantize_base=nf4"]),
+    # fp8 storage needs gradient checkpointing (see sdlora/quantize.py).
+    ("QLoRA-style, fp8 base", ["model.quantize_base=fp8", "train.gradient_checkpointing=true"]),
+]
+
+
+def train_row(overrides: list[str], out: Path, steps: int | None) -> tuple[Path, dict]:
+    """Train the demo LoRA with `overrides`; the file and the run's figures (time, size, parameters)."""
+    from sdlora.config import load_config
+    from sdlora.train import train
+
+    cfg = load_config(CONFIG, [f'train.output_dir="{out.as_posix()}"', "train.report=false", "sample.prompts=[]",
+                               *([f"train.max_train_steps={steps}"] if steps else []), *overrides])
+    started = time.perf_counter()
+    path = train(cfg)
+    stats = json.loads((out / "train_stats.json").read_text())
+    return path, {"train_s": time.perf_counter() - started, "file_kb": path.stat().st_size / 1024,
+                  "trainable_parameters": stats["trainable_parameters"], "steps": cfg.train.max_train_steps}
+
+
+def measure_file(path: Path, seeds: tuple[int, ...]) -> dict:
+    from sdlora.generate import LoraCache, load_pipeline
+    from sdlora.quality import RenderSettings, measure
+
+    pipe = load_pipeline("toy-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    return measure(pipe, LoraCache(pipe), path, settings=RenderSettings(seeds=seeds)).to_json()
+
+
+def run(rows: list[tuple[str, list[str]]], work: Path, steps: int | None, seeds: tuple[int, ...]) -> list[dict]:
+    results = []
+    for i, (name, overrides) in enumerate(rows):
+        path, figures = train_row(overrides, work / f"row{i}", steps)
+        row = {"row": name, "config": " ".join(overrides) or "(demo config)", **figures,
+               **measure_file(path, seeds)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
+def markdown(rows: list[dict], seeds: int) -> str:
+    steps = rows[0]["steps"] if rows else 0
+    lines = [
+        f"Toy-world model `toy-sd15`, the demo's config (`configs/tiny.toml`: sample_images/, 128 px, {steps} steps), "
+        f"measured on 12 held-out prompts x {seeds} seed(s); CPU, times from one run (compare ratios). Style: 0 = "
+        "plain toy world, 1 = the trained style; content: objects drawn in the prompt's colour / position / shape; "
+        "bleed: the style score without the trigger word, LoRA at weight 1.",
+        "",
+        "| row | config | style w0 -> 0.5 -> 1 | content base | content w1 | bleed | w0 = base | file | train time |",
+        "|---|---|---|---|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        config = ", ".join(f"`{o}`" for o in r["config"].split()) if r["config"] != "(demo config)" else "demo config"
+        w = r["by_weight"]
+        lines.append(
+            f"| {r['row']} | {config} | {w['0']['style']:.2f} -> {w['0.5']['style']:.2f} -> {w['1']['style']:.2f} | "
+            f"{_content(w['0'])} | {_content(w['1'])} | {r['bleed']:.2f} | "
+            f"{'yes' if r['weight0_equals_base'] else 'NO'} | {r['file_kb']:.0f} KB | {r['train_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def _content(scores: dict) -> str:
+    return f"{scores['colour']:.0%} / {scores['position']:.0%} / {scores['shape']:.0%}"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replace the text between the README's lora-quality markers with `table`."""
+    from sdlora.atomic import write_text
+
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: the markers {START} / {END} are missing; add them where the table goes")
+    write_text(readme, pattern.sub(lambda _: f"{START}\n{table}\n{END}", text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", help="names (or prefixes) from ROWS; default all")
+    parser.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out prompt")
+    parser.add_argument("--lora", type=Path, help="measure this file instead of training rows")
+    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    seeds = tuple(range(1, args.seeds + 1))
+    if args.lora:
+        print(json.dumps({"row": args.lora.name, **measure_file(args.lora, seeds)}))
+        return 0
+    rows = [r for r in ROWS if not args.rows or any(r[0].startswith(p) for p in args.rows)]
+    with tempfile.TemporaryDirectory(prefix="sdlora-quality-") as work:
+        results = run(rows, Path(work), args.steps, seeds)
+    log = REPO / "outputs" / "bench" / "quality.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    table = markdown(results, len(seeds))
+    print(table)
+    if not args.no_readme:
+        update_readme(REPO / "README.md", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
