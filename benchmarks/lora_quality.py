@@ -5,7 +5,7 @@
     python benchmarks/lora_quality.py --lora my.safetensors   # measure a file instead of training one
 
 Every row trains the demo's LoRA (configs/tiny.toml: sample_images/, the toy-world model `toy-sd15`) with the
-same data, seed and steps; only the row's own switches differ. Each file is then measured by sdlora.quality on
+same data, seed and steps; only the row's own switches differ. Each file is then measured by sdlora.toyworld.quality on
 the 12 held-out prompts at weights 0 / 0.5 / 1 with fixed seeds: the style score, content kept (colour, position,
 shape), bleed (the style without the trigger word), and whether weight 0 renders the base model bit for bit.
 Rows print as JSON lines (also appended to outputs/bench/quality.jsonl) and as a markdown table.
@@ -35,7 +35,7 @@ ROWS = [
     ("DoRA", ["lora.method=dora"]),
     ("AdaLoRA (16 -> 8 avg)", ["lora.method=adalora", "lora.adalora_init_rank=16"]),
     ("QLoRA-style, nf4 base", ["model.quantize_base=nf4"]),
-    # fp8 storage needs gradient checkpointing (see sdlora/quantize.py).
+    # fp8 storage needs gradient checkpointing (see sdlora/models/quantize.py).
     ("QLoRA-style, fp8 base", ["model.quantize_base=fp8", "train.gradient_checkpointing=true"]),
 ]
 
@@ -43,7 +43,7 @@ ROWS = [
 def train_row(overrides: list[str], out: Path, steps: int | None) -> tuple[Path, dict]:
     """Train the demo LoRA with `overrides`; the file and the run's figures (time, size, parameters)."""
     from sdlora.config import load_config
-    from sdlora.train import train
+    from sdlora.train.recipe import train
 
     cfg = load_config(CONFIG, [f'train.output_dir="{out.as_posix()}"', "train.report=false", "sample.prompts=[]",
                                *([f"train.max_train_steps={steps}"] if steps else []), *overrides])
@@ -55,8 +55,8 @@ def train_row(overrides: list[str], out: Path, steps: int | None) -> tuple[Path,
 
 
 def measure_file(path: Path, seeds: tuple[int, ...]) -> dict:
-    from sdlora.generate import LoraCache, load_pipeline
-    from sdlora.quality import RenderSettings, measure
+    from sdlora.generate.pipeline import LoraCache, load_pipeline
+    from sdlora.toyworld.quality import RenderSettings, measure
 
     pipe = load_pipeline("toy-sd15")
     pipe.set_progress_bar_config(disable=True)

@@ -6,7 +6,7 @@
 import dataclasses
 
 from sdlora.config import load_config
-from sdlora.plan import GB, estimate, trace
+from sdlora.train.plan import GB, estimate, trace
 
 ROWS = [  # (label, overrides)
     ("batch 1", ["train.batch_size=1"]),

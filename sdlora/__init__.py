@@ -1,6 +1,6 @@
 """sdlora: train Stable Diffusion LoRAs, export them in the community format, generate with them."""
 
-from . import bnb_import
+from sdlora import bnb_import
 
 __version__ = "0.1.0"
 

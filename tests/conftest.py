@@ -18,14 +18,14 @@ os.environ.setdefault("SDLORA_CACHE", str(REPO / ".pytest_cache" / "sdlora-model
 
 @pytest.fixture(scope="session")
 def sd15_path():
-    from sdlora.tiny import tiny_model_path
+    from sdlora.models.tiny import tiny_model_path
 
     return tiny_model_path("tiny-sd15")
 
 
 @pytest.fixture(scope="session")
 def sdxl_path():
-    from sdlora.tiny import tiny_model_path
+    from sdlora.models.tiny import tiny_model_path
 
     return tiny_model_path("tiny-sdxl")
 

@@ -15,14 +15,14 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora.adalora import AdaLora
+from sdlora.adapters.adalora import AdaLora
+from sdlora.adapters.export import inspect_lora, save_kohya_lora, save_peft_lora
+from sdlora.adapters.lora import LoraWeights, lora_layers, trainable_parameters
 from sdlora.config import ConfigError, load_config
-from sdlora.export import inspect_lora, save_kohya_lora, save_peft_lora
-from sdlora.generate import LoraCache, LoraSpec, load_pipeline
-from sdlora.lora import LoraWeights, lora_layers, trainable_parameters
-from sdlora.loss import compute_loss
-from sdlora.models import encode_prompt, load_base_model, tokenize
-from sdlora.train import train
+from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
+from sdlora.models.loading import encode_prompt, load_base_model, tokenize
+from sdlora.train.loss import compute_loss
+from sdlora.train.recipe import train
 
 STEPS = 12
 pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from safetensors.torch import load_file
 from PIL import Image
+from safetensors.torch import load_file
+from test_generate import trained_loras
 
-from sdlora.app import (
+from sdlora.cli import main
+from sdlora.ui.app import (
     SLOTS,
     AppSettings,
     Engine,
@@ -27,8 +29,6 @@ from sdlora.app import (
     run_generate,
     run_grid,
 )
-from sdlora.cli import main
-from test_generate import trained_loras
 
 COMMON = ("tiny-sd15", "zkstyle, a boat", "", "euler", 2, 7.0, 64, 64)  # model ... height; then seed
 ALPHA, BETA = "alpha/alpha.safetensors", "beta/beta.safetensors"
@@ -245,7 +245,7 @@ def test_running_app_through_gradio_client(settings):
 
 
 def test_train_tab(tmp_path):
-    from sdlora.app import preset_choices, preset_values, run_train
+    from sdlora.ui.app import preset_choices, preset_values, run_train
 
     local = _train_settings(tmp_path)
     engine = Engine(local)
@@ -277,7 +277,7 @@ def _train_settings(tmp_path, preset_extra: str = "") -> AppSettings:
 
 
 def test_train_tab_stop_loss_curve_and_samples(tmp_path):
-    from sdlora.app import run_train, stop_train
+    from sdlora.ui.app import run_train, stop_train
 
     local = _train_settings(tmp_path, 'log_every_n_steps = 2\n'  # the loss reaches the app at log steps
                                       '[sample]\nprompts = ["zkstyle, a boat --d 3"]\nsteps = 2\ngrid_weights = []\n')
@@ -303,24 +303,24 @@ def test_train_tab_stop_loss_curve_and_samples(tmp_path):
 def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
     import dataclasses
 
-    import sdlora.plan
-    from sdlora.app import run_train
+    import sdlora.train.plan
     from sdlora.config import load_config
+    from sdlora.ui.app import run_train
 
     local = _train_settings(tmp_path)
     preset = load_config(local.configs_dir / "mini.toml", ["lora.rank=4", "lora.alpha=4.0"])  # as the tab sets it
     cached = dataclasses.replace(preset, data=dataclasses.replace(preset.data, cache_latents="memory"))
-    between = (sdlora.plan.estimate(preset).total + sdlora.plan.estimate(cached).total) / 2 / sdlora.plan.GB
-    monkeypatch.setattr(sdlora.plan, "gpu_memory_gb", lambda: between)  # a card just too small for the preset
+    between = (sdlora.train.plan.estimate(preset).total + sdlora.train.plan.estimate(cached).total) / 2 / sdlora.train.plan.GB
+    monkeypatch.setattr(sdlora.train.plan, "gpu_memory_gb", lambda: between)  # a card just too small for the preset
     info, _, _ = run_train(Engine(local), "mini.toml", "imgs", "fitted", "zkstyle", 4, 1e-3, 2)
     assert "trained in" in info and "fitted to the GPU's" in info and "cache latents" in info
     assert load_config(local.lora_dir / "fitted" / "config.toml").data.cache_latents == "memory"
 
 
 def test_training_errors_reach_the_page_as_their_own_message():
-    from sdlora.app import _user_errors
-    from sdlora.plan import PlanError
-    from sdlora.train import TrainingError
+    from sdlora.train.plan import PlanError
+    from sdlora.train.recipe import TrainingError
+    from sdlora.ui.app import _user_errors
 
     for error in (TrainingError("loss or gradients were NaN/Inf; set train.max_grad_norm = 1.0"),
                   PlanError("this config needs about 9.0 GB and the GPU has 8.0 GB")):
@@ -332,7 +332,7 @@ def test_training_errors_reach_the_page_as_their_own_message():
 
 
 def test_caption_table_round_trip(tmp_path):
-    from sdlora.app import load_captions, save_captions
+    from sdlora.ui.app import load_captions, save_captions
 
     local = _train_settings(tmp_path)
     folder = tmp_path / "imgs"
@@ -360,8 +360,8 @@ def test_caption_table_round_trip(tmp_path):
 def test_vae_override(engine, settings):
     from safetensors.torch import save_file
 
-    from sdlora.app import OWN_VAE, vae_choices
-    from sdlora.generate import load_pipeline
+    from sdlora.generate.pipeline import load_pipeline
+    from sdlora.ui.app import OWN_VAE, vae_choices
 
     vae = load_pipeline("tiny-sd15").vae
     settings.models_dir.mkdir(exist_ok=True)
@@ -386,7 +386,7 @@ def test_vae_override(engine, settings):
 
 
 def test_uploads_are_checked_before_anything_is_written(tmp_path):
-    from sdlora.app import add_uploads
+    from sdlora.ui.app import add_uploads
 
     local = _train_settings(tmp_path)
     staged = tmp_path / "staged"

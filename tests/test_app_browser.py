@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from test_generate import trained_loras
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is miss
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from sdlora.app import AppSettings, launch
+    from sdlora.ui.app import AppSettings, launch
 
     root = tmp_path_factory.mktemp("browser")
     shutil.copytree(trained_loras(tmp_path_factory), root / "loras")

@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from sdlora import bench
+from sdlora.train import bench
 
 
 def changed(a, b):

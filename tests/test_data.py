@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sdlora.config import DataConfig
-from sdlora.data import (
+from sdlora.data.dataset import (
     DatasetError,
     ImageRecord,
     assign_bucket,

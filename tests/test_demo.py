@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from sdlora.config import dump_toml, load_config
-from sdlora.demo import run_demo
-from sdlora.generate import GenerationParams, generate, load_pipeline, parse_sample_prompt
-from sdlora.quality import QUALITY_NAME, load
+from sdlora.generate.pipeline import GenerationParams, generate, load_pipeline, parse_sample_prompt
+from sdlora.toyworld.quality import QUALITY_NAME, load
+from sdlora.ui.demo import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 

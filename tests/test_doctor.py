@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sdlora.config import DataConfig
-from sdlora.doctor import Report, diagnose, format_report
+from sdlora.data.doctor import Report, diagnose, format_report
 
 REPO = Path(__file__).resolve().parents[1]
 # One 64x64 bucket only, so that small test images are not all reported as upscaled.
@@ -22,7 +22,7 @@ SMALL = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=256, bucket_step
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from sdlora.clip_tokenizer import load_clip_tokenizer
+    from sdlora.models.clip_tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 

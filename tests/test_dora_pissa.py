@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sdlora.adapters.export import LoraFileError, load_lora_layers, save_kohya_lora, save_peft_lora
+from sdlora.adapters.lora import inject_lora, lora_layers, pissa_as_lora, set_lora_layers, trainable_parameters
+from sdlora.adapters.tools import read_lora
 from sdlora.config import load_config
-from sdlora.export import LoraFileError, load_lora_layers, save_kohya_lora, save_peft_lora
-from sdlora.generate import LoraCache, LoraSpec, load_pipeline
-from sdlora.lora import inject_lora, lora_layers, pissa_as_lora, set_lora_layers, trainable_parameters
-from sdlora.lora_tools import read_lora
-from sdlora.models import encode_prompt, load_base_model, tokenize
-from sdlora.train import train
+from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
+from sdlora.models.loading import encode_prompt, load_base_model, tokenize
+from sdlora.train.recipe import train
 
 pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 
@@ -82,7 +82,7 @@ def test_dora_learns_only_adapter_and_magnitude():
     assert magnitudes and all(p.dtype == torch.float32 for p in params.values())
     from diffusers import DDPMScheduler
 
-    from sdlora.loss import compute_loss
+    from sdlora.train.loss import compute_loss
 
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
     optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
@@ -123,7 +123,7 @@ def test_dora_kohya_file_loads_exactly_in_our_generator_and_fuses(tmp_path):
 
 
 def test_dora_merges_into_the_base_model(tmp_path):
-    from sdlora.lora_tools import merge_into_base
+    from sdlora.adapters.tools import merge_into_base
 
     base, _ = _trained_like("lora.method=dora")
     inputs = _inputs(base)
@@ -225,7 +225,7 @@ def test_train_writes_the_method_into_file_and_metadata(dataset, tmp_path, overr
 
 @pytest.mark.parametrize("override", ["lora.init=pissa", "lora.method=adalora"])
 def test_methods_that_cannot_continue_a_lora_file_say_so_before_loading(dataset, tmp_path, override):
-    from sdlora.train import TrainingError
+    from sdlora.train.recipe import TrainingError
 
     cfg = load_config(None, [f'data.dirs=["{dataset.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
                              "lora.rank=4", f'train.output_dir="{tmp_path.as_posix()}"', override])

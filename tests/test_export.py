@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora.config import Config, LoraConfig
-from sdlora.export import (
+from sdlora.adapters.export import (
     KOHYA_PREFIXES,
     SDXL_BASE_LAYOUT,
     LoraFileError,
@@ -38,7 +37,8 @@ from sdlora.export import (
     unet_layout_from_names,
     unet_path_to_ldm,
 )
-from sdlora.lora import LoraWeights, inject_lora, lora_layers
+from sdlora.adapters.lora import LoraWeights, inject_lora, lora_layers
+from sdlora.config import Config, LoraConfig
 
 ARCH = {"tiny-sd15": "sd1", "tiny-sdxl": "sdxl"}
 COMPONENTS = {"tiny-sd15": ("unet", "text_encoder"), "tiny-sdxl": ("unet", "text_encoder", "text_encoder_2")}
@@ -301,7 +301,7 @@ def test_real_sdxl_unet_names():
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    from sdlora.lora import target_module_names
+    from sdlora.adapters.lora import target_module_names
 
     with torch.device("meta"):  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
         unet = UNet2DConditionModel(

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
+from sdlora.adapters.export import LoraFileError, read_lora_file
 from sdlora.config import Config, ConfigError, DataConfig, load_config
-from sdlora.data import process_caption
-from sdlora.export import LoraFileError, read_lora_file
+from sdlora.data.dataset import process_caption
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -240,9 +240,9 @@ def test_read_lora_file_reads_the_unmutated_file(tmp_path):
 
 
 def _parse_lora_tags():
-    prompt = pytest.importorskip("sdlora.prompt")
+    prompt = pytest.importorskip("sdlora.generate.prompt")
     if not hasattr(prompt, "parse_lora_tags"):
-        pytest.skip("sdlora.prompt has no parse_lora_tags yet")
+        pytest.skip("sdlora.generate.prompt has no parse_lora_tags yet")
     return prompt
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdlora.export import LoraFileError, file_hashes
-from sdlora.generate import (
+from sdlora.adapters.export import LoraFileError, file_hashes
+from sdlora.generate.pipeline import (
     GenerationError,
     GenerationParams,
     LoraCache,
@@ -36,12 +36,12 @@ PARAMS = GenerationParams(prompt="zkstyle, a boat", steps=2, width=64, height=64
 
 def trained_loras(tmp_path_factory) -> Path:
     """A folder with two tiny SD1 LoRAs, `alpha/alpha.safetensors` and `beta/beta.safetensors`, trained with
-    `sdlora.train` (2 steps, different seeds), plus the checkpoint folders training leaves. Built once a session."""
+    `sdlora.train.recipe` (2 steps, different seeds), plus the checkpoint folders training leaves. Built once a session."""
     folder = tmp_path_factory.getbasetemp() / "trained-loras"
     if (folder / "beta" / "beta.safetensors").is_file():
         return folder
     from sdlora.config import load_config
-    from sdlora.train import train
+    from sdlora.train.recipe import train
 
     data = tmp_path_factory.mktemp("lora-data")
     for src in sorted((REPO / "sample_images").glob("*.png"))[:2]:
@@ -197,7 +197,7 @@ def test_parse_a1111_parameters(text, expected):
 
 
 def test_sampler_names_survive_the_round_trip():
-    from sdlora.generate import SAMPLERS
+    from sdlora.generate.pipeline import SAMPLERS
 
     for sampler in SAMPLERS:
         params = replace(PARAMS, sampler=sampler)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_generate import cache, pipe  # noqa: F401  (module fixtures: the tiny SD1 pipeline and its one LoraCache)
 
 from sdlora.cli import main
-from sdlora.generate import GenerationParams, LoraSpec, generate_images
-from sdlora.grid import (
+from sdlora.generate.grid import (
     find_run_loras,
     grid_layout,
     label_grid,
@@ -26,8 +26,8 @@ from sdlora.grid import (
     run_config,
     sample_prompts,
 )
-from sdlora.report import finish_run, read_scalars, write_report
-from test_generate import cache, pipe  # noqa: F401  (module fixtures: the tiny SD1 pipeline and its one LoraCache)
+from sdlora.generate.pipeline import GenerationParams, LoraSpec, generate_images
+from sdlora.ui.report import finish_run, read_scalars, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["zkstyle, a boat --d 3", "a tent"]
@@ -41,7 +41,7 @@ def run(tmp_path_factory, cache):
     """A finished tiny run: lora-000001 (step 1), lora-000002 (step 2), lora (step 3), validation.csv, logs/,
     then `finish_run` (grid.png with weights 0 and 1, report.md)."""
     from sdlora.config import load_config
-    from sdlora.train import train
+    from sdlora.train.recipe import train
 
     data = tmp_path_factory.mktemp("grid-data")
     for src in sorted((REPO / "sample_images").glob("*.png"))[:6]:
@@ -177,8 +177,8 @@ def test_report_without_validation_says_how_to_enable_it(tmp_path):
 
 def test_cli_grid_and_report(run, pipe, cache, tmp_path, capsys, monkeypatch):
     loaded = []
-    monkeypatch.setattr("sdlora.grid.load_pipeline", lambda *args, **kwargs: loaded.append(args) or pipe)
-    monkeypatch.setattr("sdlora.grid.LoraCache", lambda p: cache)  # the module's pipeline, loaded once
+    monkeypatch.setattr("sdlora.generate.grid.load_pipeline", lambda *args, **kwargs: loaded.append(args) or pipe)
+    monkeypatch.setattr("sdlora.generate.grid.LoraCache", lambda p: cache)  # the module's pipeline, loaded once
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
     out = tmp_path / "g.png"

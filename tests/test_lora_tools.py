@@ -18,11 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdlora.adapters.export import (
+    LoraFileError,
+    arch_metadata,
+    from_kohya_state_dict,
+    save_kohya_lora,
+    to_peft_state_dict,
+)
+from sdlora.adapters.lora import LoraWeights, target_module_names
+from sdlora.adapters.tools import choose_rank, merge_loras, read_lora, resize_lora
 from sdlora.atomic import save_safetensors
 from sdlora.cli import main
-from sdlora.export import LoraFileError, arch_metadata, from_kohya_state_dict, save_kohya_lora, to_peft_state_dict
-from sdlora.lora import LoraWeights, target_module_names
-from sdlora.lora_tools import choose_rank, merge_loras, read_lora, resize_lora
 
 SD1 = arch_metadata("sd1")  # tiny models have no telling widths: the metadata names the architecture
 
@@ -32,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 
 @pytest.fixture(scope="module")
 def sd15(sd15_path):
-    from sdlora.models import load_base_model
+    from sdlora.models.loading import load_base_model
 
     return load_base_model(str(sd15_path))
 
@@ -266,7 +272,7 @@ def test_read_lora_takes_peft_files_by_kohya_name(sd15, tmp_path):
 
 
 def test_lora_for_another_architecture_is_one_line(sd15_path, sd15, loras, tmp_path, capsys):
-    from sdlora.lora_tools import merge_into_base
+    from sdlora.adapters.tools import merge_into_base
 
     layers = random_layers(sd15, "attn", 2, 2.0, 7)
     xl = save_kohya_lora(layers, "sdxl", tmp_path / "xl.safetensors", arch_metadata("sdxl"), torch.float32)
@@ -291,8 +297,8 @@ def test_lora_for_another_architecture_is_one_line(sd15_path, sd15, loras, tmp_p
 
 
 def test_merge_into_base_adds_the_deltas_and_renders_like_the_loras(sd15_path, sd15, small_loras, tmp_path):
-    from sdlora.generate import GenerationParams, LoraCache, LoraSpec, generate, load_pipeline
-    from sdlora.single_file import single_file_state_dict
+    from sdlora.generate.pipeline import GenerationParams, LoraCache, LoraSpec, generate, load_pipeline
+    from sdlora.models.single_file import single_file_state_dict
 
     a, b = small_loras
     folder, single = tmp_path / "merged", tmp_path / "merged.safetensors"
@@ -377,7 +383,7 @@ def test_merge_into_base_names_a_stray_module_or_refuses_it_with_strict(sd15_pat
 
 
 def test_extract_recovers_a_low_rank_difference(sd15_path, sd15, tmp_path, capsys):
-    from sdlora.single_file import save_single_file
+    from sdlora.models.single_file import save_single_file
 
     tuned = copy.deepcopy(sd15)
     known = random_layers(tuned, "attn", 2, 2.0, 11)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlora import plan
 from sdlora.config import load_config
+from sdlora.train import plan
 
 
 def cfg_for(*overrides):
@@ -71,8 +71,8 @@ def test_8bit_state_is_counted_only_for_tensors_bitsandbytes_quantizes():
 
 
 def _injected(path, cfg):
-    from sdlora.lora import inject_lora
-    from sdlora.models import component_names, load_base_model
+    from sdlora.adapters.lora import inject_lora
+    from sdlora.models.loading import component_names, load_base_model
 
     base = load_base_model(str(path))
     params = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora.tiny import TOY_MODELS, build_components, config_dir, shipped_weights
+from sdlora.models.tiny import TOY_MODELS, build_components, config_dir, shipped_weights
 from sdlora.toyworld import pretrain
 from sdlora.toyworld.pretrain import PretrainConfig
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdlora.prompt import LoraTag, encode_prompt_embeds, parse_lora_tags, token_chunks
+from sdlora.generate.prompt import LoraTag, encode_prompt_embeds, parse_lora_tags, token_chunks
 
 # (prompt, clean prompt, tags as (name, unet, te), number of warnings)
 TAG_CASES = [
@@ -66,7 +66,7 @@ def test_tag_round_trip(name, unet, te):
 
 @pytest.fixture(scope="module")
 def pipes():
-    from sdlora.generate import load_pipeline
+    from sdlora.generate.pipeline import load_pipeline
 
     return {name: load_pipeline(name) for name in ("tiny-sd15", "tiny-sdxl")}
 
@@ -120,7 +120,7 @@ def test_long_prompts_are_chunked(pipes, model):
 
 
 def test_long_prompt_renders(pipes):
-    from sdlora.generate import GenerationParams, generate
+    from sdlora.generate.pipeline import GenerationParams, generate
 
     pipe = pipes["tiny-sd15"]
     pipe.set_progress_bar_config(disable=True)

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora import bnb_import
+from sdlora.adapters.export import load_lora_layers, read_lora_file
+from sdlora.adapters.lora import count_parameters, inject_lora, lora_layers, trainable_parameters
 from sdlora.config import ConfigError, load_config
-from sdlora.export import load_lora_layers, read_lora_file
-from sdlora.lora import count_parameters, inject_lora, lora_layers, trainable_parameters
-from sdlora.models import ModelError, load_base_model
-from sdlora.quantize import quantize_nf4, store_fp8, stored_bytes
-from sdlora.train import train
+from sdlora.models.loading import ModelError, load_base_model
+from sdlora.models.quantize import quantize_nf4, store_fp8, stored_bytes
+from sdlora.train.recipe import train
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -150,7 +150,7 @@ def test_resume_with_a_quantized_base_is_exact(run):
 
 
 def test_plan_counts_the_quantized_unet(tiny_unet):
-    from sdlora.plan import estimate, trace
+    from sdlora.train.plan import estimate, trace
 
     weights, biases, _ = linear_sizes(tiny_unet)
     traced = trace(load_config(None, ["train.mixed_precision=no"]))

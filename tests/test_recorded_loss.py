@@ -31,7 +31,7 @@ from PIL import Image
 torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
 from sdlora.config import load_config
-from sdlora.train import train
+from sdlora.train.recipe import train
 
 RECIPES = {
     # LoRA on the UNet and the text encoder from decoded images, accumulation, warm-up and cosine schedule, offset

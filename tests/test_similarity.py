@@ -1,4 +1,4 @@
-"""CLIP similarity of grid images (sdlora.similarity) with a tiny random CLIP built from a config: the numbers mean
+"""CLIP similarity of grid images (sdlora.ui.similarity) with a tiny random CLIP built from a config: the numbers mean
 nothing, but loading, embedding, the cosines, the per-(file, weight) table, similarity.csv, the report section, the
 `sdlora grid --clip` plumbing and the grid image in TensorBoard are the real code paths.
 """
@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from sdlora.cli import main
-from sdlora.generate import GenerationParams
-from sdlora.grid import GridResult, LoraFile, grid_layout, label_grid, log_grid, stack_vertically
-from sdlora.report import write_report
-from sdlora.similarity import (
+from sdlora.generate.grid import GridResult, LoraFile, grid_layout, label_grid, log_grid, stack_vertically
+from sdlora.generate.pipeline import GenerationParams
+from sdlora.ui.report import write_report
+from sdlora.ui.similarity import (
     ClipError,
     clip_scores,
     grid_similarity,
@@ -35,7 +35,7 @@ def clip_dir(tmp_path_factory) -> Path:
     """A random CLIP at tiny widths saved as a CLIP folder: safetensors, the real CLIP tokenizer, a processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from sdlora.clip_tokenizer import load_clip_tokenizer
+    from sdlora.models.clip_tokenizer import load_clip_tokenizer
 
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
     config = CLIPConfig(text_config=dict(small, vocab_size=49408, max_position_embeddings=77),
@@ -194,7 +194,7 @@ def test_cli_grid_clip_and_tensorboard(clip_dir, grid_run, monkeypatch, capsys, 
         calls.append(sources)
         return result
 
-    monkeypatch.setattr("sdlora.grid.make_grid", fake_make_grid)
+    monkeypatch.setattr("sdlora.generate.grid.make_grid", fake_make_grid)
     assert main(["grid", str(run), "--clip", str(clip_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == str(run / "grid.png") and out[-1] == str(run / "similarity.csv")
@@ -217,10 +217,10 @@ def test_cli_grid_clip_and_tensorboard(clip_dir, grid_run, monkeypatch, capsys, 
 
 def test_training_end_scores_the_grid_when_the_config_names_a_clip(clip_dir, grid_run, monkeypatch):
     from sdlora.config import load_config
-    from sdlora.report import finish_run
+    from sdlora.ui.report import finish_run
 
     run, result = grid_run
-    monkeypatch.setattr("sdlora.report.make_grid", lambda *args, **kwargs: result)  # rendering: test_grid_report
+    monkeypatch.setattr("sdlora.ui.report.make_grid", lambda *args, **kwargs: result)  # rendering: test_grid_report
     cfg = load_config(None, [f'data.dirs=["{(run.parent / "images").as_posix()}"]', 'sample.prompts=["a boat"]',
                              f'sample.clip_model="{clip_dir.as_posix()}"'])
     report = finish_run(cfg, run, progress=False)

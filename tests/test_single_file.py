@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora import single_file as sf
 from sdlora.atomic import save_safetensors
-from sdlora.models import BaseModel, ModelError, detect_model, encode_prompt, load_base_model, tokenize
+from sdlora.models import single_file as sf
+from sdlora.models.loading import BaseModel, ModelError, detect_model, encode_prompt, load_base_model, tokenize
 
 PROMPTS = ["zkstyle, a lighthouse on a cliff", ""]
 U = "model.diffusion_model."
@@ -90,7 +90,7 @@ def test_diffusers_reads_our_files(tmp_path, no_network, tiny, name):
     the same tensors: the layout is the one other tools read, not just one we read back."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from sdlora.generate import build_pipeline
+    from sdlora.generate.pipeline import build_pipeline
 
     base = tiny[name]
     pipe = build_pipeline(base.arch, base.unet, base.vae, base.text_encoders, base.tokenizers, base.scheduler_config)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.config import load_config
-from sdlora.train import TrainingError, train
+from sdlora.train.recipe import TrainingError, train
 
 pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 
@@ -33,9 +33,9 @@ def plain(dataset, tmp_path_factory):
 def test_channels_last_keeps_output_and_gradients():
     # One forward and backward, not a training run: Adam turns the last-bit differences of another conv algorithm
     # (NHWC) into visible weight differences where gradients are near zero.
-    from sdlora.lora import inject_lora, trainable_parameters
-    from sdlora.models import load_base_model
-    from sdlora.train import _speed_up_unet
+    from sdlora.adapters.lora import inject_lora, trainable_parameters
+    from sdlora.models.loading import load_base_model
+    from sdlora.train.recipe import _speed_up_unet
 
     results = []
     for option in ([], ["train.channels_last=true"]):
@@ -67,8 +67,8 @@ def test_regional_compile_trains_the_same_lora(dataset, plain, tmp_path):
 def test_full_compile_wraps_the_whole_unet():
     # Training through a fully compiled UNet takes minutes of graph capture on a CPU; the regional case above runs
     # the same capture per block, so here only the wiring is checked.
-    from sdlora.models import load_base_model
-    from sdlora.train import _speed_up_unet
+    from sdlora.models.loading import load_base_model
+    from sdlora.train.recipe import _speed_up_unet
 
     unet = load_base_model("tiny-sd15").unet
     _speed_up_unet(unet, load_config(None, ["train.compile=full", "train.compile_backend=aot_eager"]).train)

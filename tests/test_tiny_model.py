@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlora.models import detect_arch, encode_prompt, load_base_model, tokenize
-from sdlora.clip_tokenizer import load_clip_tokenizer
-from sdlora.tiny import build_tiny_model
+from sdlora.models.clip_tokenizer import load_clip_tokenizer
+from sdlora.models.loading import detect_arch, encode_prompt, load_base_model, tokenize
+from sdlora.models.tiny import build_tiny_model
 
 PROMPTS = [
     "a photo of a cat",

@@ -10,8 +10,14 @@ import pytest
 from sdlora.toyworld.render import HATCHED, PLAIN, random_look, render
 from sdlora.toyworld.scene import COLOURS, POSITIONS, Scene, ToyObject, sample_scene
 from sdlora.toyworld.style_set import (
-    EVALUATION_CELLS, EVALUATION_COLOURS, EVALUATION_SHAPES, TRAINING_CELLS, TRAINING_COLOURS, TRAINING_SHAPES,
-    evaluation_scenes, training_scenes,
+    EVALUATION_CELLS,
+    EVALUATION_COLOURS,
+    EVALUATION_SHAPES,
+    TRAINING_CELLS,
+    TRAINING_COLOURS,
+    TRAINING_SHAPES,
+    evaluation_scenes,
+    training_scenes,
 )
 
 

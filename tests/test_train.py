@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdlora import checkpoint as ckpt
-from sdlora.config import load_config
-from sdlora.cache import build_latent_cache
+from sdlora.adapters.lora import inject_lora, trainable_parameters
 from sdlora.cli import main
-from sdlora.data import DatasetError, scan_dataset
-from sdlora.lora import inject_lora, trainable_parameters
-from sdlora.models import encode_prompt, load_base_model, tokenize
-from sdlora.train import TrainingError, compute_loss, train, with_precision
+from sdlora.config import load_config
+from sdlora.data.cache import build_latent_cache
+from sdlora.data.dataset import DatasetError, scan_dataset
+from sdlora.models.loading import encode_prompt, load_base_model, tokenize
+from sdlora.train import checkpoint as ckpt
+from sdlora.train.recipe import TrainingError, compute_loss, train, with_precision
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over
@@ -257,7 +257,7 @@ def test_dataset_problem_found_by_the_doctor_stops_training_before_the_model_loa
     shutil.copytree(dataset, folder)
     first = sorted(folder.glob("*.png"))[0]
     Image.new("L", (8, 8), 255).save(first.with_name(first.stem + "_mask.png"))  # wrong size: fails only on decode
-    import sdlora.train as train_module
+    import sdlora.train.recipe as train_module
 
     monkeypatch.setattr(train_module, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DatasetError, match=rf"{first.stem}_mask\.png.*sdlora doctor"):
@@ -266,7 +266,7 @@ def test_dataset_problem_found_by_the_doctor_stops_training_before_the_model_loa
 
 def _nan_at(monkeypatch, bad_calls):
     """Make compute_loss return NaN on the given (1-based) calls; one call per step at gradient_accumulation 1."""
-    import sdlora.train as train_module
+    import sdlora.train.recipe as train_module
 
     real, calls = train_module.compute_loss, []
 
@@ -283,7 +283,7 @@ def skip_path(request, monkeypatch):
     """Both ways a NaN step is skipped: on the host (foreach AdamW on a CPU: the flag is read every step) and on
     the device (fused AdamW, what a GPU run gets: the update is skipped in the kernel, flags are read at checks)."""
     if request.param == "device":
-        import sdlora.train as train_module
+        import sdlora.train.recipe as train_module
 
         real = train_module._make_optimizer
         monkeypatch.setattr(train_module, "_make_optimizer", lambda t, trained, fused: real(t, trained, fused=True))
@@ -312,7 +312,7 @@ def test_persistent_nan_stops_with_the_cause_and_keeps_good_checkpoints(dataset,
 
 def test_nonfinite_flags_reach_the_host_only_at_check_points_with_a_fused_optimizer(dataset, tmp_path, monkeypatch,
                                                                                     skip_path, caplog):
-    import sdlora.deferred as deferred
+    import sdlora.train.deferred as deferred
 
     reads = []
     real = deferred.SkippedSteps.settle
@@ -365,7 +365,7 @@ def test_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(da
 def test_shards_cover_the_epoch_once_per_process_group():
     from types import SimpleNamespace
 
-    from sdlora.train import _shard
+    from sdlora.train.recipe import _shard
 
     batches = [[0, 1], [2, 3], [4, 5], [6, 7]]
     shards = [_shard(batches, SimpleNamespace(num_processes=2, process_index=rank)) for rank in (0, 1)]
@@ -406,7 +406,7 @@ def test_on_step_reports_every_step_with_the_logged_loss_and_can_stop(dataset, t
 
 
 def test_loraplus_param_groups_have_the_intended_learning_rates():
-    from sdlora.train import _make_optimizer
+    from sdlora.train.recipe import _make_optimizer
 
     base = load_base_model("tiny-sd15")
     cfg = load_config(None, ["lora.method=dora", "train.loraplus_lr_ratio=16.0", "train.unet_lr=1e-4",
@@ -434,8 +434,8 @@ def _dynamic_rank_file(path: Path) -> Path:
     and alpha, the convs another rank than the linear layers, UNet and text encoder."""
     from test_lora_tools import SD1, random_layers
 
-    from sdlora.export import save_kohya_lora
-    from sdlora.lora import LoraWeights
+    from sdlora.adapters.export import save_kohya_lora
+    from sdlora.adapters.lora import LoraWeights
 
     layers = random_layers(load_base_model("tiny-sd15"), "all", 4, 1.0, 0, only=("down_blocks.1.", "layers.0."))
     for component in layers.values():
@@ -472,8 +472,9 @@ def _toml(path: Path, dataset, *lines: str) -> Path:
 
 def test_init_lora_that_cannot_continue_is_refused_in_one_line_before_the_model_loads(dataset, tmp_path, capsys,
                                                                                       monkeypatch):
-    import sdlora.train as train_module
     from safetensors.torch import save_file
+
+    import sdlora.train.recipe as train_module
 
     start = load_file(str(_dynamic_rank_file(tmp_path / "dynamic.safetensors")))
     down = next(k for k in start if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))

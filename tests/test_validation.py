@@ -3,12 +3,12 @@
 import csv
 
 import pytest
-
-from sdlora.data import DatasetError, scan_dataset
-from sdlora.models import load_base_model
-from sdlora.train import compute_loss, train
-from sdlora.validation import best, prepare_validation, split_records, validation_loss
 from test_train import make_cfg
+
+from sdlora.data.dataset import DatasetError, scan_dataset
+from sdlora.models.loading import load_base_model
+from sdlora.train.recipe import compute_loss, train
+from sdlora.train.validation import best, prepare_validation, split_records, validation_loss
 
 
 def test_split_is_seeded_disjoint_and_keeps_training_images(dataset):

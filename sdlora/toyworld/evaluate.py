@@ -37,8 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import load_file
 from torch import nn
 
-from .render import HATCHED, PLAIN, random_look, render
-from .scene import COLOURS, SHAPES, Scene, cell_centre, sample_scene
+from sdlora.toyworld.render import HATCHED, PLAIN, random_look, render
+from sdlora.toyworld.scene import COLOURS, SHAPES, Scene, cell_centre, sample_scene
 
 WEIGHTS = Path(__file__).with_name("shape_classifier.safetensors")
 

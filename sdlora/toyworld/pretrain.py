@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import save_safetensors, write_text
-from ..checkpoint import list_checkpoints, load_checkpoint, load_extra, prune, save_checkpoint
-from .render import PLAIN, random_look, render, render_batch
-from .scene import TWO_OBJECT_SHARE, cell_centre, sample_scene
+from sdlora.atomic import save_safetensors, write_text
+from sdlora.toyworld.render import PLAIN, random_look, render, render_batch
+from sdlora.toyworld.scene import TWO_OBJECT_SHARE, cell_centre, sample_scene
+from sdlora.train.checkpoint import list_checkpoints, load_checkpoint, load_extra, prune, save_checkpoint
 
 MODEL = "toy-sd15"
 RESOLUTION = 128
@@ -126,7 +126,7 @@ def _record_config(cfg: PretrainConfig, work: Path) -> None:
 
 def build_models():
     """The toy model's three networks from the shipped configs, randomly initialised."""
-    from ..tiny import build_components
+    from sdlora.models.tiny import build_components
 
     return build_components(MODEL, seed=0)
 
@@ -301,8 +301,8 @@ def train_unet(cfg: PretrainConfig, work: Path):
     from diffusers.training_utils import EMAModel, compute_snr
     from safetensors import safe_open
 
-    from ..models import tokenize
-    from ..tiny import load_clip_tokenizer, read_config
+    from sdlora.models.loading import tokenize
+    from sdlora.models.tiny import load_clip_tokenizer, read_config
 
     unet, _, text_encoder = build_models()
     modules = {"unet": unet, "text_encoder": text_encoder}
@@ -401,7 +401,7 @@ def ema_models(work: Path):
 def export(cfg: PretrainConfig, work: Path, ship: Path, vae, unet, text_encoder) -> None:
     """fp16 weights, one file per network, beside the configs they must match (the VAE's scaling factor set to
     the one measured on the latents), and a model card with the figures measured on the shipped weights."""
-    from ..tiny import config_dir
+    from sdlora.models.tiny import config_dir
 
     ship.mkdir(parents=True, exist_ok=True)
     scaling = round(_scaling_factor(work), 5)
@@ -422,11 +422,11 @@ def export(cfg: PretrainConfig, work: Path, ship: Path, vae, unet, text_encoder)
 def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Module]) -> str:
     """The shipped model's card: data, recipe, losses, the command, and its prompt following measured by the
     toy world's evaluator on fixed seeds."""
-    from ..generate import build_pipeline
-    from ..quality import RenderSettings, measure_base
-    from ..tiny import load_clip_tokenizer, read_config
-    from .scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
-    from .style_set import evaluation_scenes
+    from sdlora.generate.pipeline import build_pipeline
+    from sdlora.models.tiny import load_clip_tokenizer, read_config
+    from sdlora.toyworld.quality import RenderSettings, measure_base
+    from sdlora.toyworld.scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
+    from sdlora.toyworld.style_set import evaluation_scenes
 
     pipe = build_pipeline("sd1", modules["unet"], modules["vae"], [modules["text_encoder"]], [load_clip_tokenizer()],
                           read_config(MODEL, "scheduler"))
@@ -512,7 +512,7 @@ def _scaling_factor(work: Path) -> float:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from ..atomic import atomic_path
+    from sdlora.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scene import COLOURS, SIZES, Scene, ToyObject, cell_centre
+from sdlora.toyworld.scene import COLOURS, SIZES, Scene, ToyObject, cell_centre
 
 SUPERSAMPLE = 4
 BACKGROUND_GREYS = {"white": 242.0, "grey": 128.0, "black": 22.0}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from .scene import BACKGROUNDS, COLOURS, MAX_OFFSET, POSITIONS, SHAPES, Scene, ToyObject
+from sdlora.toyworld.scene import BACKGROUNDS, COLOURS, MAX_OFFSET, POSITIONS, SHAPES, Scene, ToyObject
 
 TRIGGER = "zkstyle"
 _SIZE_CYCLE = ("large", "small", "small", "large")

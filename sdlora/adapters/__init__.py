@@ -1,0 +1,4 @@
+"""Adapters on the UNet and the text encoders: LoRA, DoRA and PiSSA through peft, AdaLoRA through peft's tuner, one
+dispatcher over the methods, and LoRA files: reading any common format, writing the community (kohya) format, and
+the tools that work on files alone (merge, resize, extract).
+"""

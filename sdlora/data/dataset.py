@@ -1,0 +1,493 @@
+"""Training images: finding images and captions, caption augmentation, aspect-ratio buckets, loading pixels, and the
+order of each epoch's batches.
+
+Everything random here is seeded from (seed, epoch[, position]) alone, so a resumed run sees exactly the batches and
+augmentations the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from sdlora.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# kohya repeat folders: "10_mystyle" trains its images 10 times per epoch, "mystyle" is the fallback caption.
+_REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")
+_MASK_SUFFIX = "_mask"
+_WHITE = (255, 255, 255, 255)
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the one-line message names the file or folder and the fix."""
+
+
+@dataclass
+class ImageRecord:
+    """One training image as found on disk (pixels are read later by `load_image`)."""
+
+    path: Path
+    caption: str  # raw caption, before prefix/shuffle/dropout
+    repeats: int
+    size: tuple[int, int]  # (width, height) after EXIF rotation
+    bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
+    mask_path: Path | None  # "<stem>_mask.png" beside the image (white = train), if present
+    dataset_dir: str  # name of the folder it came from, for ss_tag_frequency
+
+
+# --- discovery -------------------------------------------------------------------------------------------------
+
+
+def scan_dataset(cfg: DataConfig, base_dir: Path | None = None) -> list[ImageRecord]:
+    """Find every training image in `cfg.dirs` with its caption, repeats, size, bucket and mask.
+
+    Each folder is read non-recursively, except that a folder holding kohya repeat folders (`10_mystyle/`) is read
+    through those. Captions come from the first sidecar in `cfg.caption_extensions`, else `metadata.jsonl`, else a
+    repeat folder's class text, else "". Only the first non-empty line of a caption file is used (as kohya does).
+
+    Args:
+        cfg: the `[data]` table.
+        base_dir: folder that relative entries of `cfg.dirs` are resolved against; the current directory if None.
+
+    Returns:
+        Records ordered by folder (in `cfg.dirs` order, repeat folders by name), then by file name.
+
+    Raises:
+        DatasetError: a folder is missing, nothing was found, a `metadata.jsonl` is malformed, or (unless
+            `cfg.skip_bad_images`) an image is unreadable or a caption is not UTF-8.
+    """
+    _check_caption_extensions(cfg.caption_extensions)
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    folders = [(base / d).resolve() for d in cfg.dirs]
+    records = []
+    for folder in folders:
+        for subfolder, repeats, class_text in _expand_folder(folder, cfg.repeats):
+            records += _scan_folder(subfolder, repeats, class_text, cfg)
+    if not records:
+        names = ", ".join(str(f) for f in folders)
+        raise DatasetError(
+            f"no training images found in {names}; supported extensions: {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return records
+
+
+def _check_caption_extensions(extensions: list[str]) -> None:
+    for ext in extensions:
+        if not ext.startswith("."):
+            raise DatasetError(f"data.caption_extensions: {ext!r} must start with a dot, e.g. '.{ext}'")
+
+
+def _expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, str | None]]:
+    """The folders to read for one `data.dirs` entry, each with its repeats and class text (None if none)."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder not found; fix data.dirs")
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and _REPEAT_FOLDER.fullmatch(p.name))
+    if subfolders:
+        if any(_is_training_image(p) for p in folder.iterdir()):
+            logger.warning("%s: images directly in this folder are ignored because it has <N>_<name> "
+                           "subfolders; move them into one", folder)
+        return [(p, *_parse_repeat_folder(p)) for p in subfolders]
+    if _REPEAT_FOLDER.fullmatch(folder.name):
+        return [(folder, *_parse_repeat_folder(folder))]
+    return [(folder, default_repeats, None)]
+
+
+def _parse_repeat_folder(folder: Path) -> tuple[int, str]:
+    match = _REPEAT_FOLDER.fullmatch(folder.name)
+    repeats, class_text = int(match[1]), match[2]
+    if repeats < 1:
+        raise DatasetError(f"{folder}: a repeat folder needs at least 1 repeat; rename it to 1_{class_text}")
+    return repeats, class_text
+
+
+def _is_training_image(path: Path) -> bool:
+    # Dot files include macOS "._img.png" resource forks, which look like images but are not.
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS
+        and not path.name.startswith(".")
+        and not path.stem.endswith(_MASK_SUFFIX)
+        and path.is_file()
+    )
+
+
+def _scan_folder(folder: Path, repeats: int, class_text: str | None, cfg: DataConfig) -> list[ImageRecord]:
+    metadata = _read_metadata(folder / "metadata.jsonl")
+    records = []
+    for path in sorted(p for p in folder.iterdir() if _is_training_image(p)):
+        try:
+            caption = _find_caption(path, cfg.caption_extensions, metadata, class_text)
+            size = _probe_image(path)
+        except DatasetError as e:
+            if not cfg.skip_bad_images:
+                raise
+            logger.warning("skipping image: %s", e)
+            continue
+        mask = path.with_name(path.stem + _MASK_SUFFIX + ".png")
+        records.append(ImageRecord(
+            path=path,
+            caption=caption,
+            repeats=repeats,
+            size=size,
+            bucket=assign_bucket(size, cfg),
+            mask_path=mask if mask.is_file() else None,
+            dataset_dir=folder.name,
+        ))
+    if records:
+        logger.info("%s: %d images, %d repeats", folder, len(records), repeats)
+    else:
+        logger.warning("%s: no usable images (extensions: %s)", folder, ", ".join(IMAGE_EXTENSIONS))
+    return records
+
+
+def _find_caption(path: Path, extensions: list[str], metadata: dict[str, str], class_text: str | None) -> str:
+    for ext in extensions:
+        sidecar = path.with_suffix(ext)
+        if sidecar.is_file():
+            return _read_caption_file(sidecar)
+    if path.name in metadata:
+        return metadata[path.name]
+    return class_text or ""
+
+
+def _read_caption_file(path: Path) -> str:
+    try:
+        # utf-8-sig: Windows Notepad writes a BOM that would otherwise stick to the first tag.
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{path}: caption is not UTF-8 (byte {e.start}); re-save it as UTF-8, "
+            "or set data.skip_bad_images = true"
+        ) from None
+    return _first_line(text)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """Captions by file name from a Hugging Face imagefolder `metadata.jsonl` ("text" or "caption" key)."""
+    if not path.is_file():
+        return {}
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8; re-save it as UTF-8") from None
+    captions = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{number}: not valid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise DatasetError(f'{path}:{number}: expected {{"file_name": "...", "text": "..."}}; fix the line')
+        text = entry.get("text", entry.get("caption"))
+        if isinstance(text, str):
+            captions[Path(entry["file_name"]).as_posix()] = _first_line(text)
+    return captions
+
+
+def _probe_image(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, checking the file is complete without decoding it at full size."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            # The base-class getexif reads only the header; PngImageFile.getexif decodes every pixel looking for
+            # an eXIf chunk after the image data.
+            orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+            _check_complete(img)
+    except Exception as e:  # PIL reports damage as OSError, SyntaxError, EOFError, struct.error, ...
+        raise DatasetError(_unreadable(path, e)) from None
+    # Orientations 5-8 include a 90 degree turn.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _check_complete(img: Image.Image) -> None:
+    if img.format == "PNG":
+        img.verify()  # checks every chunk's CRC without inflating the pixels
+    else:
+        # verify() does nothing for JPEG; a 1/8-scale draft decode still reads the whole stream, so it catches
+        # truncation at a fraction of a full decode (draft is a no-op for other formats).
+        img.draft(None, (1, 1))
+        img.load()
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    return (f"{path}: cannot read image ({type(error).__name__}: {error}); remove or re-save it, "
+            "or set data.skip_bad_images = true")
+
+
+# --- buckets ---------------------------------------------------------------------------------------------------
+
+
+def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
+    """kohya-style bucket sizes: for each width, the largest height keeping about `resolution**2` pixels.
+
+    Args:
+        resolution: training side length; no bucket has more than resolution**2 pixels.
+        min_reso: smallest allowed side.
+        max_reso: largest allowed side.
+        step: every side is a multiple of this.
+
+    Returns:
+        Sorted (width, height) pairs: the tallest bucket for each width and its mirror (so portrait and landscape
+        images get the same choice of shapes), plus the square bucket (resolution rounded down to a multiple of step).
+    """
+    area = resolution * resolution
+    square = max(step, resolution // step * step)
+    buckets = {(square, square)}
+    width = -(-min_reso // step) * step  # first multiple of step >= min_reso
+    while width <= max_reso:
+        height = min(max_reso, area // width // step * step)
+        if height >= min_reso:
+            buckets.add((width, height))
+            buckets.add((height, width))
+        width += step
+    return sorted(buckets)
+
+
+def assign_bucket(size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
+    """The bucket for an image: closest aspect ratio, shrunk if covering it would upscale more than allowed.
+
+    Args:
+        size: (width, height) of the image after EXIF rotation.
+        cfg: the `[data]` table (resolution, bucket settings, max_upscale).
+
+    Returns:
+        (width, height) of the bucket; (resolution, resolution) when bucketing is off.
+    """
+    if not cfg.enable_bucket:
+        return cfg.resolution, cfg.resolution
+    width, height = size
+    aspect = math.log(width / height)
+    buckets = make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_step)
+    # Ties (same shape at two sizes) go to the larger bucket, then the smaller width, so the choice is stable.
+    _, _, bucket = min((abs(math.log(w / h) - aspect), -w * h, (w, h)) for w, h in buckets)
+    return _limit_upscale(bucket, size, cfg.max_upscale, cfg.bucket_step)
+
+
+def _limit_upscale(
+    bucket: tuple[int, int], size: tuple[int, int], max_upscale: float, step: int
+) -> tuple[int, int]:
+    """Shrink `bucket`, keeping its shape, until `size` covers it with at most `max_upscale` scaling (min: step)."""
+    max_width, max_height = size[0] * max_upscale, size[1] * max_upscale
+    candidate = bucket
+    long_side = max(bucket)
+    while (candidate[0] > max_width or candidate[1] > max_height) and long_side > step:
+        long_side -= step
+        short_side = max(step, round(min(bucket) * long_side / max(bucket) / step) * step)
+        candidate = (long_side, short_side) if bucket[0] >= bucket[1] else (short_side, long_side)
+    return candidate
+
+
+def bucket_summary(records: list[ImageRecord]) -> dict[tuple[int, int], int]:
+    """Number of images (not counting repeats) per bucket, sorted by bucket, for the training log."""
+    return dict(sorted(Counter(r.bucket for r in records).items()))
+
+
+# --- captions --------------------------------------------------------------------------------------------------
+
+
+def process_caption(caption: str, cfg: DataConfig, rng: random.Random) -> str:
+    """The caption trained on this time: prefix, caption dropout, tag dropout and shuffling.
+
+    Tags are the comma-separated parts. The prefix (`cfg.caption_prefix`, e.g. a trigger word) is added as its own
+    leading tag(s) unless the caption already starts with it. The first `cfg.keep_tokens` tags are never dropped or
+    moved; the prefix counts among them, and is always kept even when keep_tokens is smaller than its tag count.
+
+    Args:
+        caption: the raw caption of an image.
+        cfg: the `[data]` table (caption_prefix, caption_dropout, keep_tokens, tag_dropout, shuffle_caption).
+        rng: this sample's generator (see `sample_rng`).
+
+    Returns:
+        The tags joined with ", ", or "" when the whole caption is dropped.
+    """
+    tags = _split_tags(caption)
+    prefix = _split_tags(cfg.caption_prefix)
+    if prefix and tags[: len(prefix)] != prefix:
+        tags = prefix + tags
+    if cfg.caption_dropout and rng.random() < cfg.caption_dropout:
+        return ""
+    keep = max(cfg.keep_tokens, len(prefix))
+    fixed, rest = tags[:keep], tags[keep:]
+    if cfg.tag_dropout:
+        rest = [tag for tag in rest if rng.random() >= cfg.tag_dropout]
+    if cfg.shuffle_caption:
+        rng.shuffle(rest)
+    return ", ".join(fixed + rest)
+
+
+def _split_tags(caption: str) -> list[str]:
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: {dataset folder: {tag: number of images whose caption has it}}.
+
+    Tags are lowercased as kohya does; repeats and duplicate tags within one caption count once.
+    """
+    frequency: dict[str, dict[str, int]] = {}
+    for record in records:
+        counts = frequency.setdefault(record.dataset_dir, {})
+        for tag in dict.fromkeys(tag.lower() for tag in _split_tags(record.caption)):
+            counts[tag] = counts.get(tag, 0) + 1
+    return frequency
+
+
+# --- epoch order -----------------------------------------------------------------------------------------------
+
+
+def epoch_batches(records: list[ImageRecord], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of record indices, each batch from a single bucket.
+
+    Each record appears `repeats` times. The result depends only on the arguments, so a resumed run can skip the
+    batches it already trained.
+
+    Args:
+        records: the dataset, as returned by `scan_dataset`.
+        batch_size: most indices per batch; each bucket's last batch may be smaller.
+        seed: the training seed.
+        epoch: the epoch number.
+
+    Returns:
+        Batches in training order.
+
+    Raises:
+        ValueError: batch_size is less than 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rng = random.Random(f"batches-{seed}-{epoch}")
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, record in enumerate(records):
+        by_bucket.setdefault(record.bucket, []).extend([index] * record.repeats)
+    batches = []
+    for bucket in sorted(by_bucket):  # sorted, so the order does not depend on which bucket was seen first
+        indices = by_bucket[bucket]
+        rng.shuffle(indices)
+        batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
+    """The generator for one sample's augmentations (caption, flip, crop).
+
+    Seeded from (seed, epoch, position in the epoch) only, so an item's augmentation does not depend on what was
+    drawn before it, which keeps a resumed run identical to an uninterrupted one.
+    """
+    return random.Random(f"sample-{seed}-{epoch}-{position}")
+
+
+# --- pixels ----------------------------------------------------------------------------------------------------
+
+
+def load_image(record: ImageRecord, flip: bool, rng: random.Random, random_crop: bool) -> dict:
+    """Read an image (and its mask) at its bucket size: upright, RGB, resized to cover, cropped, maybe flipped.
+
+    Args:
+        record: the image, from `scan_dataset`.
+        flip: mirror left-right (the mask too).
+        rng: this sample's generator; used for the crop position when `random_crop`.
+        random_crop: crop at a random position instead of the center.
+
+    Returns:
+        {"pixels": float [3, H, W] in [-1, 1], "mask": float [1, H, W] in [0, 1] or None,
+        "original_size": (h, w) of the upright source, "crop_top_left": (top, left) pixels cut from the resized
+        image as the model sees it (mirrored with the flip), "target_size": (h, w) of the bucket}.
+        These are SDXL's size conditionings.
+
+    Raises:
+        DatasetError: the image or mask cannot be read, or the mask size differs from the image size.
+    """
+    import torch  # here, not at the top: `sdlora doctor` reads datasets without torch, to start in a second
+
+    image = _load_rgb(record.path)
+    resized = _cover_size(image.size, record.bucket)
+    top, left = _crop_offset(resized, record.bucket, rng, random_crop)
+    pixels = _resize_crop(image, resized, (top, left), record.bucket, flip)
+    mask = None
+    if record.mask_path is not None:
+        mask_image = _load_mask(record.mask_path)
+        if mask_image.size != image.size:
+            raise DatasetError(f"{record.mask_path}: mask is {mask_image.size[0]}x{mask_image.size[1]} but the "
+                               f"image is {image.size[0]}x{image.size[1]}; resize the mask to match")
+        mask_pixels = np.asarray(_resize_crop(mask_image, resized, (top, left), record.bucket, flip), np.float32)
+        mask = torch.from_numpy(mask_pixels / 255.0)[None]  # [1, H, W]
+    if flip:
+        left = resized[0] - record.bucket[0] - left
+    rgb = np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3]
+    return {
+        "pixels": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+        "mask": mask,
+        "original_size": (image.size[1], image.size[0]),
+        "crop_top_left": (top, left),
+        "target_size": (record.bucket[1], record.bucket[0]),
+    }
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except Exception as e:  # PIL reports damage as OSError, SyntaxError, EOFError, struct.error, ...
+        raise DatasetError(_unreadable(path, e)) from None
+
+
+def _load_mask(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("L")
+    except Exception as e:
+        raise DatasetError(_unreadable(path, e)) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; transparency is composited on white, 16-bit gray is scaled (PIL's convert would clip it)."""
+    if image.mode.startswith("I"):
+        gray = np.clip(np.asarray(image, dtype=np.float32) / 257.0, 0, 255)
+        image = Image.fromarray(gray.round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the image scaled, aspect kept, to the smallest size that covers the bucket."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return max(bucket[0], round(size[0] * scale)), max(bucket[1], round(size[1] * scale))
+
+
+def _crop_offset(
+    resized: tuple[int, int], bucket: tuple[int, int], rng: random.Random, random_crop: bool
+) -> tuple[int, int]:
+    spare_x, spare_y = resized[0] - bucket[0], resized[1] - bucket[1]
+    if random_crop:
+        return rng.randint(0, spare_y), rng.randint(0, spare_x)
+    return spare_y // 2, spare_x // 2
+
+
+def _resize_crop(
+    image: Image.Image, resized: tuple[int, int], top_left: tuple[int, int], bucket: tuple[int, int], flip: bool
+) -> Image.Image:
+    top, left = top_left
+    if image.size != resized:
+        image = image.resize(resized, Image.Resampling.LANCZOS)
+    image = image.crop((left, top, left + bucket[0], top + bucket[1]))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image

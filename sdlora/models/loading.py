@@ -1,0 +1,235 @@
+"""Base models: resolve `model.base_model` (tiny name, diffusers folder, single file, hub id), detect the
+architecture, load the components, encode prompts. Single-file checkpoints live in `single_file.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdlora.models.tiny import TINY_MODELS, tiny_model_path
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face hub spells repo ids
+
+
+class ModelError(ValueError):
+    """The base model cannot be used; the message names the path and what to do."""
+
+
+@dataclass
+class BaseModel:
+    """The pieces of a Stable Diffusion pipeline that training and generation use."""
+
+    arch: str  # "sd1", "sd2" or "sdxl"
+    path: Path
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list
+    scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def resolve_model_path(base_model: str, allow_unsafe_pickle: bool = False) -> Path:
+    """Turn `model.base_model` into a local diffusers folder or single-file checkpoint.
+
+    Tiny model names build the tiny model on first use. A hub id (`owner/name` that is not a local path) is
+    downloaded with diffusers when HF_HUB_OFFLINE is not set.
+
+    Raises:
+        ModelError: the path does not exist, is a refused pickle, is not a diffusers folder, or is a hub id
+            that cannot be downloaded (offline, no connection, no such repository).
+    """
+    if base_model in TINY_MODELS:
+        return tiny_model_path(base_model)
+    path = Path(base_model).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_unsafe_pickle:
+        raise ModelError(
+            f"{path}: pickle checkpoints can run arbitrary code when loaded; use a .safetensors file, "
+            "or pass --allow-unsafe-pickle (model.allow_unsafe_pickle = true) if you trust its source"
+        )
+    if not path.exists():
+        if _HUB_ID.match(base_model) and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+            return _download(base_model)
+        raise ModelError(f"{base_model}: no such model folder or file; tiny models: {', '.join(TINY_MODELS)}")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ModelError(f"{path}: not a diffusers model folder (no model_index.json)")
+    if path.is_file() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ModelError(f"{path}: unsupported file type {path.suffix!r}; use a single-file .safetensors "
+                         "checkpoint or a diffusers folder")
+    return path
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _download(repo_id: str) -> Path:
+    """The hub snapshot folder of a diffusers model (DiffusionPipeline.download, which from_pretrained uses)."""
+    message = (f"{repo_id}: not a local path; hub ids need a network connection — download the model and pass "
+               "its folder")
+    if hub_offline():
+        raise ModelError(f"{message} (HF_HUB_OFFLINE is set)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(repo_id))
+    except Exception as e:  # connection errors, missing or gated repositories: all end the same way for the user
+        reason = " ".join(str(e).split())[:160]
+        raise ModelError(f"{message} ({type(e).__name__}: {reason})") from None
+
+
+def detect_arch(model_index: dict, unet_config: dict) -> str:
+    """'sdxl' when there are two text encoders, 'sd2' for 1024-dim cross-attention (OpenCLIP-H), else 'sd1'."""
+    if model_index.get("text_encoder_2") or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def detect_model(base_model: str, allow_unsafe_pickle: bool = False) -> str:
+    """'sd1', 'sd2' or 'sdxl' for a tiny model name, diffusers folder or single file, without loading weights.
+
+    Raises:
+        ModelError: see `resolve_model_path` and `single_file.detect_checkpoint`.
+    """
+    path = resolve_model_path(base_model, allow_unsafe_pickle)
+    if path.is_file():
+        from sdlora.models.single_file import detect_checkpoint, read_header
+
+        return detect_checkpoint(read_header(path, allow_unsafe_pickle)[0], str(path))
+    model_index = json.loads((path / "model_index.json").read_text())
+    return detect_arch(model_index, json.loads((path / "unet" / "config.json").read_text()))
+
+
+def native_size(base_model: str, allow_unsafe_pickle: bool = False) -> int:
+    """The side length a model was trained at, read from its configs without loading weights (see `side_length`).
+
+    Raises:
+        ModelError: see `resolve_model_path` and `single_file.file_configs`.
+    """
+    path = resolve_model_path(base_model, allow_unsafe_pickle)
+    if path.is_file():
+        from sdlora.models.single_file import file_configs
+
+        configs = file_configs(path, allow_unsafe_pickle)
+        return side_length(configs["unet"], configs["vae"])
+    return side_length(*(json.loads((path / part / "config.json").read_text()) for part in ("unet", "vae")))
+
+
+def side_length(unet_config, vae_config) -> int:
+    """Pixels per side at the UNet's training size, as diffusers' pipelines default it: the UNet's sample size
+    times the VAE's downscaling (SD 1.x 512, SD 2.x 768-v 768, SDXL 1024, the tiny models 128)."""
+    return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def load_base_model(base_model: str, vae: str = "", allow_unsafe_pickle: bool = False,
+                    prediction_type: str = "") -> BaseModel:
+    """Load UNet, VAE, text encoder(s) and tokenizer(s) of a base model on the CPU in fp32.
+
+    Args:
+        base_model: tiny model name, diffusers folder, single-file checkpoint (LDM/A1111 layout) or hub id.
+        vae: "" (the model's own), or a VAE folder or single `.safetensors` file.
+        allow_unsafe_pickle: allow `.ckpt/.pt/.pth/.bin` (loaded with torch.load(weights_only=True)).
+        prediction_type: "" (the model's scheduler config / file metadata) or "epsilon" / "v_prediction".
+
+    Raises:
+        ModelError: see `resolve_model_path`; for single files also `single_file.load_checkpoint`.
+    """
+    path = resolve_model_path(base_model, allow_unsafe_pickle)
+    if path.is_file():
+        from sdlora.models.single_file import load_checkpoint
+
+        parts = load_checkpoint(path, allow_unsafe_pickle, prediction_type, with_vae=not vae)
+        arch, unet, vae_model = parts["arch"], parts["unet"], parts["vae"]
+        text_encoders, tokenizers = parts["text_encoders"], parts["tokenizers"]
+        scheduler_config, vae_config = parts["scheduler_config"], parts["vae_config"]
+    else:
+        arch, unet, vae_model, text_encoders, tokenizers, scheduler_config = _load_folder(path, load_vae=not vae)
+        vae_config = json.loads((path / "vae" / "config.json").read_text()) if vae else {}
+    if vae:
+        vae_model = _load_vae(vae, allow_unsafe_pickle, vae_config)
+    if prediction_type:
+        scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+    return BaseModel(arch, path, unet, vae_model, text_encoders, tokenizers, scheduler_config)
+
+
+def _load_folder(path: Path, load_vae: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    model_index = json.loads((path / "model_index.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    arch = detect_arch(model_index, dict(unet.config))
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+    if arch == "sdxl":
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae") if load_vae else None
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return arch, unet, vae_model, text_encoders, tokenizers, scheduler_config
+
+
+def _load_vae(vae: str, allow_unsafe_pickle: bool, base_vae_config: dict):
+    """model.vae: a diffusers VAE folder (or model folder with vae/), or one file loaded offline."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_unsafe_pickle:
+        raise ModelError(f"{path}: pickle VAE refused; use a .safetensors file or pass --allow-unsafe-pickle")
+    if not path.exists():
+        raise ModelError(f"{path}: VAE not found (model.vae)")
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(path / "vae" if (path / "vae").is_dir() else path)
+    from sdlora.models.single_file import load_vae_file
+
+    return load_vae_file(path, base_vae_config, allow_unsafe_pickle)
+
+
+def component_names(arch: str) -> list[str]:
+    """Text-encoder component names in pipeline order."""
+    return ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+
+
+def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
+    """Token ids [batch, 77] per tokenizer (long captions are truncated to the encoder's 77 positions)."""
+    return [
+        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for tok in tokenizers
+    ]
+
+
+def encode_prompt(arch: str, text_encoders: list, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-attention states [batch, 77, dim] and (SDXL) pooled embeds [batch, proj_dim], as the pipelines do.
+
+    SD1.x uses the last hidden state; SDXL concatenates the penultimate hidden states of both encoders and pools
+    with the second encoder's projection.
+    """
+    if arch != "sdxl":
+        return text_encoders[0](input_ids[0].to(text_encoders[0].device))[0], None
+    states, pooled = [], None
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL micro-conditioning [batch, 6]: original (h, w), crop (top, left), target (h, w) per sample."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_size, crop_top_left, target_size)]
+    return torch.tensor(rows, dtype=torch.float32)

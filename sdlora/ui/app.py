@@ -1,0 +1,841 @@
+"""The Gradio app (`sdlora app`, `python app.py`): generate with a base model and LoRAs, compare LoRA weights in
+an X/Y grid, read the settings back from a PNG, train a LoRA from a preset (live progress, loss curve, samples, a
+Stop button) and edit a dataset's captions.
+
+Every image is rendered by `generate.generate_images`, the function `sdlora generate` calls, so the same
+settings and seed give the same image in both. The app listens on 127.0.0.1 unless told otherwise, runs one
+job at a time, and only opens models and LoRAs inside the folders it was started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+from PIL import Image
+
+from sdlora.generate.grid import grid_parameters, label_grid
+from sdlora.generate.pipeline import (
+    SAMPLERS,
+    GenerationError,
+    GenerationParams,
+    LoraCache,
+    LoraSpec,
+    default_device,
+    generate_images,
+    list_lora_files,
+    load_pipeline,
+    model_label,
+    parse_a1111_parameters,
+    save_png,
+)
+from sdlora.models.tiny import TINY_MODELS
+
+logger = logging.getLogger(__name__)
+
+SLOTS = 4  # LoRA rows in the Generate tab; more can be added with <lora:name:weight> tags in the prompt
+MAX_GRID_CELLS = 64
+
+
+class PathError(ValueError):
+    """A name chosen in the UI points outside the folder it must come from."""
+
+
+@dataclass
+class AppSettings:
+    """What the app may read and where it writes; fixed when it starts (nothing in the UI changes them)."""
+
+    models_dir: Path = Path("models")  # diffusers folders and single-file .safetensors checkpoints
+    lora_dir: Path = Path("outputs")  # searched recursively for *.safetensors
+    out_dir: Path = Path("outputs/app")  # every generated PNG, and grids/ for X/Y grids
+    model: str = "toy-sd15"  # the base model selected at start
+    data_dir: Path = Path(".")  # Train tab: dataset folders must be inside this one
+    configs_dir: Path = Path("configs")  # Train tab: the presets (*.toml)
+    strict: bool = False  # refuse LoRA files with modules that match nothing in the model (else: a warning)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Folders: what can be picked, and resolving a picked name safely
+# --------------------------------------------------------------------------------------------------------------
+
+def resolve_inside(root: str | Path, name: str) -> Path:
+    """The path of `name` (a relative name as listed in the UI) inside `root`.
+
+    Raises:
+        PathError: empty, absolute, with `..`, or (through a symlink) resolving outside `root`.
+    """
+    if not name or "\x00" in name:
+        raise PathError("no name given")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+        raise PathError(f"{name!r}: only names inside {root} can be used (no absolute paths, no '..')")
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise PathError(f"{name!r} leads outside {root} (a symlink?); only files inside it can be used")
+    return path
+
+
+OWN_VAE = "model's own"
+
+
+def _is_vae(path: Path) -> bool:
+    """A diffusers VAE folder (config.json of an AutoencoderKL), or a .safetensors file with VAE weights only
+    (an encoder/decoder and no UNet or text encoder)."""
+    import json
+
+    if path.is_dir():
+        with contextlib.suppress(Exception):
+            return json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
+        return False
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable: left to the model list, which reports the error when it is chosen
+        return False
+    decoder = any(k.startswith(("decoder.", "first_stage_model.decoder.", "vae.decoder.")) for k in keys)
+    others = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "unet.", "text_encoder", "lora_")
+    return decoder and not any(k.startswith(others) for k in keys)
+
+
+def model_choices(settings: AppSettings) -> list[str]:
+    """The tiny models, then diffusers folders and single-file .safetensors checkpoints in models_dir (VAE
+    files are listed by `vae_choices` instead)."""
+    choices = list(TINY_MODELS)
+    folder = Path(settings.models_dir)
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if (path / "model_index.json").is_file() or (path.is_file() and path.suffix == ".safetensors"
+                                                         and not _is_vae(path)):
+                choices.append(path.name)
+    return choices
+
+
+def vae_choices(settings: AppSettings) -> list[str]:
+    """"model's own", then the VAE .safetensors files and diffusers VAE folders in models_dir."""
+    folder = Path(settings.models_dir)
+    found = [p.name for p in sorted(folder.iterdir()) if not p.name.startswith(".") and _is_vae(p)] \
+        if folder.is_dir() else []
+    return [OWN_VAE, *found]
+
+
+def resolve_vae(settings: AppSettings, name: str | None) -> str:
+    """"" for the model's own VAE, else the path of a VAE file or folder inside models_dir."""
+    if not name or name == OWN_VAE:
+        return ""
+    if name not in vae_choices(settings):
+        raise PathError(f"{name!r} is not a VAE in {settings.models_dir} (press Refresh after adding one)")
+    return str(resolve_inside(settings.models_dir, name))
+
+
+def lora_choices(settings: AppSettings) -> list[str]:
+    """LoRA files in lora_dir as relative names (`run/name.safetensors`), sorted."""
+    root = Path(settings.lora_dir)
+    return [path.relative_to(root).as_posix() for path in list_lora_files(root)]
+
+
+def resolve_model(settings: AppSettings, name: str) -> str:
+    """A tiny model name as is, else the path of a folder or file inside models_dir."""
+    if name in TINY_MODELS:
+        return name
+    if name not in model_choices(settings):
+        raise PathError(f"{name!r} is not a model in {settings.models_dir} (press Refresh after adding one)")
+    return str(resolve_inside(settings.models_dir, name))
+
+
+def size_for_model(settings: AppSettings, name: str) -> int:
+    """Default width/height: the size the model was trained at (`models.native_size`), 512 when unreadable."""
+    from sdlora.models.loading import native_size
+
+    with contextlib.suppress(Exception):
+        return native_size(resolve_model(settings, name))
+    return 512
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine: one loaded pipeline and its LoRA cache
+# --------------------------------------------------------------------------------------------------------------
+
+class Engine:
+    """The loaded base model and its LoRA cache. Switching models frees the old one; LoRAs stay loaded.
+
+    The queue already runs one job at a time; the lock also serialises direct calls (tests, scripts).
+    """
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.model: str | None = None
+        self.vae = ""  # "" = the model's own, else the VAE's name in models_dir
+        self.pipe = None
+        self.loras: LoraCache | None = None
+        self.model_seconds = 0.0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()  # the Train tab's Stop button; checked after every training step
+        self.training = False
+
+    def loaded(self, model: str, vae: str | None = None) -> bool:
+        """Whether `model` with `vae` is the pipeline now in memory."""
+        return (model, "" if vae in (None, OWN_VAE) else vae) == (self.model, self.vae)
+
+    def pipeline(self, model: str, vae: str | None = None):
+        """(pipeline, LoraCache) for `model` with `vae` (None or "model's own": its own; else a VAE's name in
+        models_dir), loading them if they are not the current pair."""
+        vae = "" if vae in (None, OWN_VAE) else vae
+        if not self.loaded(model, vae):
+            path, vae_path = resolve_model(self.settings, model), resolve_vae(self.settings, vae)
+            self.release()
+            started = time.perf_counter()
+            device, dtype = default_device()
+            pipe = load_pipeline(path, device, dtype, vae=vae_path)
+            pipe.set_progress_bar_config(disable=True)
+            self.pipe, self.loras, self.model, self.vae = pipe, LoraCache(pipe, self.settings.strict), model, vae
+            self.model_seconds = time.perf_counter() - started
+            logger.info(f"loaded {model}{f' with VAE {vae}' if vae else ''} in {self.model_seconds:.1f} s")
+        return self.pipe, self.loras
+
+    def release(self) -> None:
+        """Free the loaded model (training loads its own copy; two on one GPU may not fit)."""
+        self.pipe = self.loras = self.model = None
+        self.vae = ""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def slot_specs(self, slots: tuple) -> list[LoraSpec]:
+        """LoraSpecs of the switched-on slots; `slots` is (on, name, weight) per slot, as the UI sends them."""
+        specs = []
+        for i in range(0, len(slots), 3):
+            on, name, weight = slots[i:i + 3]
+            if on and name:
+                specs.append(LoraSpec(resolve_inside(self.settings.lora_dir, name), float(weight)))
+        return specs
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Every failure becomes a gr.Error message in the page; the app itself keeps running."""
+    import gradio as gr
+
+    from sdlora.adapters.export import LoraFileError
+    from sdlora.config import ConfigError
+    from sdlora.data.dataset import DatasetError
+    from sdlora.models.loading import ModelError
+
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (GenerationError, PathError, LoraFileError, ModelError, ConfigError, DatasetError, FileNotFoundError) as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise gr.Error("out of GPU memory: try a smaller size or batch count", print_exception=False) from None
+    except Exception as e:
+        from sdlora.ui.cli import USER_ERRORS  # by name, so generating never imports the trainer for its error types
+
+        if type(e).__name__ in USER_ERRORS:
+            raise gr.Error(str(e), print_exception=False) from None
+        logger.exception("job failed")  # a bug: say what it was and keep the traceback in the log
+        raise gr.Error(f"unexpected {type(e).__name__}: {e}", print_exception=False) from None
+
+
+def _params(prompt, negative, sampler, steps, cfg, width, height, seed) -> GenerationParams:
+    return GenerationParams(
+        prompt=prompt or "", negative_prompt=negative or "", steps=int(steps), cfg=float(cfg),
+        width=int(width), height=int(height), seed=int(seed if seed is not None else -1), sampler=sampler,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Event handlers (plain functions of the UI values, so tests can call them directly)
+# --------------------------------------------------------------------------------------------------------------
+
+def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, count, *slots,
+                 vae=None):
+    """Generate tab: returns (gallery [(path, caption)], the seed used, an info line). `vae`: None or
+    "model's own", else a VAE's name in models_dir (see `vae_choices`)."""
+    import gradio as gr
+
+    with engine.lock, _user_errors():
+        specs = engine.slot_specs(slots)
+        params = _params(prompt, negative, sampler, steps, cfg, width, height, seed)
+        model_loaded = not engine.loaded(model, vae)
+        pipe, loras = engine.pipeline(model, vae)
+        result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
+                                 lora_dir=engine.settings.lora_dir, model_name=model_label(model))
+    _show_warnings(result.warnings)
+    gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
+    loading = f"LoRA loading {result.load_seconds:.1f} s"
+    if model_loaded:
+        loading = f"base model loading {engine.model_seconds:.1f} s, {loading}"
+    info = (f"{len(result.paths)} image(s) in {result.generate_seconds:.1f} s ({loading})"
+            f" · saved to {result.paths[0].parent}")
+    return gallery, result.seeds[0], info
+
+
+def _show_warnings(warnings) -> None:
+    import gradio as gr
+
+    for warning in warnings:
+        gr.Warning(warning)
+
+
+def read_png_parameters(settings: AppSettings, file):
+    """'Read parameters from PNG': (model, prompt, negative, sampler, steps, cfg, width, height, seed, slot
+    switches..., info). The prompt keeps its <lora:...> tags, which reproduce the LoRAs, so the slots go off."""
+    import gradio as gr
+
+    keep = [gr.skip()] * (9 + SLOTS)
+    if not file:
+        return *keep, ""
+    path = file if isinstance(file, str) else getattr(file, "name", str(file))
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except Exception as e:
+        gr.Warning(f"cannot read this file as an image ({type(e).__name__})")
+        return *keep, ""
+    if not text:
+        gr.Warning("this PNG has no A1111 'parameters' text")
+        return *keep, ""
+    params, fields = parse_a1111_parameters(text, GenerationParams(prompt=""))
+    model = fields.get("Model")
+    notes = []
+    if "unknown sampler" in fields:
+        notes.append(f"unknown sampler {fields['unknown sampler']!r}: kept {params.sampler}")
+    if model and model not in model_choices(settings):
+        notes.append(f"model {model!r} is not in {settings.models_dir}; kept the current one")
+        model = None
+    info = "Read the parameters; LoRAs come from the prompt's <lora:…> tags, so the LoRA slots were switched off."
+    return (model or gr.skip(), params.prompt, params.negative_prompt, params.sampler, params.steps, params.cfg,
+            params.width, params.height, params.seed, *[False] * SLOTS, " ".join([info, *notes]))
+
+
+def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, grid_lora,
+             weights_text, y_axis, y_text, *slots, progress=None, vae=None):
+    """X/Y grid tab: one LoRA's weights across; down, seeds, prompts, LoRA files (e.g. a run's epochs, each taking
+    the X weights instead of the X LoRA) or a second LoRA's weights; saved as one labelled PNG.
+
+    The other switched-on slots stay applied with their weights. Returns (grid path, info line).
+    """
+    with engine.lock, _user_errors():
+        weights = _numbers(weights_text, float, "weights")
+        params = _params(prompt, negative, sampler, steps, cfg, width, height, seed)
+        if params.seed < 0:
+            params = replace(params, seed=random.randrange(2**32))  # one seed for every cell, so columns compare
+        lora_dir = engine.settings.lora_dir
+        lora_path = resolve_inside(lora_dir, grid_lora)
+        lines = [line.strip() for line in (y_text or "").splitlines() if line.strip()]
+        # Each row: (label, params, the LoRA the X weights apply to, extra LoRAs of that row).
+        if y_axis == "prompt":
+            rows = [(line, replace(params, prompt=line), lora_path, []) for line in lines or [params.prompt]]
+        elif y_axis == "LoRA file":
+            files = [resolve_inside(lora_dir, line) for line in lines] or [lora_path]
+            rows = [(f.stem, params, f, []) for f in files]
+        elif y_axis == "second LoRA weight":
+            name, _, values = (y_text or "").partition(":")
+            if not name.strip() or not values.strip():
+                raise GenerationError("Y values for a second LoRA: its name, a colon, its weights (other: 0, 0.5, 1)")
+            second = resolve_inside(lora_dir, name.strip())
+            rows = [(f"{second.stem}: {w:g}", params, lora_path, [LoraSpec(second, w)])
+                    for w in _numbers(values, float, "second LoRA weights")]
+        else:
+            seeds = _numbers(y_text, int, "seeds") if lines else [params.seed]
+            rows = [(f"seed {s}", replace(params, seed=s), lora_path, []) for s in seeds]
+        if len(weights) * len(rows) > MAX_GRID_CELLS:
+            raise GenerationError(f"{len(weights)} x {len(rows)} cells; the grid takes at most {MAX_GRID_CELLS}")
+        pipe, loras = engine.pipeline(model, vae)
+        cells, total, started, notes = [], len(weights) * len(rows), time.perf_counter(), {}
+        for r, (_, p, x_lora, extra) in enumerate(rows):
+            swept = {x_lora, *(Path(e.path) for e in extra)}
+            others = [s for s in engine.slot_specs(slots) if Path(s.path) not in swept]
+            row = []
+            for c, weight in enumerate(weights):
+                if progress is not None:
+                    progress((r * len(weights) + c, total), desc="X/Y grid")
+                result = generate_images(pipe, loras, p, [*others, *extra, LoraSpec(x_lora, weight)],
+                                         lora_dir=lora_dir, model_name=model_label(model))
+                notes.update(dict.fromkeys(result.warnings))
+                row.append(result.images[0])
+            cells.append(row)
+        row_labels = [label for label, _, _, _ in rows]
+        name = lora_path.stem if y_axis != "LoRA file" else "LoRA"
+        grid = label_grid(cells, [f"{name}: {w:g}" for w in weights], row_labels)
+        text = grid_parameters(params, model_label(model),
+                               [(f"LoRA weight ({name})", [f"{w:g}" for w in weights]), (y_axis, None)])
+        path = save_png(grid, _next_grid_path(Path(engine.settings.out_dir) / "grids"), text)
+    _show_warnings(notes)
+    return str(path), f"{total} cells in {time.perf_counter() - started:.1f} s · saved to {path}"
+
+
+def preset_choices(settings: AppSettings) -> list[str]:
+    """The *.toml presets in configs_dir."""
+    folder = Path(settings.configs_dir)
+    return sorted(p.name for p in folder.glob("*.toml")) if folder.is_dir() else []
+
+
+def preset_values(settings: AppSettings, preset: str | None) -> tuple:
+    """(dataset, trigger, rank, learning rate, steps, adapter method) of a preset, to fill the Train tab."""
+    from sdlora.config import load_config
+
+    cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
+    dirs = cfg.data.dirs
+    return (dirs[0] if dirs else "", cfg.data.caption_prefix, cfg.lora.rank, cfg.train.learning_rate,
+            cfg.train.max_train_steps, cfg.lora.method)
+
+
+def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
+    try:
+        return preset_values(settings, preset)
+    except Exception:  # a broken preset shows its error when used; the page still opens
+        return ("", "", 16, 1e-4, 1000, "lora")
+
+
+def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, method="lora",
+              progress=None):
+    """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors.
+
+    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1). `progress` is
+    called after every step (a gr.Progress, or any callable taking (step, max_steps) and desc=); `stop_train`
+    ends the run after the current step, which still saves the LoRA and a checkpoint. Returns (info line, loss
+    curve as a PIL image or None, [(sample image, caption)] of the latest samples the preset rendered).
+    """
+    import json
+
+    from sdlora.config import load_config
+    from sdlora.train.plan import fit, gpu_memory_gb
+    from sdlora.train.recipe import train
+
+    settings = engine.settings
+    with engine.lock, _user_errors():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
+            raise GenerationError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (at most 64)")
+        data = _dataset_folder(settings, dataset)
+        out = resolve_inside(settings.lora_dir, name)
+        if (out / f"{name}.safetensors").exists():
+            raise PathError(f"{out / name}.safetensors exists; choose another name")
+        overrides = [
+            f"data.dirs=[{json.dumps(data.as_posix())}]", f"data.caption_prefix={json.dumps(trigger or '')}",
+            f"lora.rank={int(rank)}", f"lora.alpha={float(int(rank))}", f"train.learning_rate={float(learning_rate)}",
+            f"train.max_train_steps={int(steps)}", f"lora.method={json.dumps(method)}",
+            f"train.output_dir={json.dumps(out.as_posix())}",
+            f"train.output_name={json.dumps(name)}",
+        ]
+        cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None, overrides)
+        changes = []
+        vram = gpu_memory_gb()
+        if vram is not None:  # the preset is fitted to this card (the run's config.toml records how)
+            cfg, changes, _ = fit(cfg, vram)
+        engine.release()
+        started = time.perf_counter()
+        if progress is not None:
+            progress(0, desc="loading the model")
+        losses: list[tuple[int, float]] = []
+        last = {"step": 0, "max_steps": int(steps)}
+
+        def on_step(info: dict) -> bool:
+            last.update(info)
+            if info.get("loss") is not None:  # the mean since the last log step
+                losses.append((info["step"], float(info["loss"])))
+            if progress is not None:
+                loss = f" · loss {losses[-1][1]:.4f}" if losses else ""
+                progress((info["step"], info["max_steps"]), desc=f"step {info['step']}/{info['max_steps']}{loss}")
+            return not engine.stop.is_set()
+
+        engine.stop.clear()
+        engine.training = True
+        try:
+            path = train(cfg, on_step=on_step)
+        finally:
+            engine.training = False
+            stopped = engine.stop.is_set()
+            engine.stop.clear()
+        plot = loss_plot(losses, out / "loss.png") if losses else None
+        samples = latest_samples(out / "samples")
+    seconds = time.perf_counter() - started
+    step, max_steps = last["step"], last["max_steps"]
+    if stopped and step < max_steps:
+        info = (f"stopped at step {step} of {max_steps} after {seconds:.0f} s: {path}, checkpoint "
+                f"{out / f'checkpoint-{step}'}")
+    else:
+        info = f"trained in {seconds:.0f} s: {path}"
+    if changes:
+        info += f"; fitted to the GPU's {vram:.1f} GB: " + "; ".join(changes)
+    return f"{info} (press Refresh lists to use it)", plot, samples
+
+
+def stop_train(engine: Engine) -> str:
+    """The Train tab's Stop button: the running training stops after its current step, saving the LoRA and a
+    checkpoint. Does not wait for the job queue."""
+    if not engine.training:
+        return "No training is running."
+    engine.stop.set()
+    return "Stopping after the current step; the LoRA and a checkpoint are saved."
+
+
+def loss_plot(losses: list[tuple[int, float]], path: Path) -> Image.Image:
+    """The loss per step (and a moving average) as a PNG at `path`; returns the image."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from sdlora.atomic import write_bytes
+
+    steps, values = zip(*losses)
+    fig = Figure(figsize=(6, 3), dpi=100)
+    ax = fig.subplots()
+    ax.plot(steps, values, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(values) // 20)
+    if window > 1:
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes(path, buffer.getvalue())
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    image.load()
+    return image
+
+
+def latest_samples(folder: Path) -> list[tuple[Image.Image, str]]:
+    """The sample images of the latest step training rendered into `folder` (step<N>-<i>.png), with captions.
+
+    Images, not paths: the run folder is not one the app serves files from."""
+    files = sorted(folder.glob("step*-*.png")) if folder.is_dir() else []
+    if not files:
+        return []
+    tag = files[-1].name.rsplit("-", 1)[0]
+    samples = []
+    for path in files:
+        if path.name.rsplit("-", 1)[0] == tag:
+            with Image.open(path) as image:
+                samples.append((image.convert("RGB"), f"{tag} · {path.name}"))
+    return samples
+
+
+def _dataset_folder(settings: AppSettings, dataset: str | None) -> Path:
+    data = resolve_inside(settings.data_dir, (dataset or "").strip())
+    if not data.is_dir():
+        raise PathError(f"{dataset!r} is not a folder inside {settings.data_dir}")
+    return data
+
+
+def _caption_images(folder: Path) -> list[Path]:
+    from sdlora.data.dataset import _is_training_image
+
+    return sorted(p for p in folder.iterdir() if _is_training_image(p))
+
+
+def _read_caption(path: Path) -> str:
+    """A sidecar caption's text; "" when missing or not UTF-8 (shown empty, and left alone unless edited)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def load_captions(settings: AppSettings, dataset) -> list[list[str]]:
+    """"Load captions": [image file, caption] for every image directly in the dataset folder (its .txt sidecar;
+    missing or non-UTF-8 captions are empty)."""
+    with _user_errors():
+        folder = _dataset_folder(settings, dataset)
+        rows = [[p.name, _read_caption(p.with_suffix(".txt"))] for p in _caption_images(folder)]
+    if not rows:
+        import gradio as gr
+
+        gr.Warning(f"no images in {dataset}")
+    return rows
+
+
+def save_captions(settings: AppSettings, dataset, table) -> str:
+    """"Save captions": write each changed caption to its image's .txt sidecar (atomically). Only images directly
+    in the dataset folder are written to; a name with a path separator, or that is no image there, refuses the
+    whole table. Returns an info line."""
+    from sdlora.atomic import write_text
+
+    with _user_errors():
+        folder = _dataset_folder(settings, dataset)
+        if hasattr(table, "values") and hasattr(table, "columns"):  # a pandas DataFrame
+            table = table.values.tolist()
+        images = {p.name for p in _caption_images(folder)}
+        writes = []
+        for row in table or []:
+            if not row or not any(str(v or "").strip() for v in row):
+                continue  # an empty row the table editor added
+            file, caption = str(row[0] or ""), str(row[1] if len(row) > 1 and row[1] is not None else "")
+            if "/" in file or "\\" in file or file in (".", "..") or file not in images:
+                raise PathError(f"{file!r}: not an image in {dataset}; only images in the folder itself get captions")
+            sidecar = resolve_inside(folder, Path(file).with_suffix(".txt").name)
+            caption = caption.strip()
+            if caption != _read_caption(sidecar):
+                writes.append((sidecar, caption))
+        for sidecar, caption in writes:
+            write_text(sidecar, caption + "\n" if caption else "")
+    return f"saved {len(writes)} changed caption(s) in {folder}"
+
+
+MAX_UPLOAD_BYTES = 64 * 2**20  # per file: far above any training image, far below filling a disk by accident
+
+
+def add_uploads(settings: AppSettings, dataset, files) -> tuple[list[list[str]], str]:
+    """"Add to the folder": copy uploaded images and .txt captions into the dataset folder (created inside
+    data_dir). Every file is checked first — a training image type that decodes, or UTF-8 text, at most
+    MAX_UPLOAD_BYTES, no existing file of that name — so a bad upload writes nothing. Returns the caption table of
+    the folder and an info line."""
+    from PIL import Image
+
+    from sdlora.atomic import write_bytes
+    from sdlora.data.dataset import IMAGE_EXTENSIONS
+
+    with _user_errors():
+        folder = resolve_inside(settings.data_dir, (dataset or "").strip())
+        uploads = [Path(f if isinstance(f, str) else f.name) for f in files or []]
+        if not uploads:
+            raise GenerationError("choose image files (and their .txt captions) to upload first")
+        for src in uploads:
+            kind = src.suffix.lower()
+            if kind not in (*IMAGE_EXTENSIONS, ".txt"):
+                raise PathError(f"{src.name}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or a .txt caption")
+            if src.stat().st_size > MAX_UPLOAD_BYTES:
+                raise PathError(f"{src.name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            if resolve_inside(folder, src.name).exists():
+                raise PathError(f"{src.name} is already in {dataset}; nothing was uploaded")
+            try:
+                if kind == ".txt":
+                    src.read_bytes().decode("utf-8-sig")
+                else:
+                    with Image.open(src) as image:
+                        image.verify()
+            except Exception as e:  # PIL reports damage as OSError, SyntaxError, struct.error, ...
+                raise PathError(f"{src.name}: unreadable ({type(e).__name__}); nothing was uploaded") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in uploads:
+            write_bytes(folder / src.name, src.read_bytes())
+    return load_captions(settings, dataset), f"added {len(uploads)} file(s) to {folder}"
+
+
+def _numbers(text: str, kind, what: str) -> list:
+    items = [x for x in re.split(r"[,\s]+", text or "") if x]
+    try:
+        values = [kind(x) for x in items]
+    except ValueError:
+        raise GenerationError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise GenerationError(f"{what}: give at least one value")
+    return values
+
+
+def _next_grid_path(folder: Path) -> Path:
+    numbers = [int(m.group(1)) for p in folder.glob("xy-*.png") if (m := re.match(r"xy-(\d+)\.png$", p.name))]
+    return folder / f"xy-{max(numbers, default=0) + 1:05d}.png"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------
+
+def build_app(settings: AppSettings):
+    """The gr.Blocks page (not launched). `launch` adds the queue and the server settings."""
+    import gradio as gr
+
+    engine = Engine(settings)
+    loras = lora_choices(settings)
+    size = size_for_model(settings, settings.model)
+    with gr.Blocks(title="sdlora", analytics_enabled=False) as demo:
+        demo.sdlora_engine = engine
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(model_choices(settings), value=settings.model, label="Base model", elem_id="model",
+                                scale=3)
+            vae = gr.Dropdown(vae_choices(settings), value=OWN_VAE, label="VAE", elem_id="vae", scale=2,
+                              info=f"the model's own, or a VAE file / diffusers VAE folder in {settings.models_dir}")
+            gr.Textbox(str(settings.lora_dir), label="LoRA folder", interactive=False, scale=2)
+            refresh = gr.Button("Refresh lists", elem_id="refresh", scale=0, min_width=120)
+        with gr.Tabs():
+            with gr.Tab("Generate"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                            placeholder="zkstyle, a boat   (tags like <lora:name:0.8> work too)")
+                        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
+                        slots, names = [], []
+                        for i in range(SLOTS):
+                            with gr.Row(equal_height=True):
+                                on = gr.Checkbox(False, label="on", elem_id=f"lora-on-{i}", scale=0, min_width=70)
+                                name = gr.Dropdown(loras, value=loras[i] if i < len(loras) else None,
+                                                   label=f"LoRA {i + 1}", elem_id=f"lora-name-{i}", scale=3)
+                                weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight",
+                                                   elem_id=f"lora-weight-{i}", scale=2)
+                            slots += [on, name, weight]
+                            names.append(name)
+                        with gr.Row():
+                            sampler = gr.Dropdown(list(SAMPLERS), value="euler", label="Sampler", elem_id="sampler")
+                            steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
+                            cfg = gr.Slider(0, 30, value=7.0, step=0.5, label="CFG scale", elem_id="cfg")
+                        with gr.Row():
+                            width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="width")
+                            height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="height")
+                        with gr.Row():
+                            seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                            count = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id="count")
+                        png = gr.File(label="Read parameters from PNG", file_types=[".png"], elem_id="png-file")
+                    with gr.Column(scale=2):
+                        go = gr.Button("Generate", variant="primary", elem_id="generate")
+                        gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
+                        used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
+                        info = gr.Markdown(elem_id="info")
+            with gr.Tab("X/Y grid"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        gr.Markdown("Prompt, sampler, size and the switched-on LoRA slots come from the Generate "
+                                    "tab; the LoRA below takes each weight across the grid.")
+                        grid_lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA (X axis)",
+                                                elem_id="grid-lora")
+                        grid_weights = gr.Textbox("0, 0.5, 1", label="Weights", elem_id="grid-weights")
+                        y_axis = gr.Radio(["seed", "prompt", "LoRA file", "second LoRA weight"], value="seed",
+                                          label="Y axis", elem_id="grid-y")
+                        y_values = gr.Textbox("1, 2", lines=3, label="Y values",
+                                              info="seeds separated by commas; one prompt per line; one LoRA "
+                                                   "file per line (e.g. a run's epochs); or for a second LoRA "
+                                                   "its name, a colon and its weights",
+                                              elem_id="grid-values")
+                        grid_go = gr.Button("Make grid", variant="primary", elem_id="grid-generate")
+                    with gr.Column(scale=3):
+                        grid_image = gr.Image(label="Grid", type="filepath", format="png", interactive=False,
+                                              elem_id="grid-image")
+                        grid_info = gr.Markdown(elem_id="grid-info")
+            with gr.Tab("Train"):
+                presets = preset_choices(settings)
+                preset = "tiny.toml" if "tiny.toml" in presets else (presets[0] if presets else None)
+                start = _preset_start(settings, preset)
+                with gr.Row():
+                    with gr.Column():
+                        train_preset = gr.Dropdown(presets, value=preset, label=f"Preset ({settings.configs_dir}/)",
+                                                   elem_id="train-preset")
+                        train_data = gr.Textbox(start[0], label=f"Dataset folder (inside {settings.data_dir})",
+                                                elem_id="train-data")
+                        train_name = gr.Textbox("my_lora", label=f"LoRA name (written to {settings.lora_dir}/<name>/)",
+                                                elem_id="train-name")
+                        train_trigger = gr.Textbox(start[1], label="Trigger word (prepended to every caption)",
+                                                   elem_id="train-trigger")
+                        with gr.Row():
+                            train_rank = gr.Slider(1, 128, value=start[2], step=1, label="Rank", elem_id="train-rank")
+                            train_lr = gr.Number(start[3], label="Learning rate", elem_id="train-lr")
+                            train_steps = gr.Number(start[4], precision=0, minimum=1, label="Steps",
+                                                    elem_id="train-steps")
+                            train_method = gr.Dropdown(["lora", "dora", "adalora"], value=start[5],
+                                                       label="Method (see the README's adapter methods)",
+                                                       elem_id="train-method")
+                        with gr.Row():
+                            train_go = gr.Button("Train", variant="primary", elem_id="train")
+                            train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                        with gr.Accordion("Captions of the dataset folder", open=False):
+                            uploads = gr.File(file_count="multiple", type="filepath", label="Upload images and "
+                                              ".txt captions into the dataset folder", elem_id="uploads")
+                            upload_go = gr.Button("Add to the folder", elem_id="upload")
+                            with gr.Row():
+                                captions_load = gr.Button("Load captions", elem_id="captions-load")
+                                captions_save = gr.Button("Save captions", elem_id="captions-save")
+                            captions = gr.Dataframe(headers=["image file", "caption"], datatype=["str", "str"],
+                                                    column_count=(2, "fixed"), type="array", interactive=True,
+                                                    wrap=True, elem_id="captions")
+                            captions_info = gr.Markdown(elem_id="captions-info")
+                    with gr.Column():
+                        train_info = gr.Markdown("Training runs here, one job at a time: generation waits until "
+                                                 "it is done. The rest of each setting comes from the preset.",
+                                                 elem_id="train-info")
+                        train_stop_info = gr.Markdown(elem_id="train-stop-info")
+                        train_loss = gr.Image(label="Loss", type="pil", format="png", interactive=False,
+                                              elem_id="train-loss")
+                        train_samples = gr.Gallery(label="Latest samples", columns=2, format="png",
+                                                   elem_id="train-samples")
+
+        common = [model, prompt, negative, sampler, steps, cfg, width, height, seed]
+        # One queue for everything that runs the model: the queue's limit of 1 applies per concurrency_id.
+        def generate(*values):
+            *values, vae_name = values
+            return run_generate(engine, *values, vae=vae_name)
+
+        go.click(generate, [*common, count, *slots, vae], [gallery, used_seed, info],
+                 api_name="generate", concurrency_id="model")
+
+        def grid(*values, progress=gr.Progress()):
+            *values, vae_name = values
+            return run_grid(engine, *values, progress=progress, vae=vae_name)
+
+        grid_go.click(grid, [*common, grid_lora, grid_weights, y_axis, y_values, *slots, vae],
+                      [grid_image, grid_info], api_name="grid", concurrency_id="model")
+
+        def train_job(*values, progress=gr.Progress()):
+            return run_train(engine, *values, progress=progress)
+
+        train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
+                                   train_steps, train_method], [train_info, train_loss, train_samples],
+                       api_name="train", concurrency_id="model")
+        # Not queued: Stop must not wait behind the training it stops.
+        train_stop.click(partial(stop_train, engine), None, train_stop_info, api_name="stop_train", queue=False)
+        captions_load.click(partial(load_captions, settings), train_data, captions, api_name="load_captions",
+                            concurrency_id="captions")
+        captions_save.click(partial(save_captions, settings), [train_data, captions], captions_info,
+                            api_name="save_captions", concurrency_id="captions")
+        upload_go.click(partial(add_uploads, settings), [train_data, uploads], [captions, captions_info],
+                        api_name="upload", concurrency_id="captions")
+        train_preset.input(lambda p: preset_values(settings, p), train_preset,
+                           [train_data, train_trigger, train_rank, train_lr, train_steps, train_method],
+                           api_visibility="private")
+        png.upload(partial(read_png_parameters, settings), png,
+                   [model, prompt, negative, sampler, steps, cfg, width, height, seed, *slots[0::3], info],
+                   api_name="read_parameters")
+        model.input(lambda m: (size_for_model(settings, m),) * 2, model, [width, height], api_visibility="private")
+
+        def refresh_lists(*current):
+            models, files = model_choices(settings), lora_choices(settings)
+            updates = [gr.Dropdown(choices=models), gr.Dropdown(choices=vae_choices(settings))]
+            for value in current:
+                updates.append(gr.Dropdown(choices=files, value=value if value in files else None))
+            return updates
+
+        refresh.click(refresh_lists, [*names, grid_lora], [model, vae, *names, grid_lora], api_name="refresh")
+    return demo
+
+
+THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def launch(settings: AppSettings, listen: bool = False, share: bool = False, port: int | None = None,
+           block: bool = True):
+    """Start the app. Local only (127.0.0.1) unless `listen` (0.0.0.0: your network) or `share` (a public
+    gradio.live link); one job at a time. Returns the launched gr.Blocks (with `block=False` it keeps running
+    in a background thread: call `.close()`)."""
+    import gradio as gr
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per component otherwise
+    demo = build_app(settings).queue(default_concurrency_limit=1)
+    demo.launch(
+        server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, share=share,
+        allowed_paths=[str(Path(settings.out_dir).resolve())], prevent_thread_lock=not block, ssr_mode=False,
+        theme=gr.themes.Default(**THEME_FONTS),  # system fonts: nothing fetched from the internet
+        quiet=not block,
+    )
+    return demo
