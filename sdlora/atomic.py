@@ -14,15 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from sdlora.errors import DiskSpaceError
+
 # mkstemp creates files readable by the owner only; finished files get the usual umask-based mode.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 # Free space left over after a write: a disk filled to the last byte breaks other programs (and the OS) too.
 DISK_RESERVE = 64 * 1024 * 1024
 
-
-class DiskSpaceError(OSError):
-    """Not enough free disk space to write a file; nothing was written or replaced."""
 
 
 def check_free_space(path: str | Path, needed: int) -> None:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from sdlora.adapters.adalora import AdaLora
 from sdlora.adapters.export import inspect_lora, save_kohya_lora, save_peft_lora
 from sdlora.adapters.lora import LoraWeights, lora_layers, trainable_parameters
-from sdlora.config import ConfigError, load_config
+from sdlora.config import load_config
+from sdlora.errors import ConfigError
 from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
 from sdlora.models.loading import encode_prompt, load_base_model, tokenize
 from sdlora.train.loss import compute_loss

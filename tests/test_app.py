@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from test_generate import trained_loras
 
 from sdlora.cli import main
+from sdlora.errors import PathError
 from sdlora.ui.app import (
     SLOTS,
     AppSettings,
     Engine,
-    PathError,
     label_grid,
     launch,
     lora_choices,
@@ -318,8 +318,7 @@ def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
 
 
 def test_training_errors_reach_the_page_as_their_own_message():
-    from sdlora.train.plan import PlanError
-    from sdlora.train.recipe import TrainingError
+    from sdlora.errors import PlanError, TrainingError
     from sdlora.ui.app import _user_errors
 
     for error in (TrainingError("loss or gradients were NaN/Inf; set train.max_grad_norm = 1.0"),

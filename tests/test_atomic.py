@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import sdlora.atomic as atomic
-from sdlora.atomic import DiskSpaceError, atomic_dir, save_safetensors, write_text
+from sdlora.atomic import atomic_dir, save_safetensors, write_text
+from sdlora.errors import DiskSpaceError
 
 Usage = namedtuple("Usage", "total used free")
 

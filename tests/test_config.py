@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from sdlora.config import Config, ConfigError, dump_toml, load_config
+from sdlora.config import Config, dump_toml, load_config
+from sdlora.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,6 @@ from PIL import Image
 
 from sdlora.config import DataConfig
 from sdlora.data.dataset import (
-    DatasetError,
     ImageRecord,
     assign_bucket,
     bucket_summary,
@@ -29,6 +28,7 @@ from sdlora.data.dataset import (
     scan_dataset,
     tag_frequency,
 )
+from sdlora.errors import DatasetError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

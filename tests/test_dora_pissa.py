@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdlora.adapters.export import LoraFileError, load_lora_layers, save_kohya_lora, save_peft_lora
+from sdlora.adapters.export import load_lora_layers, save_kohya_lora, save_peft_lora
 from sdlora.adapters.lora import inject_lora, lora_layers, pissa_as_lora, set_lora_layers, trainable_parameters
 from sdlora.adapters.tools import read_lora
 from sdlora.config import load_config
+from sdlora.errors import LoraFileError
 from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
 from sdlora.models.loading import encode_prompt, load_base_model, tokenize
 from sdlora.train.recipe import train
@@ -225,7 +226,7 @@ def test_train_writes_the_method_into_file_and_metadata(dataset, tmp_path, overr
 
 @pytest.mark.parametrize("override", ["lora.init=pissa", "lora.method=adalora"])
 def test_methods_that_cannot_continue_a_lora_file_say_so_before_loading(dataset, tmp_path, override):
-    from sdlora.train.recipe import TrainingError
+    from sdlora.errors import TrainingError
 
     cfg = load_config(None, [f'data.dirs=["{dataset.as_posix()}"]', "data.resolution=64", "data.min_bucket_reso=64",
                              "lora.rank=4", f'train.output_dir="{tmp_path.as_posix()}"', override])

@@ -21,7 +21,6 @@ import torch
 from sdlora.adapters.export import (
     KOHYA_PREFIXES,
     SDXL_BASE_LAYOUT,
-    LoraFileError,
     build_metadata,
     detect_arch,
     file_hashes,
@@ -39,6 +38,7 @@ from sdlora.adapters.export import (
 )
 from sdlora.adapters.lora import LoraWeights, inject_lora, lora_layers
 from sdlora.config import Config, LoraConfig
+from sdlora.errors import LoraFileError
 
 ARCH = {"tiny-sd15": "sd1", "tiny-sdxl": "sdxl"}
 COMPONENTS = {"tiny-sd15": ("unet", "text_encoder"), "tiny-sdxl": ("unet", "text_encoder", "text_encoder_2")}

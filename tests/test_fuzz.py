@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
-from sdlora.adapters.export import LoraFileError, read_lora_file
-from sdlora.config import Config, ConfigError, DataConfig, load_config
+from sdlora.adapters.export import read_lora_file
+from sdlora.config import Config, DataConfig, load_config
 from sdlora.data.dataset import process_caption
+from sdlora.errors import ConfigError, LoraFileError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

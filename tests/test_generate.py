@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdlora.adapters.export import LoraFileError, file_hashes
+from sdlora.adapters.export import file_hashes
+from sdlora.errors import GenerationError, LoraFileError
 from sdlora.generate.pipeline import (
-    GenerationError,
     GenerationParams,
     LoraCache,
     LoraSpec,

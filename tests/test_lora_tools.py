@@ -18,17 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora.adapters.export import (
-    LoraFileError,
-    arch_metadata,
-    from_kohya_state_dict,
-    save_kohya_lora,
-    to_peft_state_dict,
-)
+from sdlora.adapters.export import arch_metadata, from_kohya_state_dict, save_kohya_lora, to_peft_state_dict
 from sdlora.adapters.lora import LoraWeights, target_module_names
 from sdlora.adapters.tools import choose_rank, merge_loras, read_lora, resize_lora
 from sdlora.atomic import save_safetensors
 from sdlora.cli import main
+from sdlora.errors import LoraFileError
 
 SD1 = arch_metadata("sd1")  # tiny models have no telling widths: the metadata names the architecture
 

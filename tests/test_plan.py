@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdlora.config import load_config
+from sdlora.errors import PlanError
 from sdlora.train import plan
 
 
@@ -96,7 +97,7 @@ def test_plan_takes_the_cheapest_changes_until_it_fits():
     assert result.total <= 6.0 * plan.GB < as_is.total
     assert chosen.train.batch_size * chosen.train.gradient_accumulation_steps == 8  # same effective batch
     assert reasons[0].startswith("cache text-encoder outputs") and any("checkpointing" in r for r in reasons)
-    with pytest.raises(plan.PlanError, match="even with every memory saving"):
+    with pytest.raises(PlanError, match="even with every memory saving"):
         plan.plan(cfg, 1.0, traced)
 
 
@@ -127,11 +128,11 @@ def test_check_before_training_and_vram_parsing(sd15_path):
     need = plan.estimate(cfg).total
     assert plan.check_fits(cfg, need * 1.01) is None
     assert "may run out of memory" in plan.check_fits(cfg, need / 1.05)
-    with pytest.raises(plan.PlanError, match="sdlora plan CONFIG --vram"):
+    with pytest.raises(PlanError, match="sdlora plan CONFIG --vram"):
         plan.check_fits(cfg, need / 2)
     assert plan.parse_vram("8GB") == 8.0 and plan.parse_vram("8 GiB") == pytest.approx(8.589934592)
     for bad in ("", "0", "-2GB", "eight"):
-        with pytest.raises(plan.PlanError):
+        with pytest.raises(PlanError):
             plan.parse_vram(bad)
 
 

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from sdlora import bnb_import
 from sdlora.adapters.export import load_lora_layers, read_lora_file
 from sdlora.adapters.lora import count_parameters, inject_lora, lora_layers, trainable_parameters
-from sdlora.config import ConfigError, load_config
-from sdlora.models.loading import ModelError, load_base_model
+from sdlora.config import load_config
+from sdlora.errors import ConfigError, ModelError
+from sdlora.models.loading import load_base_model
 from sdlora.models.quantize import quantize_nf4, store_fp8, stored_bytes
 from sdlora.train.recipe import train
 

@@ -14,18 +14,11 @@ import torch
 from PIL import Image
 
 from sdlora.cli import main
+from sdlora.errors import ClipError
 from sdlora.generate.grid import GridResult, LoraFile, grid_layout, label_grid, log_grid, stack_vertically
 from sdlora.generate.pipeline import GenerationParams
 from sdlora.ui.report import write_report
-from sdlora.ui.similarity import (
-    ClipError,
-    clip_scores,
-    grid_similarity,
-    load_clip,
-    markdown_table,
-    measure_grid,
-    read_similarity,
-)
+from sdlora.ui.similarity import clip_scores, grid_similarity, load_clip, markdown_table, measure_grid, read_similarity
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.atomic import save_safetensors
+from sdlora.errors import ModelError
 from sdlora.models import single_file as sf
-from sdlora.models.loading import BaseModel, ModelError, detect_model, encode_prompt, load_base_model, tokenize
+from sdlora.models.loading import BaseModel, detect_model, encode_prompt, load_base_model, tokenize
 
 PROMPTS = ["zkstyle, a lighthouse on a cliff", ""]
 U = "model.diffusion_model."

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.config import load_config
-from sdlora.train.recipe import TrainingError, train
+from sdlora.errors import TrainingError
+from sdlora.train.recipe import train
 
 pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 

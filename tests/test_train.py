@@ -17,10 +17,11 @@ from sdlora.adapters.lora import inject_lora, trainable_parameters
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.data.cache import build_latent_cache
-from sdlora.data.dataset import DatasetError, scan_dataset
+from sdlora.data.dataset import scan_dataset
+from sdlora.errors import DatasetError, TrainingError
 from sdlora.models.loading import encode_prompt, load_base_model, tokenize
 from sdlora.train import checkpoint as ckpt
-from sdlora.train.recipe import TrainingError, compute_loss, train, with_precision
+from sdlora.train.recipe import compute_loss, train, with_precision
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over

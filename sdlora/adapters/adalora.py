@@ -24,7 +24,7 @@ from peft.tuners.adalora import AdaLoraLayer, AdaLoraModel
 from sdlora.adapters.lora import ADAPTER, LoraWeights, effective_scale, target_module_names, trainable_parameters
 from sdlora.atomic import write_text
 from sdlora.config import LoraConfig
-from sdlora.models.loading import ModelError
+from sdlora.errors import ModelError
 
 RANKS_FILE = "adalora_ranks.json"
 _RANKNUM_EPS = 1e-5  # what peft's SVD layers add to ranknum before dividing by it

@@ -22,7 +22,6 @@ import torch
 
 from sdlora.adapters.files import (
     KOHYA_PREFIXES,
-    LoraFileError,
     bytes_hashes,
     detect_arch,
     file_hashes,
@@ -36,6 +35,7 @@ from sdlora.adapters.files import (
 from sdlora.adapters.lora import LoraWeights, effective_scale
 from sdlora.atomic import save_safetensors
 from sdlora.config import Config
+from sdlora.errors import LoraFileError
 
 __all__ = [
     "ARCHS", "COMPONENTS", "EXPORT_DTYPES", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout",

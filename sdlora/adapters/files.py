@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
+from sdlora.errors import LoraFileError
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
-
-class LoraFileError(ValueError):
-    """A LoRA file or state dict cannot be read or mapped onto the model; the message says what and where."""
 
 
 # Parameter suffixes -> (down | up | alpha). Order matters: longest first.

@@ -17,8 +17,8 @@ from peft import inject_adapter_in_model
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
-from sdlora.adapters.files import LoraFileError
 from sdlora.config import LoraConfig
+from sdlora.errors import LoraFileError
 
 ADAPTER = "default"
 # config lora.init -> peft's init_lora_weights. PiSSA with the exact SVD: the fast variants are randomised.

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from sdlora.adapters.export import (
     COMPONENTS,
     KOHYA_PREFIXES,
-    LoraFileError,
     arch_metadata,
     detect_arch,
     file_hashes,
@@ -43,7 +42,8 @@ from sdlora.adapters.export import (
     unsupported_network_type,
 )
 from sdlora.adapters.lora import LoraWeights, target_module_names
-from sdlora.models.loading import PICKLE_SUFFIXES, BaseModel, ModelError, component_names
+from sdlora.errors import LoraFileError, ModelError
+from sdlora.models.loading import PICKLE_SUFFIXES, BaseModel, component_names
 from sdlora.models.single_file import ARCH_NAMES
 
 logger = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from sdlora.config import DataConfig
+from sdlora.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,6 @@ _REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")
 _MASK_SUFFIX = "_mask"
 _WHITE = (255, 255, 255, 255)
 
-
-class DatasetError(ValueError):
-    """The dataset cannot be used; the one-line message names the file or folder and the fix."""
 
 
 @dataclass

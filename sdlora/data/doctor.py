@@ -30,7 +30,6 @@ from sdlora.config import DataConfig
 # Private on purpose: the doctor must find folders and judge files exactly as scan_dataset and load_image do.
 from sdlora.data.dataset import (
     IMAGE_EXTENSIONS,
-    DatasetError,
     ImageRecord,
     _expand_folder,
     _is_training_image,
@@ -41,6 +40,7 @@ from sdlora.data.dataset import (
     process_caption,
     scan_dataset,
 )
+from sdlora.errors import DatasetError
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")

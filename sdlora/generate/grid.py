@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdlora.errors import GenerationError, MissingFileError
 from sdlora.generate.pipeline import (
     GenerationParams,
     LoraCache,
@@ -207,11 +208,11 @@ def find_run_loras(run_dir: str | Path) -> list[LoraFile]:
     counts. Files without a step in their metadata are ordered by epoch, then step files by step.
 
     Raises:
-        FileNotFoundError: no such folder, or no LoRA file in it.
+        MissingFileError: no such folder, or no LoRA file in it.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder")
+        raise MissingFileError(f"{run_dir}: no such run folder")
     name = run_config(run_dir).get("train", {}).get("output_name")
     found = []
     for path in sorted(run_dir.glob("*.safetensors")):
@@ -219,7 +220,7 @@ def find_run_loras(run_dir: str | Path) -> list[LoraFile]:
         if name is None or path.stem == name or (match and match["name"] == name):
             found.append(describe_lora_file(path))
     if not found:
-        raise FileNotFoundError(f"{run_dir}: no LoRA files (<name>.safetensors, <name>-000001.safetensors, ...)")
+        raise MissingFileError(f"{run_dir}: no LoRA files (<name>.safetensors, <name>-000001.safetensors, ...)")
     all_steps = all(f.step is not None for f in found if not f.final)
 
     def order(f: LoraFile):
@@ -386,11 +387,9 @@ def make_grid(sources: list[str | Path], model: str | None = None, weights: list
             pipeline), else `model` is loaded here, once.
 
     Raises:
-        FileNotFoundError: a source that does not exist or a run folder without LoRA files.
-        ValueError (GenerationError): no prompt, no model, impossible settings.
+        MissingFileError: a source that does not exist or a run folder without LoRA files.
+        GenerationError: no prompt, no model, impossible settings.
     """
-    from sdlora.generate.pipeline import GenerationError
-
     files: list[LoraFile] = []
     run_dirs = []
     for source in map(Path, sources):
@@ -400,7 +399,7 @@ def make_grid(sources: list[str | Path], model: str | None = None, weights: list
         elif source.is_file():
             files.append(describe_lora_file(source))
         else:
-            raise FileNotFoundError(f"{source}: no such run folder or LoRA file")
+            raise MissingFileError(f"{source}: no such run folder or LoRA file")
     if not files:
         raise GenerationError("give a run folder or LoRA files")
     config = run_config(run_dirs[0]) if run_dirs else {}

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sdlora.atomic import atomic_path
+from sdlora.errors import GenerationError
 from sdlora.generate.prompt import LoraTag, encode_prompt_embeds, parse_lora_tags
 
 logger = logging.getLogger(__name__)
@@ -221,9 +222,6 @@ def parse_a1111_parameters(text: str, defaults: GenerationParams | None = None
     return params, fields
 
 
-class GenerationError(ValueError):
-    """Generation settings that cannot work (size, steps, sampler, count); the message says which and why."""
-
 
 def check_params(params: GenerationParams, count: int = 1) -> None:
     """Raise GenerationError for settings the pipelines would reject late or mysteriously."""
@@ -289,13 +287,13 @@ class LoraCache:
                 with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
         from sdlora.adapters.export import (
-            LoraFileError,
             detect_arch,
             match_lora_keys,
             read_lora_file,
             refuse_other_networks,
             split_lora_key,
         )
+        from sdlora.errors import LoraFileError
 
         path = Path(path).resolve()
         stat = path.stat() if path.is_file() else None
@@ -359,7 +357,8 @@ class LoraCache:
         Raises:
             LoraFileError: nothing matches, or with `strict` anything does not.
         """
-        from sdlora.adapters.export import LoraFileError, stray_message
+        from sdlora.adapters.export import stray_message
+        from sdlora.errors import LoraFileError
 
         if not matched:
             raise LoraFileError(f"{path}: none of its modules exist in this base model (is it a LoRA for another "
@@ -438,7 +437,8 @@ def _misread_by_diffusers(tensors: dict[str, torch.Tensor]) -> bool:
 def _as_peft(tensors: dict[str, torch.Tensor], module_names: dict[str, list[str]], path: Path) -> dict[str, torch.Tensor]:
     """The file mapped onto the pipeline's modules by our own reader and handed over in peft's format, which
     diffusers loads exactly: each alpha / rank folded into lora_B, DoRA's magnitude as `lora_magnitude_vector`."""
-    from sdlora.adapters.export import LoraFileError, from_kohya_state_dict, to_peft_state_dict
+    from sdlora.adapters.export import from_kohya_state_dict, to_peft_state_dict
+    from sdlora.errors import LoraFileError
 
     try:
         return to_peft_state_dict(from_kohya_state_dict(tensors, module_names), torch.float32)

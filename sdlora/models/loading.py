@@ -12,14 +12,12 @@ from pathlib import Path
 
 import torch
 
+from sdlora.errors import ModelError
 from sdlora.models.tiny import TINY_MODELS, tiny_model_path
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face hub spells repo ids
 
-
-class ModelError(ValueError):
-    """The base model cannot be used; the message names the path and what to do."""
 
 
 @dataclass

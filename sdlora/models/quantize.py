@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 
 from sdlora import bnb_import
-from sdlora.models.loading import ModelError
+from sdlora.errors import ModelError
 
 FP8 = torch.float8_e4m3fn
 

@@ -18,8 +18,9 @@ from typing import Mapping
 import torch
 
 from sdlora.atomic import save_safetensors
+from sdlora.errors import ModelError
 from sdlora.models.clip_tokenizer import load_clip_tokenizer
-from sdlora.models.loading import PICKLE_SUFFIXES, ModelError
+from sdlora.models.loading import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.atomic import atomic_dir, save_safetensors, write_text
+from sdlora.errors import MissingFileError
 
 _TENSOR = "__tensor__"
 
@@ -76,10 +77,10 @@ def load_extra(folder: Path, name: str) -> Any:
     """A nested state saved under `name` (see `save_checkpoint`).
 
     Raises:
-        FileNotFoundError: the checkpoint has no such state (it was saved by a run configured otherwise).
+        MissingFileError: the checkpoint has no such state (it was saved by a run configured otherwise).
     """
     if not (folder / f"{name}.json").is_file():
-        raise FileNotFoundError(f"{folder}: this checkpoint has no {name} state (saved by a run with another config?)")
+        raise MissingFileError(f"{folder}: this checkpoint has no {name} state (saved by a run with another config?)")
     tensors = load_file(str(folder / f"{name}.safetensors"))
     return unflatten_state(json.loads((folder / f"{name}.json").read_text()), tensors)
 
@@ -98,14 +99,14 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
     """`--resume latest` or a checkpoint folder (or a run folder: its newest checkpoint).
 
     Raises:
-        FileNotFoundError: nothing to resume from, with the path looked at.
+        MissingFileError: nothing to resume from, with the path looked at.
     """
     path = Path(output_dir) if resume == "latest" else Path(resume)
     if (path / "state.json").is_file():
         return path
     checkpoints = list_checkpoints(path)
     if not checkpoints:
-        raise FileNotFoundError(f"{path}: no checkpoint-<step> folder to resume from")
+        raise MissingFileError(f"{path}: no checkpoint-<step> folder to resume from")
     return checkpoints[-1]
 
 

@@ -23,6 +23,7 @@ from unittest import mock
 import torch
 
 from sdlora.config import Config, config_to_dict
+from sdlora.errors import PlanError
 
 GB = 1e9
 OVERHEAD = 0.15  # share added for what the trace cannot see (see the module docstring)
@@ -42,9 +43,6 @@ QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
 # AdaLoRA's rank allocator keeps three fp32 averages per adapter parameter (importance, its EMA, its uncertainty).
 ADALORA_STATE_BYTES = 3 * 4
 
-
-class PlanError(ValueError):
-    """No setting fits the memory budget; the message gives the smallest estimate."""
 
 
 @dataclass

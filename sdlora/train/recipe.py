@@ -27,7 +27,6 @@ from sdlora import bnb_import
 from sdlora.adapters.adalora import AdaLora
 from sdlora.adapters.export import (
     EXPORT_DTYPES,
-    LoraFileError,
     build_metadata,
     from_kohya_state_dict,
     group_lora_keys,
@@ -49,7 +48,6 @@ from sdlora.atomic import write_text
 from sdlora.config import Config, TrainConfig, config_to_dict, dump_toml
 from sdlora.data.cache import build_latent_cache, encode_latents
 from sdlora.data.dataset import (
-    DatasetError,
     ImageRecord,
     bucket_summary,
     epoch_batches,
@@ -60,6 +58,7 @@ from sdlora.data.dataset import (
 )
 from sdlora.data.doctor import diagnose
 from sdlora.data.loader import epoch_loader
+from sdlora.errors import DatasetError, LoraFileError, PlanError, TrainingError
 from sdlora.generate.pipeline import (
     GenerationParams,
     a1111_parameters,
@@ -73,7 +72,7 @@ from sdlora.models.quantize import fp8_checkpointing, quantize_nf4, store_fp8, s
 from sdlora.train import checkpoint as ckpt
 from sdlora.train.deferred import SkippedSteps, StepClock, skips_on_device
 from sdlora.train.loss import compute_loss
-from sdlora.train.plan import PlanError, check_fits, offloads
+from sdlora.train.plan import check_fits, offloads
 from sdlora.train.validation import (
     best,
     prepare_validation,
@@ -98,9 +97,6 @@ def with_precision(cfg: Config) -> Config:
         precision = "no"  # CPUs have no fast half-precision matmuls for training
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to change."""
 
 
 def train(cfg: Config, resume: str | None = None, init_lora: str | Path | None = None,

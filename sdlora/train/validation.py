@@ -20,7 +20,8 @@ import torch
 from sdlora.atomic import write_text
 from sdlora.config import Config, TrainConfig
 from sdlora.data.cache import encode_latents
-from sdlora.data.dataset import DatasetError, ImageRecord, load_image, process_caption, scan_dataset
+from sdlora.data.dataset import ImageRecord, load_image, process_caption, scan_dataset
+from sdlora.errors import DatasetError
 from sdlora.models.loading import BaseModel, encode_prompt, sdxl_time_ids, tokenize
 
 logger = logging.getLogger(__name__)

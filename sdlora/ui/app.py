@@ -23,10 +23,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 from PIL import Image
 
+from sdlora.errors import USER_ERRORS, GenerationError, PathError
 from sdlora.generate.grid import grid_parameters, label_grid
 from sdlora.generate.pipeline import (
     SAMPLERS,
-    GenerationError,
     GenerationParams,
     LoraCache,
     LoraSpec,
@@ -45,9 +45,6 @@ logger = logging.getLogger(__name__)
 SLOTS = 4  # LoRA rows in the Generate tab; more can be added with <lora:name:weight> tags in the prompt
 MAX_GRID_CELLS = 64
 
-
-class PathError(ValueError):
-    """A name chosen in the UI points outside the folder it must come from."""
 
 
 @dataclass
@@ -231,25 +228,16 @@ def _user_errors():
     """Every failure becomes a gr.Error message in the page; the app itself keeps running."""
     import gradio as gr
 
-    from sdlora.adapters.export import LoraFileError
-    from sdlora.config import ConfigError
-    from sdlora.data.dataset import DatasetError
-    from sdlora.models.loading import ModelError
-
     try:
         yield
     except gr.Error:
         raise
-    except (GenerationError, PathError, LoraFileError, ModelError, ConfigError, DatasetError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         raise gr.Error(str(e), print_exception=False) from None
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise gr.Error("out of GPU memory: try a smaller size or batch count", print_exception=False) from None
     except Exception as e:
-        from sdlora.ui.cli import USER_ERRORS  # by name, so generating never imports the trainer for its error types
-
-        if type(e).__name__ in USER_ERRORS:
-            raise gr.Error(str(e), print_exception=False) from None
         logger.exception("job failed")  # a bug: say what it was and keep the traceback in the log
         raise gr.Error(f"unexpected {type(e).__name__}: {e}", print_exception=False) from None
 

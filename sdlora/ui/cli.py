@@ -1,7 +1,7 @@
 """The `sdlora` command: thin front ends that build configs/params and call the library.
 
-Known bad input (config, dataset, model, LoRA file) ends with one line on stderr naming the file and the fix:
-exit code 2 for usage and config errors, 1 for other failures.
+Known bad input (config, dataset, model, LoRA file, settings) ends with one line on stderr naming the file and the
+fix: an `SdloraError`, exiting with its `exit_code` (2 for usage, config and settings errors, 1 for the others).
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from sdlora.config import ConfigError, load_config
+from sdlora.config import load_config
+from sdlora.errors import USER_ERRORS, ConfigError, MissingFileError, SdloraError
 
-USAGE_ERRORS = (ConfigError,)
-
-
-logger = logging.getLogger("sdlora.ui.cli")  # not __name__: that is "__main__" under `python -m sdlora.ui.cli`
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_output(args.verbose)
     try:
         return args.func(args, extra) or 0
-    except USAGE_ERRORS as e:
+    except USER_ERRORS as e:  # complete one-line messages; anything else is a bug and keeps its traceback
         print(f"sdlora: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code if isinstance(e, SdloraError) else 1
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if type(e).__name__ in USER_ERRORS:
-            print(f"sdlora: error: {e}", file=sys.stderr)
-            return 1
-        raise
 
 
 def _configure_output(verbose: bool) -> None:
@@ -62,13 +55,6 @@ def _configure_output(verbose: bool) -> None:
         logging.captureWarnings(True)  # warnings.warn() becomes a "py.warnings" record, which the filter drops
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-
-
-# Our own error types (and a missing file) carry complete one-line messages; anything else is a bug and keeps
-# its traceback. Matched by name so this module does not import the heavy modules that define them (the app
-# matches training's errors by this set too).
-USER_ERRORS = {"DatasetError", "ModelError", "LoraFileError", "TrainingError", "DiskSpaceError", "PlanError",
-                "FileNotFoundError"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,7 +260,8 @@ def _positive_int(text: str) -> int:
 
 
 def _vram(text: str) -> float:
-    from sdlora.train.plan import PlanError, parse_vram
+    from sdlora.errors import PlanError
+    from sdlora.train.plan import parse_vram
 
     try:
         return parse_vram(text)
@@ -347,7 +334,6 @@ def _cmd_generate(args, extra) -> int:
     from dataclasses import replace
 
     from sdlora.generate.pipeline import (
-        GenerationError,
         GenerationParams,
         LoraCache,
         LoraSpec,
@@ -362,20 +348,16 @@ def _cmd_generate(args, extra) -> int:
     loras = [LoraSpec(Path(path), weight) for path, weight in map(_parse_lora_arg, args.lora)]
     params = GenerationParams(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg=args.cfg,
                               width=args.width, height=args.height, seed=args.seed, sampler=args.sampler)
-    try:
-        check_params(replace(params, width=args.width or 512, height=args.height or 512), args.count)
-        for spec in loras:
-            if not spec.path.is_file():
-                raise FileNotFoundError(f"{spec.path}: no such LoRA file")
-        pipe = load_pipeline(args.model, *default_device(), allow_unsafe_pickle=args.allow_unsafe_pickle)
-        pipe.set_progress_bar_config(disable=True)
-        size = default_size(pipe)
-        params = replace(params, width=args.width or size, height=args.height or size)
-        result = generate_images(pipe, LoraCache(pipe, strict=args.strict), params, loras, args.count, out_dir=args.out,
-                                 lora_dir=args.lora_dir, model_name=model_label(args.model))
-    except GenerationError as e:
-        print(f"sdlora: error: {e}", file=sys.stderr)
-        return 2
+    check_params(replace(params, width=args.width or 512, height=args.height or 512), args.count)
+    for spec in loras:
+        if not spec.path.is_file():
+            raise MissingFileError(f"{spec.path}: no such LoRA file")
+    pipe = load_pipeline(args.model, *default_device(), allow_unsafe_pickle=args.allow_unsafe_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    size = default_size(pipe)
+    params = replace(params, width=args.width or size, height=args.height or size)
+    result = generate_images(pipe, LoraCache(pipe, strict=args.strict), params, loras, args.count, out_dir=args.out,
+                             lora_dir=args.lora_dir, model_name=model_label(args.model))
     _print_warnings(result.warnings)
     for path in result.paths:
         print(path)
@@ -501,17 +483,12 @@ def _float_list(text: str) -> list[float]:
 
 def _cmd_grid(args, extra) -> int:
     from sdlora.generate.grid import make_grid
-    from sdlora.generate.pipeline import GenerationError
-    from sdlora.ui.similarity import ClipError, load_clip, markdown_table, measure_grid
+    from sdlora.ui.similarity import load_clip, markdown_table, measure_grid
 
-    try:
-        clip = load_clip(args.clip) if args.clip else None  # before the grid: a wrong path fails at once
-        result = make_grid(args.sources, args.model, args.weights, args.prompt, args.out, negative=args.negative,
-                           seed=args.seed, steps=args.steps, cfg=args.cfg, width=args.width, height=args.height,
-                           sampler=args.sampler, vae=args.vae)
-    except (GenerationError, ClipError) as e:
-        print(f"sdlora: error: {e}", file=sys.stderr)
-        return 2
+    clip = load_clip(args.clip) if args.clip else None  # before the grid: a wrong path fails at once
+    result = make_grid(args.sources, args.model, args.weights, args.prompt, args.out, negative=args.negative,
+                       seed=args.seed, steps=args.steps, cfg=args.cfg, width=args.width, height=args.height,
+                       sampler=args.sampler, vae=args.vae)
     _print_warnings(result.warnings)
     print(result.path)
     if clip is not None:
@@ -523,19 +500,11 @@ def _cmd_grid(args, extra) -> int:
 
 def _cmd_report(args, extra) -> int:
     from sdlora.generate.grid import make_grid
-    from sdlora.generate.pipeline import GenerationError
     from sdlora.ui.report import write_report
 
     grid = False if args.grid is False else None  # None: show RUN_DIR/grid.png if there is one
     if args.grid:
-        try:
-            grid = make_grid([args.run_dir], args.model, args.weights).path
-        except GenerationError as e:
-            print(f"sdlora: error: {e}", file=sys.stderr)
-            return 2
+        grid = make_grid([args.run_dir], args.model, args.weights).path
     print(write_report(args.run_dir, grid=grid))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from sdlora.atomic import atomic_path, write_text
+from sdlora.errors import MissingFileError
 from sdlora.generate.grid import GRID_NAME, LoraFile, find_run_loras, make_grid, run_config
 
 logger = logging.getLogger(__name__)
@@ -130,11 +131,11 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder")
+        raise MissingFileError(f"{run}: no such run folder")
     config = run_config(run)
     try:
         files = find_run_loras(run)
-    except FileNotFoundError:
+    except MissingFileError:
         files = []
     name = config.get("train", {}).get("output_name") or (files[-1].path.stem if files else run.name)
     if grid is None and (run / GRID_NAME).is_file():

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from sdlora.atomic import write_text
+from sdlora.errors import ClipError
 from sdlora.generate.grid import GridResult, run_config
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,6 @@ SIMILARITY_NAME = "similarity.csv"
 _COLUMNS = ("file", "epoch", "step", "weight", "clip_t", "clip_i", "images")
 _BATCH = 32  # images per forward pass: small enough for CPU memory with CLIP-L, large enough to keep a GPU busy
 
-
-class ClipError(ValueError):
-    """The CLIP folder cannot be used; the one-line message names it and says what was expected."""
 
 
 @dataclass
@@ -169,7 +167,8 @@ def training_images(run_dir: str | Path) -> list[Path]:
     """The images of a run's `[data] dirs` (as `sdlora.data.dataset.scan_dataset` finds them, relative folders from the
     current folder, as training read them); [] when the run has no config.toml or its folders are gone."""
     from sdlora.config import DataConfig
-    from sdlora.data.dataset import DatasetError, scan_dataset
+    from sdlora.data.dataset import scan_dataset
+    from sdlora.errors import DatasetError
 
     config = run_config(run_dir)
     if not config:
