@@ -1,7 +1,9 @@
-"""Typed training configuration: dataclasses mirroring the TOML tables, loading, overrides, validation.
+"""Typed training configuration: dataclasses mirroring the TOML tables, loading, overrides, validation, and the
+tables of allowed values that more than the config read (samplers, precisions).
 
 Every problem is collected and raised as one `ConfigError` that names the full key (`train.learning_rate`)
-and, for choices, the allowed values. Nothing is silently corrected.
+and, for choices, the allowed values. Nothing is silently corrected. A config made from another (the app's fields,
+the planner's changes) goes through `derive`, so it is validated as a loaded one is.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 from sdlora.errors import ConfigError
 
@@ -22,6 +24,41 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+
+
+class Sampler(NamedTuple):
+    """How one sampler name (sample.sampler, `sdlora generate --sampler`) renders and how A1111 writes it."""
+
+    scheduler: str  # the diffusers scheduler class
+    config: dict  # what it adds to the base model's scheduler config
+    a1111: str  # A1111's name, as written in PNG parameters ("Sampler: DPM++ 2M")
+    schedule: str = ""  # A1111's "Schedule type" (1.9+) when it is not the sampler's default
+
+
+SAMPLERS = {
+    "euler": Sampler("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpmpp_2m_karras": Sampler("DPMSolverMultistepScheduler",
+                               {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}, "DPM++ 2M", "Karras"),
+    "ddim": Sampler("DDIMScheduler", {}, "DDIM"),
+    "unipc": Sampler("UniPCMultistepScheduler", {}, "UniPC"),
+    # Latent Consistency: 2-8 steps at CFG 1-2, for LCM-distilled models or with an LCM LoRA.
+    "lcm": Sampler("LCMScheduler", {}, "LCM"),
+}
+
+# Precision names (train.mixed_precision, export.dtype, the LoRA tools' --dtype) -> torch dtype names; "no" is
+# accelerate's name for full precision. torch itself is imported only by `torch_dtype`.
+PRECISIONS = {"no": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FileDtype = Literal["fp16", "bf16", "fp32"]  # export.dtype and --dtype: what LoRA files are written in
+# lora.targets and `sdlora extract --targets`: the module sets adapters.lora.TARGETS defines.
+Targets = Literal["attn", "attn_mlp", "all"]
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a precision name in PRECISIONS."""
+    import torch
+
+    return getattr(torch, PRECISIONS[precision])
 
 
 @dataclass
@@ -94,7 +131,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     # "attn": to_q/k/v/out; "attn_mlp": + proj_in/proj_out/ff (kohya's default set); "all": + resnet convs.
-    targets: Literal["attn", "attn_mlp", "all"] = "attn"
+    targets: Targets = "attn"
     # Kaiming-uniform A / zero B ("default") or Gaussian A ("gaussian"): both start as a no-op. "pissa"
     # (arXiv 2404.02948) starts from the principal singular vectors of each weight (the base keeps the rest).
     init: Literal["default", "gaussian", "pissa"] = "default"
@@ -184,7 +221,7 @@ class SampleConfig:
     seed: int = 1
     width: int = 0  # 0 = the training resolution
     height: int = 0
-    sampler: Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"] = "euler"
+    sampler: str = "euler"  # one of SAMPLERS
     # After training: a grid of the saved LoRA files x these weights x the prompts ([] = no grid).
     grid_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])
     # A local CLIP model folder: score the grid's images (CLIP-T, CLIP-I) into similarity.csv; "" = off.
@@ -194,7 +231,7 @@ class SampleConfig:
 @dataclass
 class ExportConfig:
     # Dtype of the exported LoRA tensors.
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    dtype: FileDtype = "fp16"
     # "kohya": one .safetensors that ComfyUI/A1111/Forge/diffusers load; "peft" also writes diffusers format.
     formats: list[Literal["kohya", "peft"]] = field(default_factory=lambda: ["kohya"])
     title: str = ""
@@ -233,12 +270,54 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         _apply_override(raw, item, errors)
     cfg = _build(Config, raw, "", errors)
-    if not errors:
-        errors += _check_ranges(cfg)
+    where = f"{path}: " if path is not None else ""
     if errors:
-        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + "; ".join(errors))
+    return validate(cfg, where)
+
+
+def validate(cfg: Config, where: str = "") -> Config:
+    """Check every value of `cfg`: types, allowed values, ranges and combinations; returns `cfg` unchanged.
+
+    Args:
+        cfg: a config, loaded or made from another.
+        where: the start of the message, e.g. the config file's name and ": ".
+
+    Raises:
+        ConfigError: every problem, each with its full key.
+    """
+    errors = []
+    for table in dataclasses.fields(Config):
+        values = getattr(cfg, table.name)
+        hints = typing.get_type_hints(type(values))
+        for f in dataclasses.fields(values):
+            problem = _type_problem(getattr(values, f.name), hints[f.name])
+            if problem:
+                errors.append(f"{table.name}.{f.name}: {problem}")
+    if not errors:
+        errors = _check_ranges(cfg)
+    if errors:
         raise ConfigError(where + "; ".join(errors))
     return cfg
+
+
+def derive(cfg: Config, changes: dict[str, Any]) -> Config:
+    """`cfg` with `{"table.key": value}` changed, validated: how sdlora makes one config from another.
+
+    Raises:
+        ConfigError: an unknown key, or a value `validate` refuses.
+    """
+    tables: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        table, _, name = key.partition(".")
+        tables_known = {f.name for f in dataclasses.fields(Config)}
+        if table not in tables_known or name not in {f.name for f in dataclasses.fields(getattr(cfg, table))}:
+            raise ConfigError(f"unknown key {key}")
+        if typing.get_type_hints(type(getattr(cfg, table)))[name] is float and type(value) is int:
+            value = float(value)  # as a TOML integer for a float key is read
+        tables.setdefault(table, {})[name] = value
+    return validate(dataclasses.replace(cfg, **{table: dataclasses.replace(getattr(cfg, table), **values)
+                                                for table, values in tables.items()}))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -403,6 +482,7 @@ def _check_ranges(cfg: Config) -> list[str]:
          "train.save_*/checkpoint_every_n_steps: must be >= 0"),
         (bool(t.output_name) and "/" not in t.output_name and "\\" not in t.output_name,
          "train.output_name: must be a plain file name"),
+        (s.sampler in SAMPLERS, f"sample.sampler: {s.sampler!r} is not one of {', '.join(map(repr, SAMPLERS))}"),
         (s.width % 8 == 0 and s.height % 8 == 0, "sample.width/height: must be multiples of 8"),
         (s.steps >= 1, "sample.steps: must be at least 1"),
     ]

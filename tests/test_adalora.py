@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora.adapters.adalora import AdaLora
-from sdlora.adapters.export import inspect_lora, save_kohya_lora, save_peft_lora
-from sdlora.adapters.lora import LoraWeights, lora_layers, trainable_parameters
+from sdlora.adapters.export import save_kohya_lora, save_peft_lora
+from sdlora.adapters.files import inspect_lora
+from sdlora.adapters.lora import LoraWeights, trainable_parameters
 from sdlora.config import load_config
 from sdlora.errors import ConfigError
 from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
@@ -52,7 +53,7 @@ def trained():
                             None, torch.Generator().manual_seed(1), cfg.train, torch.float32)
         (loss + adalora.penalty()).backward()
         optimizer.step()
-        adalora.update(step, finite=True)
+        adalora.after_step(step, finite=True)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return SimpleNamespace(base=base, before=before, cfg=cfg, adalora=adalora, params=params, losses=losses)
@@ -74,7 +75,8 @@ def test_rank_budget_prunes_to_the_target_average(trained):
         # peft masks every triplet whose score ties the threshold, so the mean may fall a little short.
         assert 1.9 <= sum(values) / len(values) <= 2, component
         assert min(values) < 2 < max(values) <= 4, component
-        layers = lora_layers(trained.base.unet if component == "unet" else trained.base.text_encoders[0])
+        layers = trained.adalora.layers(component, trained.base.unet if component == "unet"
+                                        else trained.base.text_encoders[0])
         assert {m: w.rank for m, w in layers.items()} == {m: r for m, r in ranks.items() if r}
 
 
@@ -119,7 +121,8 @@ class _Messages(logging.Handler):
 def test_exported_ranks_load_exactly_in_our_generator_and_diffusers(trained, tmp_path):
     base = trained.base
     expected = _outputs(base.unet, base.text_encoders[0], base.tokenizers)
-    layers = {"unet": lora_layers(base.unet), "text_encoder": lora_layers(base.text_encoders[0])}
+    layers = {"unet": trained.adalora.layers("unet", base.unet),
+              "text_encoder": trained.adalora.layers("text_encoder", base.text_encoders[0])}
     path = save_kohya_lora(layers, "sd1", tmp_path / "ada.safetensors", {}, torch.float32)
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

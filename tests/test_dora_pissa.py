@@ -124,7 +124,7 @@ def test_dora_kohya_file_loads_exactly_in_our_generator_and_fuses(tmp_path):
 
 
 def test_dora_merges_into_the_base_model(tmp_path):
-    from sdlora.adapters.tools import merge_into_base
+    from sdlora.generate.merge import merge_into_base
 
     base, _ = _trained_like("lora.method=dora")
     inputs = _inputs(base)

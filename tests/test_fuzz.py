@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
-from sdlora.adapters.export import read_lora_file
+from sdlora.adapters.files import read_lora_file
 from sdlora.config import Config, DataConfig, load_config
 from sdlora.data.dataset import process_caption
 from sdlora.errors import ConfigError, LoraFileError

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdlora.adapters.export import file_hashes
+from sdlora.adapters.files import file_hashes
 from sdlora.errors import GenerationError, LoraFileError
 from sdlora.generate.pipeline import (
     GenerationParams,
@@ -197,7 +197,7 @@ def test_parse_a1111_parameters(text, expected):
 
 
 def test_sampler_names_survive_the_round_trip():
-    from sdlora.generate.pipeline import SAMPLERS
+    from sdlora.config import SAMPLERS
 
     for sampler in SAMPLERS:
         params = replace(PARAMS, sampler=sampler)

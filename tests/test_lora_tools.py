@@ -267,7 +267,7 @@ def test_read_lora_takes_peft_files_by_kohya_name(sd15, tmp_path):
 
 
 def test_lora_for_another_architecture_is_one_line(sd15_path, sd15, loras, tmp_path, capsys):
-    from sdlora.adapters.tools import merge_into_base
+    from sdlora.generate.merge import merge_into_base
 
     layers = random_layers(sd15, "attn", 2, 2.0, 7)
     xl = save_kohya_lora(layers, "sdxl", tmp_path / "xl.safetensors", arch_metadata("sdxl"), torch.float32)

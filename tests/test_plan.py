@@ -72,15 +72,17 @@ def test_8bit_state_is_counted_only_for_tensors_bitsandbytes_quantizes():
 
 
 def _injected(path, cfg):
-    from sdlora.adapters.lora import inject_lora
-    from sdlora.models.loading import component_names, load_base_model
+    from sdlora.adapters.methods import adapters_for
+    from sdlora.models.arch import component_names
+    from sdlora.models.loading import load_base_model
 
     base = load_base_model(str(path))
+    adapters = adapters_for(cfg.lora, total_steps=1)
     params = []
-    inject_lora(base.unet, "unet", cfg.lora)
+    adapters.inject(base.unet, "unet")
     params += list(base.unet.parameters())
     for name, encoder in zip(component_names(base.arch), base.text_encoders):
-        inject_lora(encoder, name, cfg.lora)
+        adapters.inject(encoder, name)
         params += list(encoder.parameters())
     return params
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora import bnb_import
-from sdlora.adapters.export import load_lora_layers, read_lora_file
+from sdlora.adapters.export import load_lora_layers
+from sdlora.adapters.files import read_lora_file
 from sdlora.adapters.lora import count_parameters, inject_lora, lora_layers, trainable_parameters
 from sdlora.config import load_config
 from sdlora.errors import ConfigError, ModelError

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from sdlora.atomic import save_safetensors
 from sdlora.errors import ModelError
 from sdlora.models import single_file as sf
+from sdlora.models.arch import component_names
 from sdlora.models.loading import BaseModel, detect_model, encode_prompt, load_base_model, tokenize
+from sdlora.models.meta import empty_model
 
 PROMPTS = ["zkstyle, a lighthouse on a cliff", ""]
 U = "model.diffusion_model."
@@ -167,11 +169,11 @@ def test_real_size_configs_match_the_original_layout(arch):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     configs = sf.shipped_configs(arch)
-    parts = {"unet": sf._empty(UNet2DConditionModel, **sf._public(configs["unet"])),
-             "vae": sf._empty(AutoencoderKL, **sf._public(configs["vae"])), "scheduler_config": configs["scheduler"],
-             "text_encoders": [sf._empty(CLIPTextModelWithProjection if c == "text_encoder_2" else CLIPTextModel,
-                                         CLIPTextConfig.from_dict(sf._public(configs[c])))
-                               for c, _, _ in sf.TEXT_ENCODERS[arch]]}
+    parts = {"unet": empty_model(UNet2DConditionModel, **sf._public(configs["unet"])),
+             "vae": empty_model(AutoencoderKL, **sf._public(configs["vae"])), "scheduler_config": configs["scheduler"],
+             "text_encoders": [empty_model(CLIPTextModelWithProjection if c == "text_encoder_2" else CLIPTextModel,
+                                           CLIPTextConfig.from_dict(sf._public(configs[c])))
+                               for c in component_names(arch)]}
     tensors, _ = sf.single_file_state_dict(parts, arch)
     counts = {"sd1": (686, 248, 196), "sd2": (686, 248, 23 * 12 + 4), "sdxl": (1680, 248, 196 + 389)}[arch]
     assert (sum(k.startswith(U) for k in tensors), sum(k.startswith(sf.VAE_PREFIX) for k in tensors),
@@ -187,7 +189,7 @@ def test_real_size_configs_match_the_original_layout(arch):
 
     sf._load_unet(under(U), configs["unet"], arch)
     sf._load_vae_state(sf._ldm_vae_to_diffusers(under(sf.VAE_PREFIX), configs["vae"]), configs["vae"], arch)
-    for component, prefix, layout in sf.TEXT_ENCODERS[arch]:
+    for component, (prefix, layout) in zip(component_names(arch), sf.TEXT_ENCODERS[arch]):
         sf._load_text_encoder(under(prefix), prefix, layout, configs[component], component == "text_encoder_2", arch)
 
 

@@ -21,7 +21,8 @@ from sdlora.data.dataset import scan_dataset
 from sdlora.errors import DatasetError, TrainingError
 from sdlora.models.loading import encode_prompt, load_base_model, tokenize
 from sdlora.train import checkpoint as ckpt
-from sdlora.train.recipe import compute_loss, train, with_precision
+from sdlora.train.loss import compute_loss
+from sdlora.train.recipe import train, with_precision
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over
@@ -286,8 +287,8 @@ def skip_path(request, monkeypatch):
     if request.param == "device":
         import sdlora.train.recipe as train_module
 
-        real = train_module._make_optimizer
-        monkeypatch.setattr(train_module, "_make_optimizer", lambda t, trained, fused: real(t, trained, fused=True))
+        real = train_module.make_optimizer
+        monkeypatch.setattr(train_module, "make_optimizer", lambda t, trained, fused: real(t, trained, fused=True))
     return request.param
 
 
@@ -407,7 +408,7 @@ def test_on_step_reports_every_step_with_the_logged_loss_and_can_stop(dataset, t
 
 
 def test_loraplus_param_groups_have_the_intended_learning_rates():
-    from sdlora.train.recipe import _make_optimizer
+    from sdlora.train.optimizer import make_optimizer
 
     base = load_base_model("tiny-sd15")
     cfg = load_config(None, ["lora.method=dora", "train.loraplus_lr_ratio=16.0", "train.unet_lr=1e-4",
@@ -415,7 +416,7 @@ def test_loraplus_param_groups_have_the_intended_learning_rates():
     trained = {"unet": base.unet, "text_encoder": base.text_encoders[0]}
     for name, model in trained.items():
         inject_lora(model, name, cfg.lora)
-    groups = {g["name"]: g for g in _make_optimizer(cfg.train, trained, fused=False).param_groups}
+    groups = {g["name"]: g for g in make_optimizer(cfg.train, trained, fused=False).param_groups}
     assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(
         {"unet": 1e-4, "unet_up": 16e-4, "text_encoder": 5e-5, "text_encoder_up": 80e-5})
     for name, model in trained.items():

@@ -8,7 +8,8 @@ from test_train import make_cfg
 from sdlora.data.dataset import scan_dataset
 from sdlora.errors import DatasetError
 from sdlora.models.loading import load_base_model
-from sdlora.train.recipe import compute_loss, train
+from sdlora.train.loss import compute_loss
+from sdlora.train.recipe import train
 from sdlora.train.validation import best, prepare_validation, split_records, validation_loss
 
 

@@ -5,15 +5,16 @@ and drops it. AdaLoRA's tuner (peft's AdaLoraModel) has to live as long as the r
 singular triplet from the gradients after each optimizer step and masks the least important ones
 (`update_and_allocate`), and it owns the orthogonality penalty, which peft adds only to a model output that has
 `.loss` (a UNet's output has none). `AdaLora` keeps the tuners of the trained components and gives the training
-loop those two hooks, the allocator's state for checkpoints and the final ranks for the report.
-`adalora_weights` reads a pruned module back as an ordinary LoRA of its own rank (`lora.lora_layers` uses it),
-so exports need no special case.
+loop those two hooks, the allocator's state for checkpoints and the final ranks for the report, behind the same
+interface as plain LoRA (`adapters.methods.Adapters`). `adalora_weights` reads a pruned module back as an
+ordinary LoRA of its own rank, so exports need no special case.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import peft.tuners.adalora as peft_adalora
@@ -34,12 +35,18 @@ _BLOCK = re.compile(r"(down_blocks\.\d+|mid_block|up_blocks\.\d+|layers\.\d+)")
 class AdaLora:
     """AdaLoRA on the trained components of one run of `total_steps` optimizer steps."""
 
+    needs_each_flag = True  # the allocator must not score the gradients of a skipped (NaN/Inf) step
+    extra_states = ("adalora",)  # the allocator's averages, saved in checkpoints under this name
+
     def __init__(self, cfg: LoraConfig, total_steps: int):
         self.cfg, self.total_steps = cfg, total_steps
         self.tuners: dict[str, AdaLoraModel] = {}
 
-    def inject(self, model: torch.nn.Module, component: str) -> list[str]:
+    def inject(self, model: torch.nn.Module, component: str, start: Mapping[str, LoraWeights] | None = None
+               ) -> list[str]:
         """Freeze `model` and add a trainable fp32 AdaLoRA adapter on the modules plain LoRA would adapt."""
+        if start:
+            raise ValueError("AdaLoRA learns its ranks from the start; it cannot start from a LoRA file")
         names = target_module_names(model, component, self.cfg.targets)
         if not names:
             raise ValueError(f"no LoRA target modules found in the {component} for targets={self.cfg.targets!r}")
@@ -80,7 +87,7 @@ class AdaLora:
                     terms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=gram.device)))
         return self.cfg.adalora_orth_reg * torch.stack(terms).mean()
 
-    def update(self, step: int, finite: bool) -> None:
+    def after_step(self, step: int, finite: bool) -> None:
         """peft's `update_and_allocate` after optimizer step `step` (counted from 1): importance scores from this
         step's gradients, then the budget's mask on the singular values. Call it before the gradients are zeroed."""
         for tuner in self.tuners.values():
@@ -92,15 +99,21 @@ class AdaLora:
                     param.grad = torch.zeros_like(param)
             tuner.update_and_allocate(step)
 
-    def state_dict(self) -> dict:
-        """The allocator's importance averages and the final rank pattern per component (for checkpoints)."""
-        return {name: {"ipt": t.rankallocator.ipt, "exp_avg_ipt": t.rankallocator.exp_avg_ipt,
-                       "exp_avg_unc": t.rankallocator.exp_avg_unc, "rank_pattern": t.peft_config[ADAPTER].rank_pattern}
-                for name, t in self.tuners.items()}
+    def layers(self, component: str, model: torch.nn.Module) -> dict[str, LoraWeights]:
+        """The modules AdaLoRA kept (rank > 0) of `model`, each as an ordinary LoRA of its own rank."""
+        kept = {name: adalora_weights(layer) for name, layer in _layers(model).items()}
+        return {name: weights for name, weights in kept.items() if weights.rank}
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """{"adalora": the allocator's importance averages and the rank pattern per component} (for checkpoints)."""
+        return {"adalora": {
+            name: {"ipt": t.rankallocator.ipt, "exp_avg_ipt": t.rankallocator.exp_avg_ipt,
+                   "exp_avg_unc": t.rankallocator.exp_avg_unc, "rank_pattern": t.peft_config[ADAPTER].rank_pattern}
+            for name, t in self.tuners.items()}}
+
+    def load_state_dict(self, states: dict) -> None:
         for name, tuner in self.tuners.items():
-            saved, allocator = state[name], tuner.rankallocator
+            saved, allocator = states["adalora"][name], tuner.rankallocator
             device = next(iter(trainable_parameters(tuner.model).values())).device
             for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
                 setattr(allocator, key, {n: v.to(device) for n, v in saved[key].items()})

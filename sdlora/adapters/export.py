@@ -1,10 +1,10 @@
 """Export LoRA weights to the community (kohya) format and the diffusers/peft format, and import them back.
 
 Key mapping (`to_kohya_state_dict`, `from_kohya_state_dict`) and metadata (`build_metadata`) are pure functions;
-`save_kohya_lora` / `save_peft_lora` are thin writers on top. The format itself is described in
-shared/reference/community-format.md; every rename rule below names the loader that expects it.
-Reading, hashing, architecture detection and inspection of existing files live in `lora_files.py` and are
-re-exported here, so `sdlora.adapters.export` is the one import for everything LoRA-file related.
+`save_kohya_lora` / `save_peft_lora` are thin writers on top. The community format is what kohya's sd-scripts
+(networks/lora.py) writes and ComfyUI (comfy/lora.py), A1111 (extensions-builtin/Lora) and diffusers
+(loaders/lora_conversion_utils.py) read; every rename rule below names the loader that expects it. Reading,
+hashing, architecture detection and inspection of existing files are `adapters.files`.
 """
 
 from __future__ import annotations
@@ -14,21 +14,15 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
 
 from sdlora.adapters.files import (
-    KOHYA_PREFIXES,
     bytes_hashes,
-    detect_arch,
-    file_hashes,
-    group_lora_keys,
-    inspect_lora,
     read_lora_file,
-    refuse_other_networks,
     split_lora_key,
     unsupported_network_type,
 )
@@ -36,22 +30,17 @@ from sdlora.adapters.lora import LoraWeights, effective_scale
 from sdlora.atomic import save_safetensors
 from sdlora.config import Config
 from sdlora.errors import LoraFileError
-
-__all__ = [
-    "ARCHS", "COMPONENTS", "EXPORT_DTYPES", "KOHYA_PREFIXES", "SDXL_BASE_LAYOUT", "LoraFileError", "UnetLayout",
-    "arch_metadata", "build_metadata", "detect_arch", "file_hashes", "from_kohya_state_dict", "group_lora_keys",
-    "inspect_lora", "kohya_module_name", "kohya_module_tensors", "load_lora_layers", "lora_weights_from_tensors",
-    "match_lora_keys", "read_lora_file", "refuse_other_networks", "save_kohya_lora", "save_kohya_state_dict",
-    "save_peft_lora", "split_lora_key", "stray_message", "text_encoder_path", "to_kohya_state_dict",
-    "to_peft_state_dict", "unet_layout_from_config", "unet_layout_from_names", "unet_path_to_ldm",
-    "unsupported_network_type",
-]
+from sdlora.models.arch import ARCHS, modelspec_architecture
+from sdlora.models.ldm_names import (
+    SDXL_BASE_LAYOUT,
+    UnetLayout,
+    unet_layout_from_config,
+    unet_layout_from_names,
+    unet_path_to_ldm,
+)
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("sd1", "sd2", "sdxl")
-# Tensor dtypes of written LoRA files: `export.dtype` and the tools' --dtype.
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights(dir) looks for
 
@@ -66,139 +55,6 @@ PEFT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers
 _UNET_PREFIX = "lora_unet_"
 _TE_PREFIX = {("sd1", "text_encoder"): "lora_te_", ("sd2", "text_encoder"): "lora_te_",
               ("sdxl", "text_encoder"): "lora_te1_", ("sdxl", "text_encoder_2"): "lora_te2_"}
-
-# diffusers ResnetBlock2D child -> LDM ResBlock child. Same table as ComfyUI's UNET_MAP_RESNET (comfy/utils.py),
-# A1111's suffix_conversion (extensions-builtin/Lora/networks.py) and kohya's sdxl_original_unet.ResnetBlock2D
-# (in_layers = GroupNorm, SiLU, Conv; emb_layers = SiLU, Linear; out_layers = GroupNorm, SiLU, Dropout, Conv).
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-# Modules outside the blocks (ComfyUI's UNET_MAP_BASIC; diffusers' _convert_unet_lora_key maps them back).
-_TOP_LEVEL_TO_LDM = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_BLOCK_RE = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?")
-_MID_RE = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.+))?")
-
-
-@dataclass(frozen=True)
-class UnetLayout:
-    """What the LDM block numbering depends on: resnets per down/up block and which up blocks have attentions.
-
-    LDM numbers every layer of a level in one flat list (input_blocks / output_blocks), so index = layers of all
-    earlier levels + position; with layers_per_block=2 that is 3 slots per level (2 layers + down/upsampler).
-    """
-
-    down_layers: tuple[int, ...]  # resnets per down block (layers_per_block)
-    up_layers: tuple[int, ...]  # resnets per up block (layers_per_block + 1, reversed)
-    up_attention: tuple[bool, ...]  # True: the upsampler sits in slot 2 (after resnet + attention), else slot 1
-
-
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: layers_per_block 2, up blocks CrossAttn, CrossAttn,
-# UpBlock2D. Used when no UNet config is given; every SDXL fine-tune shares it (the tiny model too).
-SDXL_BASE_LAYOUT = UnetLayout(down_layers=(2, 2, 2), up_layers=(3, 3, 3), up_attention=(True, True, False))
-
-
-def unet_layout_from_config(config: Mapping[str, Any]) -> UnetLayout:
-    """The LDM layout of a diffusers UNet2DConditionModel config (`unet.config`)."""
-    n_blocks = len(config["down_block_types"])
-    per_block = config["layers_per_block"]
-    down = tuple(per_block) if isinstance(per_block, (list, tuple)) else (per_block,) * n_blocks
-    # diffusers builds up block i with reversed(layers_per_block)[i] + 1 resnets.
-    up = tuple(n + 1 for n in reversed(down))
-    up_attention = tuple("CrossAttn" in block_type for block_type in config["up_block_types"])
-    return UnetLayout(down, up, up_attention)
-
-
-def unet_layout_from_names(names: Iterable[str]) -> UnetLayout | None:
-    """The LDM layout read off a UNet's module names (all of `named_modules()`), or None if names are missing."""
-    counts: dict[tuple[str, int, str], int] = {}
-    for name in names:
-        m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)(?:\.|$)", name)
-        if m:
-            key = (m[1], int(m[2]), m[3])
-            counts[key] = max(counts.get(key, 0), int(m[4]) + 1)
-    blocks = {(side, b) for side, b, _ in counts}
-    n_down = 1 + max((b for side, b in blocks if side == "down"), default=-1)
-    n_up = 1 + max((b for side, b in blocks if side == "up"), default=-1)
-    if n_down == 0 or n_down != n_up or len(blocks) != n_down + n_up:
-        return None
-
-    def layers(side: str, b: int) -> int:
-        return counts.get((side, b, "resnets"), counts.get((side, b, "attentions"), 0))
-
-    return UnetLayout(
-        down_layers=tuple(layers("down", b) for b in range(n_down)),
-        up_layers=tuple(layers("up", b) for b in range(n_up)),
-        up_attention=tuple(("up", b, "attentions") in counts for b in range(n_up)),
-    )
-
-
-def unet_path_to_ldm(path: str, layout: UnetLayout) -> str:
-    """diffusers UNet module path -> the original LDM/SGM path (what kohya's SDXL UNet and A1111 call it).
-
-    e.g. down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in,
-    up_blocks.0.upsamplers.0.conv -> output_blocks.2.2.conv, mid_block.resnets.1.conv2 -> middle_block.2.out_layers.3
-
-    Raises:
-        ValueError: the module has no LDM counterpart (e.g. a SiLU or a peft sub-layer).
-    """
-    if path in _TOP_LEVEL_TO_LDM:
-        return _TOP_LEVEL_TO_LDM[path]
-    m = _MID_RE.fullmatch(path)
-    if m:
-        kind, i, rest = m[1], int(m[2]), m[3]
-        # middle_block = [ResBlock, SpatialTransformer, ResBlock]
-        index = 2 * i if kind == "resnets" else 2 * i + 1
-        return _join(f"middle_block.{index}", _resnet_child(rest) if kind == "resnets" else rest)
-    m = _BLOCK_RE.fullmatch(path)
-    if not m:
-        raise ValueError(f"UNet module {path!r} has no LDM name")
-    side, b, kind, i, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-    if side == "down":
-        # input_blocks.0 is conv_in; each level then has its layers followed by one downsampler slot.
-        start = 1 + sum(n + 1 for n in layout.down_layers[:b])
-        if kind == "downsamplers":
-            if rest not in (None, "conv"):
-                raise ValueError(f"UNet module {path!r} has no LDM name")
-            return _join(f"input_blocks.{start + layout.down_layers[b]}.0", "op" if rest else None)
-        slot = 0 if kind == "resnets" else 1
-        return _join(f"input_blocks.{start + i}.{slot}", _resnet_child(rest) if kind == "resnets" else rest)
-    start = sum(layout.up_layers[:b])
-    if kind == "upsamplers":
-        # The upsampler follows the last layer's resnet (slot 0) and, in cross-attention blocks, its attention
-        # (slot 1): ComfyUI's unet_to_diffusers counter `c`; A1111 hardcodes SD1's "2 if m[0]>0 else 1".
-        if rest not in (None, "conv"):
-            raise ValueError(f"UNet module {path!r} has no LDM name")
-        slot = 2 if layout.up_attention[b] else 1
-        return _join(f"output_blocks.{start + layout.up_layers[b] - 1}.{slot}", rest)
-    slot = 0 if kind == "resnets" else 1
-    return _join(f"output_blocks.{start + i}.{slot}", _resnet_child(rest) if kind == "resnets" else rest)
-
-
-def _resnet_child(rest: str | None) -> str | None:
-    if rest is None:
-        return None
-    head, _, tail = rest.partition(".")
-    if head not in _RESNET_TO_LDM:
-        raise ValueError(f"resnet child {rest!r} has no LDM name")
-    return _join(_RESNET_TO_LDM[head], tail or None)
-
-
-def _join(base: str, rest: str | None) -> str:
-    return f"{base}.{rest}" if rest else base
-
 
 def text_encoder_path(path: str) -> str:
     """Text-encoder module path with the `text_model.` level, whatever transformers version made it.
@@ -486,10 +342,27 @@ _OPTIMIZER_NAMES = {
     "prodigy": "prodigyopt.prodigy.Prodigy",
     "adafactor": "transformers.optimization.Adafactor",
 }
-_REQUIRED_INFO = ("steps", "epoch", "num_train_images", "training_started_at", "training_finished_at")
 
 
-def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str, str]:
+@dataclass(frozen=True)
+class RunInfo:
+    """What a LoRA file's metadata records about the run that trained it, beside the config."""
+
+    steps: int
+    epoch: int
+    num_train_images: int  # with repeats
+    training_started_at: float  # unix time
+    training_finished_at: float  # unix time
+    tag_frequency: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # {dataset folder: {tag: images}}
+    dataset_dirs: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # {folder: n_repeats, img_count}
+    sd_model_name: str = ""  # the base model; only its file name is written
+    prediction_type: str = ""  # "epsilon" | "v_prediction" as resolved from the scheduler; "" = the config's
+    clip_skip: int | None = None
+    date: str = ""  # ISO 8601; "" = training_finished_at
+    extra: Mapping[str, str] = field(default_factory=dict)  # added as is; may not replace a computed key
+
+
+def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
     """The safetensors `__metadata__` of a kohya-format LoRA: kohya `ss_*` keys and Stability's `modelspec.*`.
 
     Pure: no file access, no clock. Paths are reduced to their last component so no absolute path leaks into a
@@ -498,26 +371,18 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
     Args:
         cfg: the training config.
         arch: "sd1", "sd2" or "sdxl".
-        info: run facts: steps, epoch, num_train_images, training_started_at, training_finished_at (unix times);
-            optional tag_frequency ({dataset: {tag: count}}), dataset_dirs ({dir: {"n_repeats", "img_count"}}),
-            sd_model_name (the base model; only its file name is kept), prediction_type ("epsilon" |
-            "v_prediction", as resolved from the scheduler), clip_skip, date (ISO; default from
-            training_finished_at), extra ({key: str} added as-is; may not replace a computed key).
+        info: the run's facts.
 
     Returns:
         {key: str}; dict values are JSON strings.
 
     Raises:
-        ValueError: unknown arch, missing info keys, or an `extra` key that collides, is not a str or is an
-            absolute path.
+        ValueError: unknown arch, or an `extra` key that collides, is not a str or is an absolute path.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    missing = [key for key in _REQUIRED_INFO if key not in info]
-    if missing:
-        raise ValueError(f"build_metadata: info is missing {', '.join(missing)}")
     lo, t, d, ex = cfg.lora, cfg.train, cfg.data, cfg.export
-    prediction = info.get("prediction_type") or cfg.model.prediction_type or "epsilon"
+    prediction = info.prediction_type or cfg.model.prediction_type or "epsilon"
     v_pred = prediction in ("v_prediction", "v")
     rank = lo.rank
     alpha = effective_scale(lo) * rank  # what the file's .alpha tensors hold (rsLoRA folded in, see lora_layers)
@@ -529,21 +394,21 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
     if lo.init == "pissa":  # exported as the delta against the original base: twice the rank, see lora.pissa_as_lora
         rank, alpha = 2 * rank, 2 * alpha
     if t.loraplus_lr_ratio:
-        network_args["loraplus_lr_ratio"] = _num(t.loraplus_lr_ratio)  # the key kohya's LoRA+ argument uses
-    dim, dim_alpha = str(rank), _num(alpha)
+        network_args["loraplus_lr_ratio"] = metadata_number(t.loraplus_lr_ratio)  # kohya's LoRA+ argument
+    dim, dim_alpha = str(rank), metadata_number(alpha)
     if lo.method == "adalora":
         # Every module has the rank AdaLoRA left it and its own alpha: "Dynamic", as kohya's resize_lora.py writes.
         dim = dim_alpha = "Dynamic"
         init_rank, warmup, final = lo.adalora_schedule(t.max_train_steps)
         network_args.update(algo="adalora", target_rank=str(rank), init_rank=str(init_rank), warmup_steps=str(warmup),
                             final_steps=str(final), update_every=str(lo.adalora_update_every),
-                            orth_reg=_num(lo.adalora_orth_reg))
+                            orth_reg=metadata_number(lo.adalora_orth_reg))
     if lo.targets == "all":
         # kohya's LoCon arguments: the ResNet/sampler convs are trained with this rank/alpha.
         network_args.update(conv_dim=dim, conv_alpha=dim_alpha)
 
-    date = info.get("date") or datetime.datetime.fromtimestamp(
-        float(info["training_finished_at"]), tz=datetime.timezone.utc
+    date = info.date or datetime.datetime.fromtimestamp(
+        float(info.training_finished_at), tz=datetime.timezone.utc
     ).isoformat(timespec="seconds")
 
     meta = {
@@ -551,7 +416,7 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
         "ss_network_dim": dim,
         "ss_network_alpha": dim_alpha,
         "ss_network_args": json.dumps(network_args),
-        "ss_sd_model_name": _basename(str(info.get("sd_model_name") or cfg.model.base_model)),
+        "ss_sd_model_name": _basename(str(info.sd_model_name or cfg.model.base_model)),
         "ss_resolution": f"({d.resolution}, {d.resolution})",  # kohya writes the tuple's repr
         "ss_learning_rate": str(t.learning_rate),
         "ss_unet_lr": str(t.unet_lr if t.unet_lr is not None else t.learning_rate) if lo.train_unet else "0",
@@ -563,26 +428,26 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
         "ss_lr_scheduler": t.lr_scheduler,
         "ss_lr_warmup_steps": str(t.lr_warmup_steps),
         "ss_max_train_steps": str(t.max_train_steps),
-        "ss_steps": str(info["steps"]),
-        "ss_epoch": str(info["epoch"]),
-        "ss_num_train_images": str(info["num_train_images"]),
+        "ss_steps": str(info.steps),
+        "ss_epoch": str(info.epoch),
+        "ss_num_train_images": str(info.num_train_images),
         "ss_batch_size_per_device": str(t.batch_size),
         "ss_gradient_accumulation_steps": str(t.gradient_accumulation_steps),
         "ss_mixed_precision": t.mixed_precision,
         "ss_seed": str(t.seed),
-        "ss_training_started_at": str(info["training_started_at"]),
-        "ss_training_finished_at": str(info["training_finished_at"]),
+        "ss_training_started_at": str(info.training_started_at),
+        "ss_training_finished_at": str(info.training_finished_at),
         "ss_output_name": t.output_name,
         "ss_tag_frequency": json.dumps(
-            {_basename(str(k)): dict(v) for k, v in (info.get("tag_frequency") or {}).items()}
+            {_basename(str(k)): dict(v) for k, v in info.tag_frequency.items()}
         ),
         "ss_dataset_dirs": json.dumps(
-            {_basename(str(k)): dict(v) for k, v in (info.get("dataset_dirs") or {}).items()}
+            {_basename(str(k)): dict(v) for k, v in info.dataset_dirs.items()}
         ),
         "ss_noise_offset": str(t.noise_offset),
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_zero_terminal_snr": str(t.zero_terminal_snr),
-        "ss_clip_skip": str(info.get("clip_skip")),  # "None" when unset, as kohya writes it
+        "ss_clip_skip": str(info.clip_skip),  # "None" when unset, as kohya writes it
         "ss_caption_dropout_rate": str(d.caption_dropout),
         "ss_caption_tag_dropout_rate": str(d.tag_dropout),
         "ss_keep_tokens": str(d.keep_tokens),
@@ -598,9 +463,9 @@ def build_metadata(cfg: Config, arch: str, info: Mapping[str, Any]) -> dict[str,
     for key, value in (("description", ex.description), ("author", ex.author), ("trigger_phrase", ex.trigger_phrase)):
         if value:
             meta[f"modelspec.{key}"] = value
-    if info.get("clip_skip") is not None:
-        meta["modelspec.encoder_layer"] = str(info["clip_skip"])
-    for key, value in (info.get("extra") or {}).items():
+    if info.clip_skip is not None:
+        meta["modelspec.encoder_layer"] = str(info.clip_skip)
+    for key, value in info.extra.items():
         if key in meta:
             raise ValueError(f"build_metadata: extra key {key!r} would replace a computed value")
         if not isinstance(value, str):
@@ -619,22 +484,20 @@ def arch_metadata(arch: str, v_pred: bool = False) -> dict[str, str]:
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    # modelspec.architecture as kohya's sai_model_spec.py writes it; ss_base_model_version as the reference format
-    # gives it (A1111 only checks its "sdxl_" prefix, and ss_v2 == "True" for SD2).
+    # ss_base_model_version as kohya writes it (A1111 only checks its "sdxl_" prefix, and ss_v2 == "True" for SD2).
     if arch == "sdxl":
-        architecture, base_version = "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"
+        base_version = "sdxl_base_v1-0"
     elif arch == "sd2":
-        architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
         base_version = "sd_v2_768_v" if v_pred else "sd_v2"
     else:
-        architecture, base_version = "stable-diffusion-v1", "sd_v1"
+        base_version = "sd_v1"
     return {
         "ss_base_model_version": base_version,
         "ss_v2": str(arch == "sd2"),  # A1111 compares with "True"
         # Stability's ModelSpec 1.0.1, with kohya's values (sai_model_spec.py): SDXL LoRAs name the SGM
         # implementation, SD1.x/2.x LoRAs "diffusers"; prediction type "epsilon" or "v".
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.architecture": f"{modelspec_architecture(arch, v_pred)}/lora",
         "modelspec.implementation": (
             "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers"
         ),
@@ -642,7 +505,8 @@ def arch_metadata(arch: str, v_pred: bool = False) -> dict[str, str]:
     }
 
 
-def _num(x: float) -> str:
+def metadata_number(x: float) -> str:
+    """A number as kohya's metadata spells it: "16" for a whole number, else Python's shortest exact form."""
     return str(int(x)) if float(x).is_integer() else str(x)
 
 

@@ -1,4 +1,5 @@
-"""LoRA on the UNet and text encoders through peft: which modules, injection, and reading the weights back.
+"""LoRA, DoRA and PiSSA on the UNet and text encoders through peft: which modules, injection, and reading the
+weights back; `LoraAdapters` is these methods behind the dispatcher (`adapters.methods`).
 
 peft creates, initialises and runs the layers; this module only picks target modules (a small per-component
 table) and exposes each adapted module as (down, up, alpha) for export and resume.
@@ -85,11 +86,8 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
     Raises:
         LoraFileError: a module of `start` does not fit the model's.
     """
-    if cfg.method == "adalora":
-        from sdlora.adapters.adalora import AdaLora  # adalora.py imports this module
-        # The layers only (e.g. for memory planning): training injects through its own adalora.AdaLora, which
-        # keeps the rank allocator and knows the run's length.
-        return AdaLora(cfg, total_steps=1).inject(model, component)
+    if cfg.method not in ("lora", "dora"):
+        raise ValueError(f"inject_lora: lora.method {cfg.method!r} goes through adapters.methods.adapters_for")
     start = dict(start or {})
     names = target_module_names(model, component, cfg.targets)
     names += [name for name in start if name not in names]
@@ -124,17 +122,15 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraWeights]:
     """Every LoRA-adapted module of `model` as {module name: LoraWeights} (fp32 copies, detached).
 
     The exported alpha is scaling * rank, so rsLoRA (scaling = alpha / sqrt(r)) exports as an ordinary LoRA.
-    AdaLoRA modules come out at the rank each kept; those pruned to rank 0 change nothing and are left out.
-    """
-    from sdlora.adapters.adalora import adalora_weights  # adalora.py imports this module
 
+    Raises:
+        ValueError: `model` has AdaLoRA layers, whose factors are read by `adalora.AdaLora.layers`.
+    """
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, AdaLoraLayer) and ADAPTER in module.lora_A:
-            weights = adalora_weights(module)
-            if weights.rank:
-                layers[name] = weights
-        elif isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+        if isinstance(module, AdaLoraLayer):
+            raise ValueError(f"{name}: an AdaLoRA layer; read it with the run's AdaLora.layers")
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             down = module.lora_A[ADAPTER].weight.detach().float().clone()
             up = module.lora_B[ADAPTER].weight.detach().float().clone()
             magnitude = module.lora_magnitude_vector[ADAPTER].weight if ADAPTER in module.lora_magnitude_vector else None
@@ -190,6 +186,44 @@ def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> N
             if has_magnitude:
                 m = module.lora_magnitude_vector[ADAPTER].weight
                 m.copy_(weights.magnitude.reshape(m.shape))
+
+
+class LoraAdapters:
+    """LoRA, DoRA or PiSSA on the trained components of one run (see `adapters.methods.Adapters`): peft's layers,
+    nothing to do between steps, and for PiSSA the initial factors the export needs."""
+
+    needs_each_flag = False
+    extra_states: tuple[str, ...] = ()
+
+    def __init__(self, cfg: LoraConfig, total_steps: int):
+        self.cfg = cfg
+        self.pissa_start: dict[str, dict[str, LoraWeights]] = {}  # component -> PiSSA's initial factors
+
+    def inject(self, model: torch.nn.Module, component: str,
+               start: Mapping[str, LoraWeights] | None = None) -> list[str]:
+        names = inject_lora(model, component, self.cfg, start)
+        if self.cfg.init == "pissa":
+            self.pissa_start[component] = lora_layers(model)
+        return names
+
+    def layers(self, component: str, model: torch.nn.Module) -> dict[str, LoraWeights]:
+        layers = lora_layers(model)
+        return pissa_as_lora(layers, self.pissa_start[component]) if component in self.pissa_start else layers
+
+    def penalty(self) -> float:
+        return 0.0
+
+    def after_step(self, step: int, finite: bool) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def report(self, out) -> str:
+        return ""
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

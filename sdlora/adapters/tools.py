@@ -1,16 +1,14 @@
-"""LoRA tools: merge LoRAs into a base model, merge several LoRAs into one, resize a LoRA, extract a LoRA from two
-checkpoints.
+"""LoRA tools on files alone: merge several LoRAs into one, resize a LoRA, extract a LoRA from two checkpoints.
 
-Merging into a base model is diffusers' own `fuse_lora` on a pipeline that holds the LoRAs as `generate.LoraCache`
-loads them for rendering, so the merged model renders what the pipeline renders with the LoRAs switched on.
-The other three tools work on the LoRA factors themselves: peft and diffusers merge adapters into base weights
-but have no API that turns a weighted sum of adapters, or a weight difference, back into a low-rank adapter.
-That part is a few lines of torch.linalg (QR and SVD), documented where it happens.
+Merging and resizing work on the factors in the files and never load a base model. peft can combine adapters too
+(`add_weighted_adapter`, with combination_type="svd" for a low-rank result), but only adapters injected into a
+loaded base model, which for SDXL means reading gigabytes to change a file of megabytes, and only at one rank for
+every module; here it is a few lines of torch.linalg (QR and SVD), documented where it happens, per module.
+Extraction reads the two models and keeps the SVD of their difference on the modules training adapts.
 
-Files are read with `lora_files.read_lora_file` and written in the kohya format (`lora_unet_…`, `lora_te_…`) with
+Files are read with `files.read_lora_file` and written in the kohya format (`lora_unet_…`, `lora_te_…`) with
 `export.save_kohya_state_dict` / `save_kohya_lora`, so the results load where the trainer's own files load.
 """
-
 from __future__ import annotations
 
 import datetime
@@ -28,29 +26,32 @@ from tqdm.auto import tqdm
 
 from sdlora.adapters.export import (
     COMPONENTS,
-    KOHYA_PREFIXES,
     arch_metadata,
-    detect_arch,
-    file_hashes,
-    group_lora_keys,
     kohya_module_name,
     kohya_module_tensors,
     lora_weights_from_tensors,
-    read_lora_file,
+    metadata_number,
     save_kohya_lora,
     save_kohya_state_dict,
+)
+from sdlora.adapters.files import (
+    KOHYA_PREFIXES,
+    detect_arch,
+    file_hashes,
+    group_lora_keys,
+    read_lora_file,
     unsupported_network_type,
 )
 from sdlora.adapters.lora import LoraWeights, target_module_names
 from sdlora.errors import LoraFileError, ModelError
-from sdlora.models.loading import PICKLE_SUFFIXES, BaseModel, component_names
-from sdlora.models.single_file import ARCH_NAMES
+from sdlora.models.arch import ARCH_NAMES, component_names
+from sdlora.models.loading import BaseModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoraFile", "ModuleError", "ToolReport", "choose_rank", "extract_lora", "extract_lora_file",
-    "factor_svd", "factors_2d", "merge_into_base", "merge_lora_files", "merge_loras", "read_lora", "require_arch",
+    "factor_svd", "factors_2d", "merge_lora_files", "merge_loras", "read_lora", "require_arch",
     "resize_lora", "resize_lora_file", "save_lora_modules",
 ]
 
@@ -442,16 +443,12 @@ def _lora_metadata(modules: Mapping[str, LoraWeights], arch: str, v_pred: bool, 
         "ss_network_module": "networks.lora",
         # kohya's resize_lora.py writes "Dynamic" when modules have different ranks.
         "ss_network_dim": str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": _num(next(iter(alphas))) if len(alphas) == 1 else "Dynamic",
+        "ss_network_alpha": metadata_number(next(iter(alphas))) if len(alphas) == 1 else "Dynamic",
         **arch_metadata(arch, v_pred),
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -550,84 +547,3 @@ def extract_lora_file(base_model: str, tuned_model: str, out: str | Path, rank: 
     })
     save_kohya_lora(layers, base.arch, out, metadata, dtype, unet_config=base.unet.config)
     return report
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Merge LoRAs into the base model
-# --------------------------------------------------------------------------------------------------------------
-
-def merge_into_base(base_model: str, loras: Sequence[tuple[str | Path, float]], out: str | Path,
-                    dtype: torch.dtype = torch.float16, strict: bool = False) -> Path:
-    """Write the base model with LoRAs fused into its weights: W + sum_i weight_i * (alpha_i / r_i) * up_i @ down_i.
-
-    The LoRAs are loaded into a diffusers pipeline exactly as `sdlora generate` loads them (`LoraCache`), then
-    diffusers' `fuse_lora` merges them (peft's merge) and `unload_lora_weights` drops the adapter layers.
-
-    Args:
-        base_model: tiny model name, diffusers folder or single-file checkpoint.
-        loras: (LoRA file, weight) pairs; weight 0 leaves a file out.
-        out: a folder (diffusers layout) or a `.safetensors` file (single-file A1111/ComfyUI layout).
-        dtype: dtype of the written weights (the merge itself runs in fp32).
-        strict: refuse a LoRA with modules that match nothing in the base model; otherwise they are left out and
-            a warning is logged.
-
-    Returns:
-        The path written (atomically: a crash leaves no half-written model).
-
-    Raises:
-        LoraFileError: an unreadable LoRA, or one for another architecture (one line naming both), or with
-            `strict` one that would load only in part.
-        ModelError: bad base model or output name.
-    """
-    from sdlora.atomic import atomic_dir
-    from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
-    from sdlora.models.loading import detect_model
-    from sdlora.models.single_file import save_single_file
-
-    out = Path(out)
-    if out.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"{out}: pickle files are not written; give a folder or a .safetensors file")
-    arch = detect_model(base_model)
-    for path, _ in loras:  # before loading the model: a wrong file should fail in a second, not after the load
-        tensors, metadata = read_lora_file(path)
-        try:
-            lora_arch = detect_arch(tensors, metadata)
-        except LoraFileError:  # nothing tells the architecture: LoraCache lets diffusers match the keys
-            continue
-        require_arch(path, lora_arch, arch, f"the base model {base_model}")
-    totals: dict[Path, float] = {}
-    for path, weight in loras:  # a file listed twice counts once, with its weights added (as LoraCache does)
-        totals[Path(path).resolve()] = totals.get(Path(path).resolve(), 0.0) + float(weight)
-    # Weight 0 must not reach LoraCache: it would disable the adapters, and fuse_lora merges disabled ones too.
-    specs = [LoraSpec(path, weight) for path, weight in totals.items() if weight != 0]
-    pipe = load_pipeline(base_model)  # CPU, fp32
-    cache = LoraCache(pipe, strict)
-    for spec in tqdm(specs, desc="loading LoRAs", unit="file"):
-        cache.load(spec.path)
-    for note in cache.notes.values():
-        logger.warning(note)
-    if specs:
-        cache.activate(specs)
-        pipe.fuse_lora(components=list(pipe.get_list_adapters()), lora_scale=1.0)
-        pipe.unload_lora_weights()
-    record = json.dumps([{"file": spec.path.name, "weight": spec.unet_weight,
-                          "sshs_model_hash": cache.model_hash(spec.path)} for spec in specs])
-    if out.suffix.lower() == ".safetensors":
-        model = {"unet": pipe.unet, "vae": pipe.vae, "scheduler_config": pipe.sdlora_scheduler_config, "arch": arch,
-                 "text_encoders": [getattr(pipe, c) for c in component_names(arch)]}
-        return save_single_file(model, out, metadata={"sdlora_merged_loras": record}, dtype=dtype)
-    pipe.scheduler = _base_scheduler(pipe)
-    pipe.to(dtype=dtype)
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "sdlora_merged_loras.json").write_text(record + "\n")
-    return out
-
-
-def _base_scheduler(pipe):
-    """The base model's own scheduler (load_pipeline swaps in the sampler's), so the folder keeps its config."""
-    import diffusers
-
-    config = dict(pipe.sdlora_scheduler_config)
-    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
-    return cls.from_config(config) if isinstance(cls, type) else pipe.scheduler

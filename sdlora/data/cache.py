@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from sdlora.atomic import save_safetensors
-from sdlora.data.dataset import ImageRecord, load_image
+from sdlora.config import DataConfig
+from sdlora.data.dataset import ImageRecord, load_image, process_caption, sample_rng
+from sdlora.models.loading import BaseModel, encode_prompt, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +96,20 @@ def _read_entry(file: Path) -> dict | None:
         "mask": tensors.get("mask"),
         **{key: tuple(tensors[key].tolist()) for key in ("original_size", "crop_top_left", "target_size")},
     }
+
+
+@torch.no_grad()
+def build_text_cache(base: BaseModel, records: list[ImageRecord], cfg: DataConfig) -> dict[str, tuple]:
+    """{caption: (states, pooled)} for every distinct caption; only valid when captions never change."""
+    cache = {}
+    for caption in sorted({process_caption(r.caption, cfg, sample_rng(0, 0, 0)) for r in records}):
+        states, pooled = encode_prompt(base.arch, base.text_encoders, tokenize(base.tokenizers, [caption]))
+        cache[caption] = (states[0], None if pooled is None else pooled[0])
+    return cache
+
+
+def from_text_cache(cache: dict, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(states, pooled) of a batch's captions from `build_text_cache`'s cache, on `device`."""
+    states = torch.stack([cache[c][0] for c in captions]).to(device)
+    pooled = None if cache[captions[0]][1] is None else torch.stack([cache[c][1] for c in captions]).to(device)
+    return states, pooled

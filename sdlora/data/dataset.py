@@ -12,9 +12,11 @@ import logging
 import math
 import random
 import re
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -29,6 +31,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEAT_FOLDER = re.compile(r"(\d+)_(.+)")
 _MASK_SUFFIX = "_mask"
 _WHITE = (255, 255, 255, 255)
+# Image formats people put in training folders that training does not read, with a hint.
+_UNSUPPORTED = {
+    ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF",
+    ".jxl": "JPEG XL", ".jp2": "JPEG 2000", ".j2k": "JPEG 2000", ".psd": "Photoshop", ".svg": "SVG",
+    ".ico": "ICO", ".tga": "TGA", ".exr": "EXR", ".dng": "camera raw", ".cr2": "camera raw",
+    ".nef": "camera raw", ".arw": "camera raw", ".jfif": "JPEG", ".jpe": "JPEG",
+}
 
 
 
@@ -48,43 +57,100 @@ class ImageRecord:
 # --- discovery -------------------------------------------------------------------------------------------------
 
 
-def scan_dataset(cfg: DataConfig, base_dir: Path | None = None) -> list[ImageRecord]:
-    """Find every training image in `cfg.dirs` with its caption, repeats, size, bucket and mask.
+Severity = Literal["error", "warning", "info"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem or notable fact about a dataset. `path` is the file (or folder) it is about; None for the whole
+    dataset, whose message then names what it is about."""
+
+    severity: Severity
+    check: str  # short id: "unreadable", "duplicate", "caption-long", ... (see `doctor.diagnose`)
+    path: Path | None
+    message: str  # one line, without the path; says what happens in training and what to do
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path is not None else self.message
+
+
+@dataclass
+class Scan:
+    """What one walk over `data.dirs` found: the records training reads, and findings about everything else."""
+
+    records: list[ImageRecord]
+    findings: list[Finding]
+    folders: dict[Path, list[Path]]  # each folder read -> its training images, usable or not
+
+
+def scan(cfg: DataConfig, base_dir: Path | None = None) -> Scan:
+    """Read every folder of `cfg.dirs` as training reads it, once: a record for each usable image with its caption,
+    repeats, size, bucket and mask, and a finding for what stops training, is skipped or is left out.
 
     Each folder is read non-recursively, except that a folder holding kohya repeat folders (`10_mystyle/`) is read
     through those. Captions come from the first sidecar in `cfg.caption_extensions`, else `metadata.jsonl`, else a
     repeat folder's class text, else "". Only the first non-empty line of a caption file is used (as kohya does).
+
+    Findings (check, severity): dataset (error): a missing folder, a malformed metadata.jsonl, no usable image at
+    all; unreadable, caption-encoding (error; warning with `cfg.skip_bad_images`, the image is then skipped): an
+    image that cannot be read, a caption that is not UTF-8; unsupported (warning): .gif/.tiff/.heic/... files,
+    which training does not read; ignored (warning): images beside repeat folders; empty-folder (warning): a folder
+    with no usable image.
 
     Args:
         cfg: the `[data]` table.
         base_dir: folder that relative entries of `cfg.dirs` are resolved against; the current directory if None.
 
     Returns:
-        Records ordered by folder (in `cfg.dirs` order, repeat folders by name), then by file name.
+        The records ordered by folder (in `cfg.dirs` order, repeat folders by name), then by file name; the
+        findings in the order the walk met them.
+    """
+    result = Scan([], [], {})
+    bad = [ext for ext in cfg.caption_extensions if not ext.startswith(".")]
+    if bad:
+        message = f"data.caption_extensions: {bad[0]!r} must start with a dot, e.g. '.{bad[0]}'"
+        return Scan([], [Finding("error", "dataset", None, message)], {})
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    roots = [(base / d).resolve() for d in cfg.dirs]
+    for root in roots:
+        try:
+            folders = _expand_folder(root, cfg.repeats)
+        except DatasetError as e:
+            result.findings.append(Finding("error", "dataset", None, str(e)))
+            continue
+        if [folder for folder, _, _ in folders] != [root]:
+            result.findings += [
+                Finding("warning", "ignored", p, "not trained: this folder has <N>_<name> repeat subfolders and "
+                                                 "only their images are read; move it into one")
+                for p in sorted(root.iterdir()) if is_training_image(p)
+            ]
+        for folder, repeats, class_text in folders:
+            _scan_folder(folder, repeats, class_text, cfg, result)
+    if not result.records:
+        names = ", ".join(str(f) for f in roots)
+        result.findings.append(Finding("error", "dataset", None, f"no training images found in {names}; supported "
+                                                                 f"extensions: {', '.join(IMAGE_EXTENSIONS)}"))
+    else:
+        read = {r.path for r in result.records}
+        result.findings += [Finding("warning", "empty-folder", folder, "no usable image in this folder")
+                            for folder, images in result.folders.items() if not read.intersection(images)]
+    return result
+
+
+def scan_dataset(cfg: DataConfig, base_dir: Path | None = None) -> list[ImageRecord]:
+    """The records of `scan`; its warnings are logged.
 
     Raises:
-        DatasetError: a folder is missing, nothing was found, a `metadata.jsonl` is malformed, or (unless
-            `cfg.skip_bad_images`) an image is unreadable or a caption is not UTF-8.
+        DatasetError: the first error `scan` found (unless `cfg.skip_bad_images`, a bad image or caption is a
+            warning and the image is skipped), naming the file or folder and the fix.
     """
-    _check_caption_extensions(cfg.caption_extensions)
-    base = Path.cwd() if base_dir is None else Path(base_dir)
-    folders = [(base / d).resolve() for d in cfg.dirs]
-    records = []
-    for folder in folders:
-        for subfolder, repeats, class_text in _expand_folder(folder, cfg.repeats):
-            records += _scan_folder(subfolder, repeats, class_text, cfg)
-    if not records:
-        names = ", ".join(str(f) for f in folders)
-        raise DatasetError(
-            f"no training images found in {names}; supported extensions: {', '.join(IMAGE_EXTENSIONS)}"
-        )
-    return records
-
-
-def _check_caption_extensions(extensions: list[str]) -> None:
-    for ext in extensions:
-        if not ext.startswith("."):
-            raise DatasetError(f"data.caption_extensions: {ext!r} must start with a dot, e.g. '.{ext}'")
+    result = scan(cfg, base_dir)
+    errors = [f for f in result.findings if f.severity == "error"]
+    if errors:
+        raise DatasetError(str(errors[0]))
+    for finding in result.findings:
+        logger.warning("%s", finding)
+    return result.records
 
 
 def _expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, str | None]]:
@@ -93,9 +159,6 @@ def _expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, 
         raise DatasetError(f"{folder}: image folder not found; fix data.dirs")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and _REPEAT_FOLDER.fullmatch(p.name))
     if subfolders:
-        if any(_is_training_image(p) for p in folder.iterdir()):
-            logger.warning("%s: images directly in this folder are ignored because it has <N>_<name> "
-                           "subfolders; move them into one", folder)
         return [(p, *_parse_repeat_folder(p)) for p in subfolders]
     if _REPEAT_FOLDER.fullmatch(folder.name):
         return [(folder, *_parse_repeat_folder(folder))]
@@ -110,7 +173,8 @@ def _parse_repeat_folder(folder: Path) -> tuple[int, str]:
     return repeats, class_text
 
 
-def _is_training_image(path: Path) -> bool:
+def is_training_image(path: Path) -> bool:
+    """Whether training reads `path` as an image (masks and dot files are not; see IMAGE_EXTENSIONS)."""
     # Dot files include macOS "._img.png" resource forks, which look like images but are not.
     return (
         path.suffix.lower() in IMAGE_EXTENSIONS
@@ -120,55 +184,72 @@ def _is_training_image(path: Path) -> bool:
     )
 
 
-def _scan_folder(folder: Path, repeats: int, class_text: str | None, cfg: DataConfig) -> list[ImageRecord]:
-    metadata = _read_metadata(folder / "metadata.jsonl")
-    records = []
-    for path in sorted(p for p in folder.iterdir() if _is_training_image(p)):
+def _scan_folder(folder: Path, repeats: int, class_text: str | None, cfg: DataConfig, result: Scan) -> None:
+    try:
+        metadata = _read_metadata(folder / "metadata.jsonl")
+    except DatasetError as e:
+        result.findings.append(Finding("error", "dataset", None, str(e)))
+        return
+    files = sorted(folder.iterdir())
+    images = [p for p in files if is_training_image(p)]
+    result.folders[folder] = images
+    result.findings += [_unsupported(p) for p in files
+                        if p.suffix.lower() in _UNSUPPORTED and not p.name.startswith(".") and p.is_file()]
+    severity: Severity = "warning" if cfg.skip_bad_images else "error"
+    # What the user can do about a bad file: skip it, or (when skipping) nothing more.
+    fix = " (training skips it: data.skip_bad_images = true)" if cfg.skip_bad_images else (
+        ", or set data.skip_bad_images = true")
+    count = len(result.records)
+    for path in images:
+        sidecar = caption_file(path, cfg.caption_extensions)
+        caption, problem = _read_caption(sidecar) if sidecar else (None, None)
+        if problem:
+            result.findings.append(Finding(severity, "caption-encoding", sidecar, problem + fix))
         try:
-            caption = _find_caption(path, cfg.caption_extensions, metadata, class_text)
-            size = _probe_image(path)
-        except DatasetError as e:
-            if not cfg.skip_bad_images:
-                raise
-            logger.warning("skipping image: %s", e)
+            size = _probe(path)
+        except Exception as e:  # PIL reports damage as OSError, SyntaxError, EOFError, struct.error, ...
+            result.findings.append(Finding(severity, "unreadable", path, _cannot_read(e) + fix))
+            continue
+        if problem:
             continue
         mask = path.with_name(path.stem + _MASK_SUFFIX + ".png")
-        records.append(ImageRecord(
+        result.records.append(ImageRecord(
             path=path,
-            caption=caption,
+            caption=caption if caption is not None else metadata.get(path.name, class_text or ""),
             repeats=repeats,
             size=size,
             bucket=assign_bucket(size, cfg),
             mask_path=mask if mask.is_file() else None,
             dataset_dir=folder.name,
         ))
-    if records:
-        logger.info("%s: %d images, %d repeats", folder, len(records), repeats)
-    else:
-        logger.warning("%s: no usable images (extensions: %s)", folder, ", ".join(IMAGE_EXTENSIONS))
-    return records
+    if len(result.records) > count:
+        logger.info("%s: %d images, %d repeats", folder, len(result.records) - count, repeats)
 
 
-def _find_caption(path: Path, extensions: list[str], metadata: dict[str, str], class_text: str | None) -> str:
-    for ext in extensions:
-        sidecar = path.with_suffix(ext)
-        if sidecar.is_file():
-            return _read_caption_file(sidecar)
-    if path.name in metadata:
-        return metadata[path.name]
-    return class_text or ""
+def caption_file(image: Path, extensions: list[str]) -> Path | None:
+    """The caption file training reads for `image`: the first of its sidecars with `extensions` that exists."""
+    return next((image.with_suffix(ext) for ext in extensions if image.with_suffix(ext).is_file()), None)
 
 
-def _read_caption_file(path: Path) -> str:
+def _read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(the first non-empty line of a caption file, None), or (None, why it cannot be read and the command that
+    fixes it)."""
+    raw = path.read_bytes()
     try:
         # utf-8-sig: Windows Notepad writes a BOM that would otherwise stick to the first tag.
-        text = path.read_bytes().decode("utf-8-sig")
+        return _first_line(raw.decode("utf-8-sig")), None
     except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"{path}: caption is not UTF-8 (byte {e.start}); re-save it as UTF-8, "
-            "or set data.skip_bad_images = true"
-        ) from None
-    return _first_line(text)
+        quoted, converted = shlex.quote(display_path(path)), shlex.quote(f"{display_path(path)}.utf8")
+        return None, (f"caption is not UTF-8 (byte {e.start} is 0x{raw[e.start]:02X}, probably Latin-1); convert it: "
+                      f"iconv -f latin1 -t utf8 {quoted} > {converted} && mv {converted} {quoted}")
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the current directory when it is inside it, else as given."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _first_line(text: str) -> str:
@@ -199,17 +280,25 @@ def _read_metadata(path: Path) -> dict[str, str]:
     return captions
 
 
-def _probe_image(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, checking the file is complete without decoding it at full size."""
+def probe_image(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, checking the file is complete without decoding it at full size.
+
+    Raises:
+        DatasetError: the image cannot be read; the message names it.
+    """
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            # The base-class getexif reads only the header; PngImageFile.getexif decodes every pixel looking for
-            # an eXIf chunk after the image data.
-            orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
-            _check_complete(img)
+        return _probe(path)
     except Exception as e:  # PIL reports damage as OSError, SyntaxError, EOFError, struct.error, ...
         raise DatasetError(_unreadable(path, e)) from None
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        width, height = img.size
+        # The base-class getexif reads only the header; PngImageFile.getexif decodes every pixel looking for
+        # an eXIf chunk after the image data.
+        orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+        _check_complete(img)
     # Orientations 5-8 include a 90 degree turn.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -224,9 +313,21 @@ def _check_complete(img: Image.Image) -> None:
         img.load()
 
 
-def _unreadable(path: Path, error: Exception) -> str:
-    return (f"{path}: cannot read image ({type(error).__name__}: {error}); remove or re-save it, "
+def _cannot_read(error: Exception) -> str:
+    return (f"cannot read image ({type(error).__name__}: {error}); remove or re-save it, "
             "or set data.skip_bad_images = true")
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    return f"{path}: {_cannot_read(error)}"
+
+
+def _unsupported(path: Path) -> Finding:
+    kind = _UNSUPPORTED[path.suffix.lower()]
+    if kind == "JPEG":
+        return Finding("warning", "unsupported", path, f"{path.suffix} is not read by training; rename it to .jpg")
+    return Finding("warning", "unsupported", path, f"{kind} images are not read by training (it reads "
+                                                   f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG or JPEG")
 
 
 # --- buckets ---------------------------------------------------------------------------------------------------
@@ -415,7 +516,7 @@ def load_image(record: ImageRecord, flip: bool, rng: random.Random, random_crop:
     """
     import torch  # here, not at the top: `sdlora doctor` reads datasets without torch, to start in a second
 
-    image = _load_rgb(record.path)
+    image = load_rgb(record.path)
     resized = _cover_size(image.size, record.bucket)
     top, left = _crop_offset(resized, record.bucket, rng, random_crop)
     pixels = _resize_crop(image, resized, (top, left), record.bucket, flip)
@@ -439,10 +540,15 @@ def load_image(record: ImageRecord, flip: bool, rng: random.Random, random_crop:
     }
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path) -> Image.Image:
+    """An image file as training reads it: upright (EXIF), 8-bit RGB, see `to_rgb`.
+
+    Raises:
+        DatasetError: the file cannot be read; the message names it.
+    """
     try:
         with Image.open(path) as img:
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # PIL reports damage as OSError, SyntaxError, EOFError, struct.error, ...
         raise DatasetError(_unreadable(path, e)) from None
 
@@ -455,7 +561,7 @@ def _load_mask(path: Path) -> Image.Image:
         raise DatasetError(_unreadable(path, e)) from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; transparency is composited on white, 16-bit gray is scaled (PIL's convert would clip it)."""
     if image.mode.startswith("I"):
         gray = np.clip(np.asarray(image, dtype=np.float32) / 257.0, 0, 255)

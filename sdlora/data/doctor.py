@@ -1,7 +1,8 @@
 """Dataset doctor: what in a training folder would stop, weaken or silently change training, one finding per file.
 
-Files are judged as training reads them, through `data.py`'s own scan, probe and conversion; on top of that it
-finds what training does not check: duplicates, tiny or extreme images, missing or over-long captions.
+Files are judged as training reads them: the findings of `dataset.scan`, the walk that also gives training its
+records, and then what only a look at every image tells: decoding, duplicates, tiny or extreme images, masks,
+missing or over-long captions. Training runs the same checks before it loads the model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import math
 import os
 import random
-import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,32 +20,29 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from sdlora.config import DataConfig
-
-# Private on purpose: the doctor must find folders and judge files exactly as scan_dataset and load_image do.
 from sdlora.data.dataset import (
-    IMAGE_EXTENSIONS,
+    Finding,
     ImageRecord,
-    _expand_folder,
-    _is_training_image,
-    _probe_image,
-    _to_rgb,
+    Severity,
     assign_bucket,
     bucket_summary,
+    caption_file,
+    display_path,
+    probe_image,
     process_caption,
-    scan_dataset,
+    scan,
+    to_rgb,
 )
 from sdlora.errors import DatasetError
+from sdlora.models.clip_tokenizer import CLIP_TOKENS, load_clip_tokenizer
 
-Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 
-CLIP_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS; training truncates captions to this (models.tokenize)
 MAX_ASPECT = 4.0  # beyond 4:1 even the most extreme bucket crops away much of the image
 NOTABLE_UPSCALE = 1.25  # upscaling below this is reported as info, from this on as a warning
 NEAR_DUPLICATE_BITS = 4  # pHash Hamming distance at or below which two images count as near-duplicates
@@ -53,14 +50,7 @@ NEAR_DUPLICATE_BITS = 4  # pHash Hamming distance at or below which two images c
 # on an 8x8 colour thumbnail: mean absolute difference in 0-255 units. JPEG re-compression stays far below it.
 NEAR_DUPLICATE_COLOR = 12.0
 
-# Image formats people put in training folders that training does not read, with a hint.
-_UNSUPPORTED = {
-    ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF",
-    ".jxl": "JPEG XL", ".jp2": "JPEG 2000", ".j2k": "JPEG 2000", ".psd": "Photoshop", ".svg": "SVG",
-    ".ico": "ICO", ".tga": "TGA", ".exr": "EXR", ".dng": "camera raw", ".cr2": "camera raw",
-    ".nef": "camera raw", ".arw": "camera raw", ".jfif": "JPEG", ".jpe": "JPEG",
-}
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # as data._to_rgb composites them
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # as dataset.to_rgb composites them
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 _ORIENTATIONS = {
     2: "mirrored left-right", 3: "rotated 180°", 4: "mirrored top-bottom", 5: "mirrored and rotated 90°",
@@ -69,20 +59,11 @@ _ORIENTATIONS = {
 
 
 @dataclass
-class Finding:
-    """One problem or notable fact. `path` is the file (or folder) it is about; None for the whole dataset."""
-
-    severity: Severity
-    check: str  # short id: "unreadable", "duplicate", "caption-long", ... (see `diagnose`)
-    path: Path | None
-    message: str  # one line, without the path; says what happens in training and what to do
-
-
-@dataclass
 class Report:
     """Everything `diagnose` found, and the dataset as training will see it."""
 
     findings: list[Finding] = field(default_factory=list)
+    records: list[ImageRecord] = field(default_factory=list)  # what training reads (dataset.scan's records)
     images: int = 0  # usable images
     images_with_repeats: int = 0
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # images per (width, height) bucket
@@ -115,13 +96,10 @@ class _Facts:
 def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> Report:
     """Check a dataset before training: every file, as training will read it, plus duplicates and captions.
 
-    Findings (check id, severity):
-        dataset (error): the scan stops training: a missing folder, no usable image, a malformed metadata.jsonl.
-        unreadable (error; warning with data.skip_bad_images): a truncated, corrupt or undecodable image.
-        caption-encoding (error; warning with skip_bad_images): a caption file that is not UTF-8 (iconv command).
+    Findings (check id, severity): those of `dataset.scan` (dataset, unreadable, caption-encoding, unsupported,
+    ignored, empty-folder), and
+        unreadable (error): an image that passes the scan's check but does not decode.
         mask (error): a `_mask.png` that cannot be read or differs in size from its image.
-        unsupported (warning): .gif/.tiff/.heic/... files in a dataset folder, which training ignores.
-        ignored, empty-folder (warning): images beside repeat folders (not read); a folder with no usable image.
         small (warning; info under 1.25x): upscaled to its bucket by how much, or shrunk to a smaller bucket.
         aspect (warning): more than 4:1, with the share its bucket crops away.
         caption-missing, caption-empty (warning): the image trains on an empty caption (or only the prefix).
@@ -133,37 +111,29 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
     Args:
         cfg: the `[data]` table; `skip_bad_images` decides whether bad files are errors or skipped warnings.
         tokenizer: a CLIP tokenizer for caption lengths; None loads the real one (`clip_tokenizer.load_clip_tokenizer`).
-        base_dir: folder that relative `cfg.dirs` are resolved against, as in `scan_dataset`; cwd if None.
+        base_dir: folder that relative `cfg.dirs` are resolved against, as in `dataset.scan`; cwd if None.
 
     Returns:
-        The report; dataset problems become findings, they are never raised.
+        The report, with the records training reads; dataset problems become findings, they are never raised.
     """
     start = time.perf_counter()
-    findings: list[Finding] = []
-    with _quiet(logging.getLogger(scan_dataset.__module__)):  # the report says all the scan would log
-        records = _scan(cfg, base_dir, findings)
-        candidates = _walk(cfg, base_dir, findings)
-    scanned = {r.path for r in records}
-    records = list({r.path: r for r in records}.values())  # a folder listed twice in data.dirs is read twice
-    for folder, images in candidates.items():
-        if records and not any(p in scanned for p in images):
-            findings.append(Finding("warning", "empty-folder", folder, "no usable image in this folder"))
-        for path in images:
-            if path not in scanned:
-                findings += _skipped_findings(path, cfg)
+    with _quiet(logging.getLogger(scan.__module__)):  # the report says all the scan would log
+        scanned = scan(cfg, base_dir)
+    # A folder listed twice in data.dirs is read twice: trained twice, but each file is judged once.
+    findings = list(dict.fromkeys(scanned.findings))
+    records = list({r.path: r for r in scanned.records}.values())
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         facts = list(pool.map(_examine, [r.path for r in records]))
     for record, fact in zip(records, facts):
         findings += _image_findings(record, fact, cfg)
     if tokenizer is None:
-        from sdlora.models.clip_tokenizer import load_clip_tokenizer
-
         tokenizer = load_clip_tokenizer()
     findings += _caption_findings(records, cfg, tokenizer)
     findings += _duplicate_findings(records, facts)
     usable = [r for r, f in zip(records, facts) if not f.error]
     return Report(
         findings=findings,
+        records=scanned.records,
         images=len(usable),
         images_with_repeats=sum(r.repeats for r in usable),
         buckets=bucket_summary(usable),
@@ -177,7 +147,7 @@ def format_report(report: Report) -> str:
     lines = [f"{report.images} images ({report.images_with_repeats} with repeats) at resolution {report.resolution}"]
     rank = {severity: i for i, severity in enumerate(SEVERITIES)}
     for f in sorted(report.findings, key=lambda f: (rank[f.severity], str(f.path or ""), f.check)):
-        where = f" {_display(f.path)}" if f.path is not None else ""
+        where = f" {display_path(f.path)}" if f.path is not None else ""
         lines.append(f"{f.severity} [{f.check}]{where}: {f.message}")
     buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in report.buckets.items())
     lines.append(f"buckets (width x height: images): {buckets or 'none'}")
@@ -192,7 +162,7 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-# --- finding the files -----------------------------------------------------------------------------------------
+# --- helpers -----------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -205,96 +175,6 @@ def _quiet(log: logging.Logger) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _scan(cfg: DataConfig, base_dir: Path | None, findings: list[Finding]) -> list[ImageRecord]:
-    """The records training would get, with bad files skipped (they are diagnosed one by one afterwards)."""
-    lenient = replace(cfg, skip_bad_images=True)
-    try:
-        return scan_dataset(lenient, base_dir)
-    except DatasetError as e:
-        findings.append(Finding("error", "dataset", None, str(e)))
-        stopped = str(e)
-    # Training stops at that error; read the folders one by one anyway so that their files still get checked,
-    # and report other folders' problems (those the first error does not already name).
-    records = []
-    base = Path.cwd() if base_dir is None else Path(base_dir)
-    for entry in cfg.dirs:
-        try:
-            records += scan_dataset(replace(lenient, dirs=[entry]), base_dir)
-        except DatasetError as e:
-            if str((base / entry).resolve()) not in stopped:
-                findings.append(Finding("error", "dataset", None, str(e)))
-    return records
-
-
-def _walk(cfg: DataConfig, base_dir: Path | None, findings: list[Finding]) -> dict[Path, list[Path]]:
-    """Candidate training images per folder read (as scan_dataset finds them); reports unsupported files."""
-    base = Path.cwd() if base_dir is None else Path(base_dir)
-    candidates: dict[Path, list[Path]] = {}
-    for entry in cfg.dirs:
-        root = (base / entry).resolve()
-        try:
-            folders = [folder for folder, _, _ in _expand_folder(root, cfg.repeats)]
-        except DatasetError:
-            continue  # the scan has reported it
-        if folders != [root]:
-            findings += [
-                Finding("warning", "ignored", p, "not trained: this folder has <N>_<name> repeat subfolders and "
-                                                 "only their images are read; move it into one")
-                for p in sorted(root.iterdir()) if _is_training_image(p)
-            ]
-        for folder in folders:
-            files = sorted(folder.iterdir())
-            candidates[folder] = [p for p in files if _is_training_image(p)]
-            findings += [_unsupported(p) for p in files
-                         if p.suffix.lower() in _UNSUPPORTED and not p.name.startswith(".") and p.is_file()]
-    return candidates
-
-
-def _unsupported(path: Path) -> Finding:
-    kind = _UNSUPPORTED[path.suffix.lower()]
-    if kind == "JPEG":
-        return Finding("warning", "unsupported", path, f"{path.suffix} is not read by training; rename it to .jpg")
-    return Finding("warning", "unsupported", path, f"{kind} images are not read by training (it reads "
-                                                   f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG or JPEG")
-
-
-def _skipped_findings(path: Path, cfg: DataConfig) -> list[Finding]:
-    """Why the scan skipped an image: its caption file is not UTF-8, and/or the image cannot be read."""
-    severity: Severity = "warning" if cfg.skip_bad_images else "error"
-    skipped = " (training skips it: data.skip_bad_images = true)" if cfg.skip_bad_images else ""
-    findings = []
-    sidecar = _sidecar(path, cfg.caption_extensions)
-    problem = _encoding_problem(sidecar) if sidecar else None
-    if problem:
-        findings.append(Finding(severity, "caption-encoding", sidecar, problem + skipped))
-    try:
-        _probe_image(path)
-    except DatasetError as e:
-        findings.append(Finding(severity, "unreadable", path, _without_path(str(e), path) + skipped))
-    return findings
-
-
-def _sidecar(image: Path, extensions: list[str]) -> Path | None:
-    """The caption file training reads for `image` (the first existing one), as data._find_caption picks it."""
-    return next((image.with_suffix(ext) for ext in extensions if image.with_suffix(ext).is_file()), None)
-
-
-def _encoding_problem(caption_file: Path) -> str | None:
-    raw = caption_file.read_bytes()
-    try:
-        raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        quoted, converted = shlex.quote(_display(caption_file)), shlex.quote(f"{_display(caption_file)}.utf8")
-        return (f"caption is not UTF-8 (byte {e.start} is 0x{raw[e.start]:02X}, probably Latin-1); convert it: "
-                f"iconv -f latin1 -t utf8 {quoted} > {converted} && mv {converted} {quoted}")
-    return None
-
-
-def _without_path(message: str, path: Path) -> str:
-    prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
-
-
 # --- per image -------------------------------------------------------------------------------------------------
 
 
@@ -305,13 +185,13 @@ def _examine(path: Path) -> _Facts:
     try:
         with Image.open(io.BytesIO(data)) as img:
             facts.mode = img.mode
-            # Header-only EXIF, as data._probe_image reads it (PngImageFile.getexif would decode the pixels).
+            # Header-only EXIF, as dataset.probe_image reads it (PngImageFile.getexif would decode the pixels).
             facts.orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
             # 16-bit PNGs open as I;16 (gray) or as RGB(A) read from a ";16B" raw mode, losing the low byte.
             facts.sixteen_bit = img.mode.startswith("I") or any(";16" in str(tile.args) for tile in img.tile)
             facts.alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
             img.draft(None, (64, 64))  # JPEG: decode at 1/2-1/8 scale, plenty for a 32x32 hash; no-op otherwise
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # PIL reports damage as OSError, SyntaxError, EOFError, struct.error, ...
         facts.error = f"{type(e).__name__}: {e}"
         return facts
@@ -357,9 +237,10 @@ def _image_findings(record: ImageRecord, facts: _Facts, cfg: DataConfig) -> list
     findings += _size_findings(record, cfg)
     if record.mask_path is not None:
         try:
-            mask_size = _probe_image(record.mask_path)
+            mask_size = probe_image(record.mask_path)
         except DatasetError as e:
-            findings.append(Finding("error", "mask", record.mask_path, _without_path(str(e), record.mask_path)))
+            message = str(e).removeprefix(f"{record.mask_path}: ")  # the finding names the file itself
+            findings.append(Finding("error", "mask", record.mask_path, message))
         else:
             if mask_size != record.size:
                 findings.append(Finding("error", "mask", record.mask_path,
@@ -403,7 +284,7 @@ def _caption_findings(records: list[ImageRecord], cfg: DataConfig, tokenizer) ->
     findings = []
     ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
     for record, text, tokens in zip(records, texts, ids):
-        sidecar = _sidecar(record.path, cfg.caption_extensions)
+        sidecar = caption_file(record.path, cfg.caption_extensions)
         if not record.caption.strip():
             if sidecar is not None:
                 findings.append(Finding("warning", "caption-empty", sidecar, f"caption file is empty; "
@@ -434,7 +315,7 @@ def _duplicate_findings(records: list[ImageRecord], facts: list[_Facts]) -> list
             continue
         if fact.sha256 in first_copy:
             findings.append(Finding("warning", "duplicate", record.path, f"exact copy of "
-                                    f"{_display(first_copy[fact.sha256])}; delete one (it trains twice as often)"))
+                                    f"{display_path(first_copy[fact.sha256])}; delete one (it trains twice as often)"))
             continue
         first_copy[fact.sha256] = record.path
         for other, other_fact in seen:
@@ -442,16 +323,8 @@ def _duplicate_findings(records: list[ImageRecord], facts: list[_Facts]) -> list
             if distance > NEAR_DUPLICATE_BITS:
                 continue
             if np.abs(fact.thumb - other_fact.thumb).mean() <= NEAR_DUPLICATE_COLOR:
-                message = f"near-duplicate of {_display(other)} (pHash distance {distance}); keep the better one"
+                message = f"near-duplicate of {display_path(other)} (pHash distance {distance}); keep the better one"
                 findings.append(Finding("warning", "near-duplicate", record.path, message))
                 break
         seen.append((record.path, fact))
     return findings
-
-
-def _display(path: Path) -> str:
-    """A path relative to the current directory when it is inside it, else as given."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

@@ -17,23 +17,14 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sdlora.atomic import atomic_path
-from sdlora.errors import GenerationError
+from sdlora.config import SAMPLERS, SampleConfig
+from sdlora.errors import GenerationError, LoraFileError
 from sdlora.generate.prompt import LoraTag, encode_prompt_embeds, parse_lora_tags
+from sdlora.models.arch import ARCH_NAMES
+from sdlora.models.loading import BaseModel, load_base_model, side_length
 
 logger = logging.getLogger(__name__)
 
-# Our sampler names -> (diffusers scheduler class, extra config, the name A1111 writes in PNG metadata).
-SAMPLERS = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    # Latent Consistency: 2-8 steps at CFG 1-2, for LCM-distilled models or with an LCM LoRA.
-    "lcm": ("LCMScheduler", {}, "LCM"),
-}
-# A1111 (1.9+) writes the sigma schedule as its own field: "Sampler: DPM++ 2M, Schedule type: Karras".
-SCHEDULE_TYPES = {"dpmpp_2m_karras": "Karras"}
 
 
 @dataclass
@@ -52,8 +43,8 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     """A diffusers scheduler for `sampler`, built from the base model's scheduler config (betas, prediction type)."""
     import diffusers
 
-    class_name, extra, _ = SAMPLERS[sampler]
-    return getattr(diffusers, class_name).from_config({**scheduler_config, **extra})
+    spec = SAMPLERS[sampler]
+    return getattr(diffusers, spec.scheduler).from_config({**scheduler_config, **spec.config})
 
 
 def build_pipeline(arch: str, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict, sampler="euler"):
@@ -75,8 +66,6 @@ def build_pipeline(arch: str, unet, vae, text_encoders: list, tokenizers: list, 
 def load_pipeline(base_model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, vae: str = "",
                   allow_unsafe_pickle: bool = False):
     """Load a base model (tiny model name, diffusers folder or single-file checkpoint) as a pipeline on `device`."""
-    from sdlora.models.loading import load_base_model
-
     base = load_base_model(base_model, vae=vae, allow_unsafe_pickle=allow_unsafe_pickle)
     pipe = build_pipeline(base.arch, base.unet, base.vae, base.text_encoders, base.tokenizers, base.scheduler_config)
     pipe.sdlora_arch = base.arch
@@ -99,8 +88,6 @@ def model_label(model: str) -> str:
 
 def default_size(pipe) -> int:
     """The side length the pipeline's base model was trained at (`models.side_length`)."""
-    from sdlora.models.loading import side_length
-
     return side_length(pipe.unet.config, pipe.vae.config)
 
 
@@ -138,6 +125,28 @@ def parse_sample_prompt(line: str, defaults: GenerationParams) -> GenerationPara
     return params
 
 
+@torch.no_grad()
+def render_samples(base: BaseModel, unet, encoders: list, s: SampleConfig, resolution: int, folder: Path,
+                   tag: str) -> list[Path]:
+    """Render the `[sample]` prompts with these modules as they are now (the adapters being trained active), at
+    `resolution` where the table says 0; returns the PNG paths (`<tag>-<i>.png` in `folder`)."""
+    pipe = build_pipeline(base.arch, unet, base.vae, encoders, base.tokenizers, base.scheduler_config, s.sampler)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = [m.training for m in [unet, *encoders]]
+    for m in [unet, *encoders]:
+        m.eval()
+    defaults = GenerationParams(prompt="", steps=s.steps, cfg=s.cfg, seed=s.seed, sampler=s.sampler,
+                                width=s.width or resolution, height=s.height or resolution)
+    paths = []
+    for i, line in enumerate(s.prompts):
+        params = parse_sample_prompt(line, defaults)
+        image = generate(pipe, params, base.scheduler_config)
+        paths.append(save_png(image, folder / f"{tag}-{i:02d}.png", a1111_parameters(params, base.name)))
+    for m, training in zip([unet, *encoders], was_training):
+        m.train(training)
+    return paths
+
+
 def a1111_parameters(params: GenerationParams, model_name: str = "", model_hash: str = "",
                      lora_hashes: dict[str, str] | None = None) -> str:
     """The PNG `parameters` text A1111 writes, which model sites parse to credit models and LoRAs."""
@@ -145,10 +154,10 @@ def a1111_parameters(params: GenerationParams, model_name: str = "", model_hash:
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     fields = [
-        f"Steps: {params.steps}", f"Sampler: {SAMPLERS[params.sampler][2]}",
+        f"Steps: {params.steps}", f"Sampler: {SAMPLERS[params.sampler].a1111}",
     ]
-    if params.sampler in SCHEDULE_TYPES:
-        fields.append(f"Schedule type: {SCHEDULE_TYPES[params.sampler]}")
+    if SAMPLERS[params.sampler].schedule:  # A1111 1.9+ writes it as its own field
+        fields.append(f"Schedule type: {SAMPLERS[params.sampler].schedule}")
     fields += [f"CFG scale: {params.cfg:g}", f"Seed: {params.seed}", f"Size: {params.width}x{params.height}"]
     if model_hash:
         fields.append(f"Model hash: {model_hash[:10]}")
@@ -171,7 +180,8 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
 
 
 # A1111 sampler names -> ours. A1111 before 1.9 wrote the schedule into the name: "DPM++ 2M Karras".
-A1111_SAMPLERS = {name: key for key, (_, _, name) in SAMPLERS.items()} | {"DPM++ 2M Karras": "dpmpp_2m_karras"}
+A1111_SAMPLERS = ({s.a1111: key for key, s in SAMPLERS.items()}
+                  | {f"{s.a1111} {s.schedule}": key for key, s in SAMPLERS.items() if s.schedule})
 _PARAM_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
 
 
@@ -286,14 +296,8 @@ class LoraCache:
                 LoKr, ...), another architecture than the pipeline's, keys/shapes that do not fit the model, or
                 with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
-        from sdlora.adapters.export import (
-            detect_arch,
-            match_lora_keys,
-            read_lora_file,
-            refuse_other_networks,
-            split_lora_key,
-        )
-        from sdlora.errors import LoraFileError
+        from sdlora.adapters.export import match_lora_keys
+        from sdlora.adapters.files import detect_arch, read_lora_file, refuse_other_networks, split_lora_key
 
         path = Path(path).resolve()
         stat = path.stat() if path.is_file() else None
@@ -316,8 +320,8 @@ class LoraCache:
         except LoraFileError:  # nothing tells the architecture: let diffusers match the keys
             lora_arch = arch
         if arch and lora_arch != arch:
-            raise LoraFileError(f"{path}: a LoRA for {_ARCH_NAMES[lora_arch]}, but the base model is "
-                                f"{_ARCH_NAMES[arch]}; pick a LoRA trained on this model family")
+            raise LoraFileError(f"{path}: a LoRA for {ARCH_NAMES[lora_arch]}, but the base model is "
+                                f"{ARCH_NAMES[arch]}; pick a LoRA trained on this model family")
         module_names = {part: [n for n, _ in getattr(self.pipe, part).named_modules()]
                         for part in self.pipe._lora_loadable_modules if getattr(self.pipe, part, None) is not None}
         matched, unmatched = match_lora_keys(tensors, module_names)
@@ -358,7 +362,6 @@ class LoraCache:
             LoraFileError: nothing matches, or with `strict` anything does not.
         """
         from sdlora.adapters.export import stray_message
-        from sdlora.errors import LoraFileError
 
         if not matched:
             raise LoraFileError(f"{path}: none of its modules exist in this base model (is it a LoRA for another "
@@ -380,7 +383,7 @@ class LoraCache:
         path = Path(path).resolve()
         stamp = (path.stat().st_mtime_ns, path.stat().st_size)
         if self._hashes.get(path, (None,))[0] != stamp:
-            from sdlora.adapters.export import file_hashes
+            from sdlora.adapters.files import file_hashes
 
             self._hashes[path] = (stamp, file_hashes(path)["sshs_model_hash"])
         return self._hashes[path][1]
@@ -423,9 +426,6 @@ class LoraCache:
                 self.pipe.delete_adapters([name])
 
 
-_ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
 def _misread_by_diffusers(tensors: dict[str, torch.Tensor]) -> bool:
     """True for kohya files diffusers 0.42 loads wrongly: DoRA files (its SD/SDXL converter drops `.dora_scale`,
     with a warning) and files whose modules have different alphas (kohya's resize_lora.py): it mangles the names
@@ -438,7 +438,6 @@ def _as_peft(tensors: dict[str, torch.Tensor], module_names: dict[str, list[str]
     """The file mapped onto the pipeline's modules by our own reader and handed over in peft's format, which
     diffusers loads exactly: each alpha / rank folded into lora_B, DoRA's magnitude as `lora_magnitude_vector`."""
     from sdlora.adapters.export import from_kohya_state_dict, to_peft_state_dict
-    from sdlora.errors import LoraFileError
 
     try:
         return to_peft_state_dict(from_kohya_state_dict(tensors, module_names), torch.float32)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
-
 # A1111's extra-network syntax is `<type:arg:arg...>`; we read the `lora` type (and LyCORIS' old `lyco` alias).
 _TAG = re.compile(r"<\s*(lora|lyco)\s*:([^<>]*)>", re.IGNORECASE)
 

@@ -13,9 +13,19 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import ModelError
-from sdlora.models.tiny import TINY_MODELS, tiny_model_path
+from sdlora.models.arch import SHIPPED_CONFIGS
+from sdlora.models.single_file import (
+    PICKLE_SUFFIXES,
+    detect_checkpoint,
+    file_configs,
+    load_checkpoint,
+    load_vae_file,
+    read_header,
+    refuse_pickle,
+    shipped_configs,
+)
+from sdlora.models.tiny import FULL_SIZE_MODELS, TINY_MODELS, tiny_model_path
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face hub spells repo ids
 
 
@@ -54,11 +64,7 @@ def resolve_model_path(base_model: str, allow_unsafe_pickle: bool = False) -> Pa
     if base_model in TINY_MODELS:
         return tiny_model_path(base_model)
     path = Path(base_model).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_unsafe_pickle:
-        raise ModelError(
-            f"{path}: pickle checkpoints can run arbitrary code when loaded; use a .safetensors file, "
-            "or pass --allow-unsafe-pickle (model.allow_unsafe_pickle = true) if you trust its source"
-        )
+    refuse_pickle(path, allow_unsafe_pickle)
     if not path.exists():
         if _HUB_ID.match(base_model) and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
             return _download(base_model)
@@ -106,8 +112,6 @@ def detect_model(base_model: str, allow_unsafe_pickle: bool = False) -> str:
     """
     path = resolve_model_path(base_model, allow_unsafe_pickle)
     if path.is_file():
-        from sdlora.models.single_file import detect_checkpoint, read_header
-
         return detect_checkpoint(read_header(path, allow_unsafe_pickle)[0], str(path))
     model_index = json.loads((path / "model_index.json").read_text())
     return detect_arch(model_index, json.loads((path / "unet" / "config.json").read_text()))
@@ -121,11 +125,29 @@ def native_size(base_model: str, allow_unsafe_pickle: bool = False) -> int:
     """
     path = resolve_model_path(base_model, allow_unsafe_pickle)
     if path.is_file():
-        from sdlora.models.single_file import file_configs
-
         configs = file_configs(path, allow_unsafe_pickle)
         return side_length(configs["unet"], configs["vae"])
     return side_length(*(json.loads((path / part / "config.json").read_text()) for part in ("unet", "vae")))
+
+
+def model_configs(base_model: str, allow_unsafe_pickle: bool = False) -> tuple[str, dict[str, dict]]:
+    """(arch, {component: config}) of a base model from its configs alone (a single file's header, no weights).
+
+    The full-size names (`sd15`, `sdxl`) give the shipped real-size configs: plans and benchmarks before anything
+    is downloaded.
+
+    Raises:
+        ModelError: see `resolve_model_path` and `single_file.file_configs`.
+    """
+    if base_model in FULL_SIZE_MODELS:
+        arch = next(arch for arch, folder in SHIPPED_CONFIGS.items() if folder == base_model)
+        return arch, shipped_configs(arch)
+    path = resolve_model_path(base_model, allow_unsafe_pickle)
+    if path.is_file():
+        return detect_checkpoint(read_header(path, allow_unsafe_pickle)[0], str(path)), file_configs(path)
+    configs = {part: json.loads((path / part / "config.json").read_text())
+               for part in ("unet", "vae", "text_encoder", "text_encoder_2") if (path / part / "config.json").is_file()}
+    return detect_arch(json.loads((path / "model_index.json").read_text()), configs["unet"]), configs
 
 
 def side_length(unet_config, vae_config) -> int:
@@ -149,8 +171,6 @@ def load_base_model(base_model: str, vae: str = "", allow_unsafe_pickle: bool = 
     """
     path = resolve_model_path(base_model, allow_unsafe_pickle)
     if path.is_file():
-        from sdlora.models.single_file import load_checkpoint
-
         parts = load_checkpoint(path, allow_unsafe_pickle, prediction_type, with_vae=not vae)
         arch, unet, vae_model = parts["arch"], parts["unet"], parts["vae"]
         text_encoders, tokenizers = parts["text_encoders"], parts["tokenizers"]
@@ -187,20 +207,12 @@ def _load_vae(vae: str, allow_unsafe_pickle: bool, base_vae_config: dict):
     from diffusers import AutoencoderKL
 
     path = Path(vae).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_unsafe_pickle:
-        raise ModelError(f"{path}: pickle VAE refused; use a .safetensors file or pass --allow-unsafe-pickle")
+    refuse_pickle(path, allow_unsafe_pickle)
     if not path.exists():
         raise ModelError(f"{path}: VAE not found (model.vae)")
     if path.is_dir():
         return AutoencoderKL.from_pretrained(path / "vae" if (path / "vae").is_dir() else path)
-    from sdlora.models.single_file import load_vae_file
-
     return load_vae_file(path, base_vae_config, allow_unsafe_pickle)
-
-
-def component_names(arch: str) -> list[str]:
-    """Text-encoder component names in pipeline order."""
-    return ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
 
 
 def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:

@@ -19,8 +19,10 @@ import torch
 
 from sdlora.atomic import save_safetensors
 from sdlora.errors import ModelError
+from sdlora.models.arch import ARCH_NAMES, SHIPPED_CONFIGS, component_names, modelspec_architecture
 from sdlora.models.clip_tokenizer import load_clip_tokenizer
-from sdlora.models.loading import PICKLE_SUFFIXES
+from sdlora.models.ldm_names import openclip_table, rename, unet_layout_from_config, unet_table, vae_table
+from sdlora.models.meta import empty_model
 
 logger = logging.getLogger(__name__)
 
@@ -29,20 +31,16 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 VAE_SUBKEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
-# Where each text encoder lives in the file and in which key layout: "clip" is transformers' CLIPTextModel under
-# the prefix (OpenAI CLIP-L); "openclip" is open_clip's `transformer.resblocks.N` with fused q/k/v (ViT-H, bigG).
+# Where each text encoder (in `arch.component_names` order) lives in the file and in which key layout: "clip" is
+# transformers' CLIPTextModel under the prefix (OpenAI CLIP-L); "openclip" is open_clip's `transformer.resblocks.N`
+# with fused q/k/v (ViT-H, bigG).
 TEXT_ENCODERS = {
-    "sd1": [("text_encoder", "cond_stage_model.transformer.", "clip")],
-    "sd2": [("text_encoder", "cond_stage_model.model.", "openclip")],
-    "sdxl": [
-        ("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
-        ("text_encoder_2", "conditioner.embedders.1.model.", "openclip"),
-    ],
+    "sd1": [("cond_stage_model.transformer.", "clip")],
+    "sd2": [("cond_stage_model.model.", "openclip")],
+    "sdxl": [("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "openclip")],
 }
-SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
-ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# modelspec.architecture values (https://github.com/Stability-AI/ModelSpec), read by A1111/ComfyUI model browsers.
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+# torch.save / pickle files: loading one can run code, so they are refused unless the user allows them.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 # Files that are not SD base models, recognised by a key they always have: (regex matched at a key's start, what).
 _NOT_A_BASE_MODEL = [
@@ -170,7 +168,7 @@ def load_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False, predict
         vae = _load_vae_state(_ldm_vae_to_diffusers(vae_tensors, configs["vae"]), configs["vae"], name)
     text_encoders = [
         _load_text_encoder(load(prefix), prefix, layout, configs[component], component == "text_encoder_2", name)
-        for component, prefix, layout in TEXT_ENCODERS[arch]
+        for component, (prefix, layout) in zip(component_names(arch), TEXT_ENCODERS[arch])
     ]
     # SD 2.x (OpenCLIP) and SDXL's second tokenizer pad with "!", SD 1.x and SDXL's first with <|endoftext|>.
     pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[arch]
@@ -197,7 +195,7 @@ def load_vae_file(path: str | Path, base_vae_config: dict, allow_unsafe_pickle: 
 
     path = Path(path)
     shapes, metadata, load = _open_checkpoint(path, allow_unsafe_pickle)
-    embedded = _embedded_configs(metadata) or {}
+    embedded = embedded_configs(metadata) or {}
     # The latent scaling belongs to the base model's latent space, whatever the file says.
     config = {**embedded.get("vae", base_vae_config), "scaling_factor": base_vae_config.get("scaling_factor", 0.18215)}
     name = f"{path} (VAE)"
@@ -234,9 +232,7 @@ def _open_checkpoint(path: Path, allow_unsafe_pickle: bool):
     if suffix not in PICKLE_SUFFIXES:
         raise ModelError(f"{path}: unsupported file type {suffix!r}; use a .safetensors checkpoint or a diffusers "
                          "folder")
-    if not allow_unsafe_pickle:
-        raise ModelError(f"{path}: pickle checkpoints can run arbitrary code when loaded; use a .safetensors file, "
-                         "or pass --allow-unsafe-pickle (model.allow_unsafe_pickle = true) if you trust its source")
+    refuse_pickle(path, allow_unsafe_pickle)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -254,7 +250,19 @@ def _open_checkpoint(path: Path, allow_unsafe_pickle: bool):
     return {k: tuple(v.shape) for k, v in tensors.items()}, {}, load_pickled
 
 
-def _embedded_configs(metadata: dict) -> dict | None:
+def refuse_pickle(path: Path, allow_unsafe_pickle: bool) -> None:
+    """Raise ModelError for a pickle file (by its suffix) unless the user allowed them.
+
+    Raises:
+        ModelError: one line naming the file and the two ways on.
+    """
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_unsafe_pickle:
+        raise ModelError(f"{path}: pickle checkpoints can run arbitrary code when loaded; use a .safetensors file, "
+                         "or pass --allow-unsafe-pickle (model.allow_unsafe_pickle = true) if you trust its source")
+
+
+def embedded_configs(metadata: dict) -> dict | None:
+    """The diffusers configs `save_single_file` embedded in a file's metadata, or None."""
     if CONFIG_METADATA_KEY not in metadata:
         return None
     try:
@@ -277,7 +285,7 @@ def file_configs(path: str | Path, allow_unsafe_pickle: bool = False) -> dict:
 
 def _configs(arch: str, metadata: dict) -> tuple[dict, str, dict | None]:
     """(configs, where they come from, the embedded configs or None) for a file of `arch`."""
-    embedded = _embedded_configs(metadata)
+    embedded = embedded_configs(metadata)
     if embedded and embedded.get("arch") == arch:
         return embedded, "the file's metadata", embedded
     return shipped_configs(arch), f"sdlora/model_configs/{SHIPPED_CONFIGS[arch]}", None
@@ -309,19 +317,6 @@ def _prediction_type(arch: str, metadata: dict, shapes: dict) -> str:
     return "epsilon"
 
 
-def _empty(cls, *args, **kwargs) -> torch.nn.Module:
-    """`cls(*args, **kwargs)` with parameters on the meta device: no random init of weights replaced right away."""
-    from accelerate import init_empty_weights
-
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
-
-    with init_empty_weights(), no_init_weights():  # meta tensors, and skip the (slow on meta) init functions
-        return cls(*args, **kwargs)
-
-
 def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> torch.nn.Module:
     """Check the converted state dict fits `model` exactly (keys and shapes), load it, return the model in fp32."""
     expected = model.state_dict()
@@ -346,7 +341,7 @@ def _load_unet(tensors: dict, config: dict, name: str):
 
     config = _public(config)
     state = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in tensors.items()}, config)
-    return _fill(_empty(UNet2DConditionModel, **config), state, "unet", name)
+    return _fill(empty_model(UNet2DConditionModel, **config), state, "unet", name)
 
 
 def _ldm_vae_to_diffusers(tensors: dict, config: dict) -> dict:
@@ -358,7 +353,7 @@ def _ldm_vae_to_diffusers(tensors: dict, config: dict) -> dict:
 def _load_vae_state(state: dict, config: dict, name: str):
     from diffusers import AutoencoderKL
 
-    return _fill(_empty(AutoencoderKL, **_public(config)), state, "vae", name)
+    return _fill(empty_model(AutoencoderKL, **_public(config)), state, "vae", name)
 
 
 def _load_text_encoder(tensors: dict, prefix: str, layout: str, config: dict, with_projection: bool, name: str):
@@ -366,7 +361,7 @@ def _load_text_encoder(tensors: dict, prefix: str, layout: str, config: dict, wi
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     text_config = CLIPTextConfig.from_dict(_public(config))
-    model = _empty(CLIPTextModelWithProjection if with_projection else CLIPTextModel, text_config)
+    model = empty_model(CLIPTextModelWithProjection if with_projection else CLIPTextModel, text_config)
     if layout == "clip":  # some early SD 1.x files lack transformers' `text_model.` level
         state = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
                  for k, v in tensors.items() if not k.endswith("position_ids")}
@@ -388,102 +383,16 @@ def _public(config: dict) -> dict:
 
 # --- writing -------------------------------------------------------------------------------------------------------
 #
-# The reverse of the conversion above, following diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py
-# and scripts/convert_diffusers_to_original_sdxl.py: the same (diffusers -> LDM) renames, generated from the model's
-# config instead of their hard-coded 4-block / 3-block loops, so tiny models convert the same way as real ones.
-# Each table maps a diffusers module prefix to an LDM one; a key is renamed by its longest matching prefix.
-
-_UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
-_VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
-_OPENCLIP = [  # transformers CLIP -> open_clip (q/k/v are fused into in_proj separately)
-    ("text_model.embeddings.token_embedding", "token_embedding"),
-    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
-    ("text_model.final_layer_norm", "ln_final"),
-    ("text_projection.weight", "text_projection"),  # stored transposed: open_clip computes x @ text_projection
-]
-_OPENCLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
-                   ("self_attn.out_proj", "attn.out_proj")]
-
-
-def unet_key_table(config: Mapping) -> dict[str, str]:
-    """diffusers UNet2DConditionModel module prefix -> LDM `openaimodel.UNetModel` prefix."""
-    per = config["layers_per_block"]
-    if not isinstance(per, int):
-        raise ModelError(f"unet: layers_per_block {per!r} has no LDM layout (needs one number)")
-    n = len(config["block_out_channels"])
-    table = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-             "mid_block.attentions.0": "middle_block.1"}
-
-    def resnet(hf: str, ldm: str) -> None:
-        table.update({f"{hf}.{a}": f"{ldm}.{b}" for a, b in _UNET_RESNET})
-
-    for i in range(n):
-        for j in range(per):  # input_blocks.0 is conv_in; each level holds `per` layers + a downsampler
-            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{1 + i * (per + 1) + j}.0")
-            table[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{1 + i * (per + 1) + j}.1"
-        if i < n - 1:
-            table[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (per + 1)}.0.op"
-        for j in range(per + 1):
-            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{i * (per + 1) + j}.0")
-            table[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * (per + 1) + j}.1"
-        if i < n - 1:  # the upsampler follows the attention when the level has one
-            slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
-            table[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{i * (per + 1) + per}.{slot}.conv"
-    resnet("mid_block.resnets.0", "middle_block.0")
-    resnet("mid_block.resnets.1", "middle_block.2")
-    return table
-
-
-def vae_key_table(config: Mapping) -> dict[str, str]:
-    """diffusers AutoencoderKL module prefix -> LDM `AutoencoderKL` prefix (decoder levels are numbered in reverse)."""
-    n, per = len(config["block_out_channels"]), config["layers_per_block"]
-    table = {f"{side}.{name}": f"{side}.{name}" for side in ("encoder", "decoder") for name in ("conv_in", "conv_out")}
-    table.update({"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out",
-                  "quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"})
-
-    def resnet(hf: str, ldm: str) -> None:
-        table[hf] = ldm
-        table[f"{hf}.conv_shortcut"] = f"{ldm}.nin_shortcut"
-
-    for i in range(n):
-        for j in range(per):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}")
-        for j in range(per + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{n - 1 - i}.block.{j}")
-        if i < n - 1:
-            table[f"encoder.down_blocks.{i}.downsamplers.0"] = f"encoder.down.{i}.downsample"
-            table[f"decoder.up_blocks.{i}.upsamplers.0"] = f"decoder.up.{n - 1 - i}.upsample"
-    for side in ("encoder", "decoder"):
-        for j in range(2):
-            resnet(f"{side}.mid_block.resnets.{j}", f"{side}.mid.block_{j + 1}")
-        for hf, ldm in _VAE_ATTENTION:
-            table[f"{side}.mid_block.attentions.0.{hf}"] = f"{side}.mid.attn_1.{ldm}"
-    return table
-
-
-def openclip_key_table(num_layers: int) -> dict[str, str]:
-    """transformers CLIP text model prefix -> open_clip prefix (without the fused q/k/v, see `_to_openclip`)."""
-    table = dict(_OPENCLIP)
-    for i in range(num_layers):
-        for hf, ldm in _OPENCLIP_LAYER:
-            table[f"text_model.encoder.layers.{i}.{hf}"] = f"transformer.resblocks.{i}.{ldm}"
-    return table
+# The reverse of the conversion above: diffusers names -> LDM names by the tables in `ldm_names`.
 
 
 def _rename(state: Mapping[str, torch.Tensor], table: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        parts = key.split(".")
-        for n in range(len(parts), 0, -1):
-            prefix = ".".join(parts[:n])
-            if prefix in table:
-                out[".".join([table[prefix], *parts[n:]])] = value
-                break
-        else:
+        ldm = rename(key, table)
+        if ldm is None:
             raise ModelError(f"{what}: no single-file name for {key}")
+        out[ldm] = value
     return out
 
 
@@ -496,13 +405,17 @@ def _refuse_adapters(module: torch.nn.Module, what: str) -> None:
 
 
 def unet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    return {UNET_PREFIX + k: v for k, v in _rename(state, unet_key_table(config), "unet").items()}
+    per = config["layers_per_block"]
+    if not isinstance(per, int):  # the LDM UNet, and every loader of its files, has one number of layers per level
+        raise ModelError(f"unet: layers_per_block {per!r} has no LDM layout (needs one number)")
+    table = unet_table(unet_layout_from_config(config))
+    return {UNET_PREFIX + k: v for k, v in _rename(state, table, "unet").items()}
 
 
 def vae_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping, prefix: str = VAE_PREFIX) -> dict[str, torch.Tensor]:
     """LDM VAE keys; the mid-block attention's linear q/k/v/proj_out become the 1x1 convs the original uses."""
     out = {}
-    for key, value in _rename(state, vae_key_table(config), "vae").items():
+    for key, value in _rename(state, vae_table(config), "vae").items():
         attention = ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
         if attention and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)
@@ -529,7 +442,7 @@ def _to_openclip(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, t
             continue
         else:
             rest[key] = value
-    out = _rename(rest, openclip_key_table(num_layers), "text encoder")
+    out = _rename(rest, openclip_table(num_layers), "text encoder")
     if "text_projection" in out:
         out["text_projection"] = out["text_projection"].T
     for (layer, kind), parts in qkv.items():  # nn.MultiheadAttention's in_proj is q, k, v stacked
@@ -575,7 +488,7 @@ def single_file_state_dict(model, arch: str | None = None) -> tuple[dict[str, to
     unet_config, vae_config = dict(unet.config), dict(vae.config)
     tensors = {**unet_to_ldm(unet.state_dict(), unet_config), **vae_to_ldm(vae.state_dict(), vae_config)}
     configs = {"arch": arch, "unet": _public(unet_config), "vae": _public(vae_config)}
-    for (component, prefix, layout), encoder in zip(TEXT_ENCODERS[arch], text_encoders):
+    for component, (prefix, layout), encoder in zip(component_names(arch), TEXT_ENCODERS[arch], text_encoders):
         state = _hf_clip_state(encoder)
         if layout == "openclip":
             state = _to_openclip(state, encoder.config.num_hidden_layers)
@@ -610,11 +523,10 @@ def save_single_file(model, path: str | Path, arch: str | None = None, metadata:
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     v_pred = configs["scheduler"].get("prediction_type") == "v_prediction"
-    spec_arch = "stable-diffusion-v2-768-v" if arch == "sd2" and v_pred else MODELSPEC_ARCH[arch]
     header = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": spec_arch,
+        "modelspec.architecture": modelspec_architecture(arch, v_pred),
         "modelspec.title": Path(path).stem,
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         CONFIG_METADATA_KEY: json.dumps(configs, default=list),

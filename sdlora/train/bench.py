@@ -91,13 +91,14 @@ def training_flops(model_path: str, setting: Setting, resolution: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdlora.adapters.lora import inject_lora
+    from sdlora.adapters.methods import adapters_for
     from sdlora.config import LoraConfig
-    from sdlora.train.plan import _meta_models, meta_unet_inputs, model_configs
+    from sdlora.models.loading import model_configs
+    from sdlora.models.meta import meta_models, meta_unet_inputs
 
     arch, configs = model_configs(model_path)
-    unet = _meta_models(arch, configs, torch.float16)["unet"]
-    inject_lora(unet, "unet", LoraConfig(rank=setting.rank, alpha=setting.rank))
+    unet = meta_models(arch, configs, torch.float16)["unet"]
+    adapters_for(LoraConfig(rank=setting.rank, alpha=setting.rank), total_steps=1).inject(unet, "unet")
     if setting.gradient_checkpointing:
         unet.train()
         unet.enable_gradient_checkpointing()
@@ -122,7 +123,8 @@ def run(model: str, setting: Setting, steps: int, resolution: int, work: Path) -
     import torch
 
     from sdlora.models.tiny import FULL_SIZE_MODELS, TINY_MODELS, tiny_model_path
-    from sdlora.train.recipe import WARMUP_STEPS, train
+    from sdlora.train.deferred import WARMUP_STEPS
+    from sdlora.train.recipe import train
 
     path = str(tiny_model_path(model)) if model in TINY_MODELS + FULL_SIZE_MODELS else model
     data = make_dataset(work / "data", max(8, setting.batch_size), resolution)

@@ -1,5 +1,5 @@
 """What the training loop learns from the device only when it syncs anyway: which steps had a NaN/Inf loss or
-gradient, and how long each step took.
+gradient, and how long each step took (and from that, the run's speed).
 
 Reading a GPU value on the host (`.item()`, `bool(t)`) waits for all queued work, so the host cannot prepare the
 next step while the GPU runs this one. A fused AdamW skips a flagged update on the device itself (the `found_inf`
@@ -93,3 +93,23 @@ class StepClock:
             self._open[-1][1].synchronize()
             self.seconds += [start.elapsed_time(end) / 1000 for start, end in self._open]
             self._open = []
+
+
+WARMUP_STEPS = 3  # first steps include allocator growth, cuDNN autotuning and compilation
+
+
+def speed_stats(step_seconds: list[float], images_per_step: int, device: torch.device) -> dict:
+    """Throughput after warm-up and peak device memory, as written to train_stats.json and read by benchmarks."""
+    timed = step_seconds[WARMUP_STEPS:] or step_seconds
+    ordered = sorted(timed)
+    stats = {
+        "steps_timed": len(timed),
+        "images_per_step": images_per_step,
+        "step_s_median": ordered[len(ordered) // 2] if ordered else 0.0,
+        "images_per_s": images_per_step * len(timed) / sum(timed) if timed else 0.0,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+    }
+    if device.type == "cuda":
+        stats["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        stats["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+    return stats

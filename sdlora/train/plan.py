@@ -12,18 +12,23 @@ fixed share, OVERHEAD; calibrate it against benchmarks/RESULTS.md when GPU figur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
-from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
-from sdlora.config import Config, config_to_dict
+from sdlora.config import Config, config_to_dict, derive, torch_dtype
 from sdlora.errors import PlanError
+from sdlora.models.clip_tokenizer import CLIP_POSITIONS
+from sdlora.models.loading import model_configs
+from sdlora.models.meta import meta_models, meta_unet_inputs
 
 GB = 1e9
 OVERHEAD = 0.15  # share added for what the trace cannot see (see the module docstring)
@@ -33,7 +38,6 @@ OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 
 # bitsandbytes keeps 32-bit state for tensors smaller than this (its optimizers' min_8bit_size): a rank-4 LoRA
 # factor of a 320- or 768-wide layer is one of them.
 BNB_MIN_8BIT_SIZE = 4096
-WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 # Share of the card left free when the plan turns a memory saving off for speed (the estimate is uncalibrated).
 RELAX_HEADROOM = 0.10
 # A plan is for a GPU, where "auto" precision is bf16 or fp16: two bytes a weight either way.
@@ -74,31 +78,6 @@ class Estimate:
         ]
 
 
-def model_configs(base_model: str, allow_unsafe_pickle: bool = False) -> tuple[str, dict[str, dict]]:
-    """(arch, {component: config}) of a base model, reading configs only (a single file's header, not weights)."""
-    from sdlora.models.loading import resolve_model_path
-    from sdlora.models.single_file import shipped_configs
-    from sdlora.models.tiny import FULL_SIZE_MODELS
-
-    if base_model in FULL_SIZE_MODELS:  # plan for SD1.5 / SDXL before downloading anything
-        arch = {"sd15": "sd1", "sdxl": "sdxl"}[base_model]
-        return arch, shipped_configs(arch)
-    path = resolve_model_path(base_model, allow_unsafe_pickle)
-    if path.is_file():
-        from sdlora.models.single_file import _embedded_configs, detect_checkpoint, read_header
-
-        shapes, metadata = read_header(path, allow_unsafe_pickle)
-        arch = detect_checkpoint(shapes, path.name)
-        return arch, _embedded_configs(metadata) or shipped_configs(arch)
-    configs = {}
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        file = path / part / "config.json"
-        if file.is_file():
-            configs[part] = json.loads(file.read_text())
-    arch = "sdxl" if "text_encoder_2" in configs else "sd2" if configs["unet"]["cross_attention_dim"] == 1024 else "sd1"
-    return arch, configs
-
-
 class _FlashLikeAttention(torch.autograd.Function):
     """Stands in for SDPA while tracing: saves what the flash / memory-efficient kernels save."""
 
@@ -114,8 +93,17 @@ class _FlashLikeAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _sdpa(q, k, v, *args, **kwargs):
-    return _FlashLikeAttention.apply(q, k, v)
+@contextlib.contextmanager
+def _flash_like_attention() -> Iterator[None]:
+    """SDPA counted as the flash / memory-efficient kernels store it, for the length of a trace. diffusers' attention
+    processors and transformers' CLIP call `F.scaled_dot_product_attention` through the module, so swapping that
+    one attribute reaches every attention layer of the meta models."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FlashLikeAttention.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _trace(model: torch.nn.Module, run, units: tuple[type, ...] = ()) -> tuple[int, int]:
@@ -143,32 +131,12 @@ def _trace(model: torch.nn.Module, run, units: tuple[type, ...] = ()) -> tuple[i
     handles = [m.register_forward_pre_hook(enter) for m in model.modules() if isinstance(m, units)]
     handles += [m.register_forward_hook(leave) for m in model.modules() if isinstance(m, units)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                mock.patch("torch.nn.functional.scaled_dot_product_attention", _sdpa):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _flash_like_attention():
             run()
     finally:
         for h in handles:
             h.remove()
     return sum(counted.values()), unit_max
-
-
-def _meta_models(arch: str, configs: dict, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdlora.models.single_file import _empty
-
-    def public(c):
-        return {k: v for k, v in c.items() if not k.startswith("_")}
-
-    models = {"unet": _empty(UNet2DConditionModel.from_config, public(configs["unet"])),
-              "vae": _empty(AutoencoderKL.from_config, public(configs["vae"])),
-              "te1": _empty(CLIPTextModel, CLIPTextConfig(**public(configs["text_encoder"])))}
-    if arch == "sdxl":
-        models["te2"] = _empty(CLIPTextModelWithProjection, CLIPTextConfig(**public(configs["text_encoder_2"])))
-    for name, m in models.items():
-        m.requires_grad_(False).to(torch.float32 if name == "vae" else dtype)
-    return models
 
 
 @dataclass
@@ -191,21 +159,21 @@ def trace(cfg: Config) -> _Traced:
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    from sdlora.adapters.lora import inject_lora
-    from sdlora.models.loading import component_names
-    from sdlora.train.recipe import DTYPES
+    from sdlora.adapters.methods import adapters_for
+    from sdlora.models.arch import component_names
 
     arch, configs = model_configs(cfg.model.base_model, cfg.model.allow_unsafe_pickle)
-    dtype = DTYPES[_precision(cfg)]
-    models = _meta_models(arch, configs, dtype)
+    dtype = torch_dtype(_precision(cfg))
+    models = meta_models(arch, configs, dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     unet, encoders = models["unet"], [models[n] for n in ("te1", "te2") if n in models]
     unet_linear = sum(p.numel() for m in unet.modules() if type(m) is torch.nn.Linear for p in m.parameters())
+    adapters = adapters_for(cfg.lora, total_steps=1)  # the layers only: no steps are taken
     if cfg.lora.train_unet:
-        inject_lora(unet, "unet", cfg.lora)
+        adapters.inject(unet, "unet")
     if cfg.lora.train_text_encoder:
         for name, encoder in zip(component_names(arch), encoders):
-            inject_lora(encoder, name, cfg.lora)
+            adapters.inject(encoder, name)
     trainable = [p.numel() for m in [unet, *encoders] for p in m.parameters() if p.requires_grad]
     lora_params, lora_params_8bit = sum(trainable), sum(n for n in trainable if n >= BNB_MIN_8BIT_SIZE)
 
@@ -222,25 +190,10 @@ def trace(cfg: Config) -> _Traced:
     saved_checkpointed, _ = _trace(unet, forward)
     te_saved = 0
     if cfg.lora.train_text_encoder:
-        ids = torch.zeros(1, 77, dtype=torch.long, device="meta")
+        ids = torch.zeros(1, CLIP_POSITIONS, dtype=torch.long, device="meta")
         te_saved = sum(_trace(e, lambda e=e: e(ids, output_hidden_states=True))[0] for e in encoders)
     return _Traced(params, lora_params, saved, saved_checkpointed, unit, te_saved, _vae_peak(models["vae"], cfg),
                    unet_linear, lora_params_8bit)
-
-
-def meta_unet_inputs(unet, resolution: int, dtype: torch.dtype) -> tuple:
-    """(latents, timestep, text states, SDXL added conditions or None) for one image at `resolution`, on the meta
-    device: what the UNet's forward pass takes, with the real shapes and no data."""
-    c = unet.config
-    meta = dict(device="meta", dtype=dtype)
-    side = resolution // 8
-    latents = torch.empty(1, c.in_channels, side, side, **meta)
-    states = torch.empty(1, 77, c.cross_attention_dim, **meta)
-    added = None
-    if c.addition_embed_type == "text_time":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        added = {"text_embeds": torch.empty(1, pooled, **meta), "time_ids": torch.empty(1, 6, **meta)}
-    return latents, torch.empty(1, dtype=torch.long, device="meta"), states, added
 
 
 def _vae_peak(vae, cfg: Config) -> int:
@@ -266,7 +219,7 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     """Peak memory of training with `cfg` (see the module docstring for what is counted)."""
     traced = traced or trace(cfg)
     t, d, lo = cfg.train, cfg.data, cfg.lora
-    wb = WEIGHT_BYTES[_precision(cfg)]
+    wb = torch_dtype(_precision(cfg)).itemsize
     p = traced.params
     te_weights = sum(n for name, n in p.items() if name.startswith("te")) * wb
     vae_weights = p["vae"] * 4
@@ -308,13 +261,12 @@ def offloads(cfg: Config) -> tuple[bool, bool]:
 class _Change(NamedTuple):
     """One config change the planner may make, and why."""
 
-    table: str
-    values: dict
+    values: dict  # {"table.key": value}
     why: str
     slows: bool = False  # costs speed: dropped again when a later change makes it needless
 
     def apply(self, cfg: Config) -> Config:
-        return dataclasses.replace(cfg, **{self.table: dataclasses.replace(getattr(cfg, self.table), **self.values)})
+        return derive(cfg, self.values)
 
 
 def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Config, Estimate, list[str]]:
@@ -338,19 +290,19 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
 
     steps = []
     if cfg.data.cache_latents == "none" and not cfg.data.random_crop:
-        steps.append(_Change("data", {"cache_latents": "memory"}, "cache latents: no VAE encoding during training"))
+        steps.append(_Change({"data.cache_latents": "memory"}, "cache latents: no VAE encoding during training"))
     if not cfg.lora.train_text_encoder and not cfg.data.cache_text_encoder_outputs and not (
         cfg.data.shuffle_caption or cfg.data.caption_dropout or cfg.data.tag_dropout
     ):
-        steps.append(_Change("data", {"cache_text_encoder_outputs": True},
+        steps.append(_Change({"data.cache_text_encoder_outputs": True},
                              "cache text-encoder outputs (frozen encoders can then leave the GPU)"))
     if not cfg.train.gradient_checkpointing:
-        steps.append(_Change("train", {"gradient_checkpointing": True},
+        steps.append(_Change({"train.gradient_checkpointing": True},
                              "gradient checkpointing: recompute activations in backward (~20-30% slower)", slows=True))
     if cfg.train.optimizer == "adamw":
-        steps.append(_Change("train", {"optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)", slows=True))
+        steps.append(_Change({"train.optimizer": "adamw8bit"}, "8-bit AdamW state (needs bitsandbytes)", slows=True))
     if cfg.model.quantize_base == "none" and cfg.lora.init != "pissa":
-        steps.append(_Change("model", {"quantize_base": "nf4"},
+        steps.append(_Change({"model.quantize_base": "nf4"},
                              "NF4 base: the UNet's Linear weights in 4 bits (QLoRA-style, needs bitsandbytes; slower "
                              "steps)", slows=True))
 
@@ -379,13 +331,13 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
         # it still fits with RELAX_HEADROOM to spare: a config that ran must not run out of memory for speed
         # (fp8 storage needs checkpointing, hence a second round once the base is no longer fp8).
         relax = [
-            (_Change("train", {"gradient_checkpointing": False},
+            (_Change({"train.gradient_checkpointing": False},
                      "gradient checkpointing off: there is room for the activations (~20-30% faster)"),
              lambda c: c.train.gradient_checkpointing and c.model.quantize_base != "fp8"),
-            (_Change("model", {"quantize_base": "none"},
+            (_Change({"model.quantize_base": "none"},
                      "no quantized base: there is room for the UNet's own weights (faster steps)"),
              lambda c: c.model.quantize_base != "none"),
-            (_Change("train", {"optimizer": "adamw"},
+            (_Change({"train.optimizer": "adamw"},
                      "AdamW instead of 8-bit AdamW: there is room for its state (fused, no host sync per step)"),
              lambda c: c.train.optimizer == "adamw8bit"),
         ]
@@ -399,8 +351,7 @@ def plan(cfg: Config, vram_gb: float, traced: _Traced | None = None) -> tuple[Co
         b = current.train.batch_size
         smaller = max(1, b // 2)
         accumulation = current.train.gradient_accumulation_steps * math.ceil(b / smaller)
-        current = dataclasses.replace(current, train=dataclasses.replace(
-            current.train, batch_size=smaller, gradient_accumulation_steps=accumulation))
+        current = derive(current, {"train.batch_size": smaller, "train.gradient_accumulation_steps": accumulation})
         reasons.append(f"batch {b} -> {smaller} with gradient accumulation {accumulation} (same effective batch)")
     result = estimate(current, traced)
     if result.total > budget:

@@ -23,10 +23,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 from PIL import Image
 
+from sdlora.config import SAMPLERS
 from sdlora.errors import USER_ERRORS, GenerationError, PathError
 from sdlora.generate.grid import grid_parameters, label_grid
 from sdlora.generate.pipeline import (
-    SAMPLERS,
     GenerationParams,
     LoraCache,
     LoraSpec,
@@ -257,7 +257,6 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
                  vae=None):
     """Generate tab: returns (gallery [(path, caption)], the seed used, an info line). `vae`: None or
     "model's own", else a VAE's name in models_dir (see `vae_choices`)."""
-    import gradio as gr
 
     with engine.lock, _user_errors():
         specs = engine.slot_specs(slots)
@@ -403,9 +402,7 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
     ends the run after the current step, which still saves the LoRA and a checkpoint. Returns (info line, loss
     curve as a PIL image or None, [(sample image, caption)] of the latest samples the preset rendered).
     """
-    import json
-
-    from sdlora.config import load_config
+    from sdlora.config import derive, load_config
     from sdlora.train.plan import fit, gpu_memory_gb
     from sdlora.train.recipe import train
 
@@ -417,14 +414,12 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
         out = resolve_inside(settings.lora_dir, name)
         if (out / f"{name}.safetensors").exists():
             raise PathError(f"{out / name}.safetensors exists; choose another name")
-        overrides = [
-            f"data.dirs=[{json.dumps(data.as_posix())}]", f"data.caption_prefix={json.dumps(trigger or '')}",
-            f"lora.rank={int(rank)}", f"lora.alpha={float(int(rank))}", f"train.learning_rate={float(learning_rate)}",
-            f"train.max_train_steps={int(steps)}", f"lora.method={json.dumps(method)}",
-            f"train.output_dir={json.dumps(out.as_posix())}",
-            f"train.output_name={json.dumps(name)}",
-        ]
-        cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None, overrides)
+        cfg = derive(load_config(resolve_inside(settings.configs_dir, preset) if preset else None), {
+            "data.dirs": [data.as_posix()], "data.caption_prefix": trigger or "", "lora.rank": int(rank),
+            "lora.alpha": float(int(rank)), "train.learning_rate": float(learning_rate),
+            "train.max_train_steps": int(steps), "lora.method": method, "train.output_dir": out.as_posix(),
+            "train.output_name": name,
+        })
         changes = []
         vram = gpu_memory_gb()
         if vram is not None:  # the preset is fitted to this card (the run's config.toml records how)
@@ -530,9 +525,9 @@ def _dataset_folder(settings: AppSettings, dataset: str | None) -> Path:
 
 
 def _caption_images(folder: Path) -> list[Path]:
-    from sdlora.data.dataset import _is_training_image
+    from sdlora.data.dataset import is_training_image
 
-    return sorted(p for p in folder.iterdir() if _is_training_image(p))
+    return sorted(p for p in folder.iterdir() if is_training_image(p))
 
 
 def _read_caption(path: Path) -> str:

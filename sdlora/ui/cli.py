@@ -10,9 +10,10 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
-from sdlora.config import load_config
+from sdlora.config import SAMPLERS, FileDtype, Targets, derive, load_config, torch_dtype
 from sdlora.errors import USER_ERRORS, ConfigError, MissingFileError, SdloraError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=0)
     p.add_argument("--seed", type=int, default=1, help="-1: a random seed")
     p.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
-    p.add_argument("--sampler", default="euler", help="euler, euler_a, dpmpp_2m_karras, ddim, unipc, lcm")
+    p.add_argument("--sampler", default="euler", choices=SAMPLERS)
     p.add_argument("--out", default="outputs/generated")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
@@ -179,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", required=True, help="the fine-tuned model (same architecture)")
     p.add_argument("--rank", type=_positive_int, required=True, help="LoRA rank per module")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--targets", choices=["attn", "attn_mlp", "all"], default="attn",
+    p.add_argument("--targets", choices=typing.get_args(Targets), default="attn",
                    help="module set, as lora.targets in training (default attn: attention projections)")
     p.add_argument("--conv", action="store_true", help="also the ResNet and sampler convs (LoCon)")
     _add_written_options(p)
@@ -201,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float)
     p.add_argument("--width", type=int, help="0: 1024 for SDXL, 512 otherwise")
     p.add_argument("--height", type=int)
-    p.add_argument("--sampler", help="euler, euler_a, dpmpp_2m_karras, ddim, unipc, lcm")
+    p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--out", help="PNG to write (default: RUN_DIR/grid.png)")
     p.add_argument("--clip", metavar="PATH", help="local CLIP model folder: also write RUN_DIR/similarity.csv "
                    "(CLIP-T to the prompt, CLIP-I to the training images, per file and weight)")
@@ -248,7 +249,7 @@ def _add_strict_option(p: argparse.ArgumentParser) -> None:
 
 def _add_written_options(p: argparse.ArgumentParser) -> None:
     """--dtype of the files the LoRA tools write."""
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+    p.add_argument("--dtype", choices=typing.get_args(FileDtype), default="fp16",
                    help="dtype of the written tensors (default fp16)")
 
 
@@ -403,56 +404,50 @@ def _cmd_inspect(args, extra) -> int:
 
 
 def _cmd_merge_into_base(args, extra) -> int:
-    from sdlora.adapters.export import EXPORT_DTYPES
-    from sdlora.adapters.tools import merge_into_base
+    from sdlora.generate.merge import merge_into_base
 
-    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, EXPORT_DTYPES[args.dtype],
+    print(merge_into_base(args.model, [_parse_lora_arg(item) for item in args.lora], args.out, torch_dtype(args.dtype),
                           strict=args.strict))
     return 0
 
 
 def _cmd_merge_loras(args, extra) -> int:
-    from sdlora.adapters.export import EXPORT_DTYPES
     from sdlora.adapters.tools import merge_lora_files
 
-    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank, EXPORT_DTYPES[args.dtype])
+    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank, torch_dtype(args.dtype))
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
 
 
 def _cmd_resize(args, extra) -> int:
-    from sdlora.adapters.export import EXPORT_DTYPES
     from sdlora.adapters.tools import resize_lora_file
 
-    report = resize_lora_file(args.file, args.out, args.rank, args.energy, EXPORT_DTYPES[args.dtype])
+    report = resize_lora_file(args.file, args.out, args.rank, args.energy, torch_dtype(args.dtype))
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
 
 
 def _cmd_extract(args, extra) -> int:
-    from sdlora.adapters.export import EXPORT_DTYPES
     from sdlora.adapters.tools import extract_lora_file
 
-    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv, EXPORT_DTYPES[args.dtype])
+    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv, torch_dtype(args.dtype))
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
 
 
 def _cmd_doctor(args, extra) -> int:
-    from dataclasses import replace
-
-    overrides = [f"data.resolution={args.resolution}"] if args.resolution is not None else []
-    data = load_config(args.config, overrides).data
+    changes = {"data.resolution": args.resolution} if args.resolution is not None else {}
     if args.dirs:
-        data = replace(data, dirs=list(args.dirs))
+        changes["data.dirs"] = list(args.dirs)
     elif args.config is None:
         raise ConfigError("doctor: give one or more dataset folders, or --config with data.dirs")
+    cfg = derive(load_config(args.config), changes)
     from sdlora.data.doctor import diagnose, format_report
 
-    report = diagnose(data)
+    report = diagnose(cfg.data)
     print(format_report(report))
     return 0 if report.ok else 1
 

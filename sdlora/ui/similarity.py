@@ -112,11 +112,11 @@ def embed_images(clip: Clip, images: list[Image.Image | Path]) -> torch.Tensor:
     """Unit-length image embeddings, (len(images), projection_dim), float32 on the CPU. Paths are read a batch at
     a time as training reads them (EXIF rotation, alpha on white), so hundreds of training images never sit in
     memory together."""
-    from sdlora.data.dataset import _load_rgb
+    from sdlora.data.dataset import load_rgb
 
     out = []
     for start in range(0, len(images), _BATCH):
-        batch = [_load_rgb(Path(x)) if isinstance(x, (str, Path)) else x.convert("RGB")
+        batch = [load_rgb(Path(x)) if isinstance(x, (str, Path)) else x.convert("RGB")
                  for x in images[start:start + _BATCH]]
         pixels = clip.processor(images=batch, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(clip.device, clip.model.dtype)

@@ -1,0 +1,47 @@
+"""The optimizer over a run's adapters: AdamW (fused on a GPU), 8-bit AdamW, Prodigy or Adafactor, with LoRA+'s
+learning rates for the up matrices and a learning rate per model."""
+
+from __future__ import annotations
+
+import torch
+
+from sdlora import bnb_import
+from sdlora.adapters.lora import is_up_weight, trainable_parameters
+from sdlora.config import TrainConfig
+from sdlora.errors import TrainingError
+
+
+def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: bool) -> torch.optim.Optimizer:
+    """The optimizer over the adapters; `fused` (AdamW on a GPU) also lets the loop skip NaN steps without a sync.
+
+    On a CPU, fused AdamW is ~15x slower than foreach over LoRA's many small tensors (0.65 s vs 0.04 s a step for
+    600 [64, 8] tensors on a 2-core CPU)."""
+    groups = []
+    for name, module in trained.items():
+        lr = (t.unet_lr if name == "unet" else t.text_encoder_lr) or t.learning_rate
+        params = trainable_parameters(module)
+        down = [p for n, p in params.items() if not (t.loraplus_lr_ratio and is_up_weight(n))]
+        up = [p for n, p in params.items() if t.loraplus_lr_ratio and is_up_weight(n)]
+        groups.append({"params": down, "lr": lr, "name": f"{name}"})
+        if up:
+            # LoRA+ (arXiv 2402.12354): B learns faster than A for the same stability.
+            groups.append({"params": up, "lr": lr * t.loraplus_lr_ratio, "name": f"{name}_up"})
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else True)
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=t.learning_rate, weight_decay=t.weight_decay, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
+    if t.optimizer == "adamw8bit":
+        try:
+            bnb = bnb_import.load()
+        except ImportError:
+            raise TrainingError("train.optimizer = \"adamw8bit\" needs bitsandbytes: pip install 'sdlora[bnb]'") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=t.weight_decay)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise TrainingError("train.optimizer = \"prodigy\" needs prodigyopt: pip install 'sdlora[prodigy]'") from None
+    # Prodigy estimates the step size itself; the learning rate is a multiplier (1.0 is the usual choice).
+    return Prodigy(groups, weight_decay=t.weight_decay)
