@@ -50,6 +50,20 @@ def test_runs_every_stage_and_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert "| the demo's 12 held-out prompts x 1 seeds | 12 |" in card and "--vae-steps 3" in card
 
 
+def test_unet_until_ships_an_early_step_and_the_run_goes_on_to_the_same_end(tmp_path):
+    straight, early, ship = tmp_path / "straight", tmp_path / "early", tmp_path / "ship"
+    pretrain.pretrain(SMALL, straight, stop_after="unet")
+    pretrain.pretrain(SMALL, early, ship, unet_until=2)
+    assert json.loads((early / "unet_until_2_log.json").read_text())["step"] == 2
+    card = (ship / "MODEL_CARD.md").read_text()
+    assert "UNet + text encoder: 2 steps" in card and "--unet-until 2" in card
+    shipped = load_file(str(ship / "unet.safetensors"))
+    pretrain.pretrain(SMALL, early, stop_after="unet")  # the same command without --unet-until goes on
+    a, b = (load_file(str(run / "unet_final.safetensors")) for run in (straight, early))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(shipped[k], b[f"unet.{k}"].half()) for k in shipped)
+
+
 def test_a_folder_refuses_other_settings(tmp_path):
     pretrain._record_config(SMALL, tmp_path)
     with pytest.raises(SystemExit, match="unet_steps"):

@@ -5,7 +5,7 @@ UNet2DConditionModel, CLIPTextModel with the real CLIP tokenizer) at toy widths,
 toy-world scenes until it draws what its captions say. This is a from-scratch training of whole models, which
 sdlora's LoRA recipe does not do, so it has its own short loop here.
 
-    python -m sdlora.toyworld.pretrain WORK_DIR [--ship sdlora/model_weights/toy-sd15]
+    python -m sdlora.toyworld.pretrain WORK_DIR [--ship sdlora/model_configs/toy-sd15] [--unet-until STEP]
 
 Stages, each resumable from its newest checkpoint (run the same command again after a stop):
   vae      AutoencoderKL on random 64 px crops of renders in random looks (so it reconstructs any style)
@@ -15,6 +15,8 @@ Stages, each resumable from its newest checkpoint (run the same command again af
   decoder  the VAE's decoder trained on alone, its encoder (so the latent space) frozen: fine textures
   export   the EMA weights in fp16 into the shipped folder, beside the shipped configs, and a model card
 The unet and decoder stages read the same inputs and can run side by side (`--only unet`, `--only decoder`).
+`--unet-until STEP` ends the UNet stage at a step of its schedule (a multiple of --checkpoint-every) and exports
+that: a run that cannot finish on the time it has still ships reproducible weights, and goes on without the option.
 Every random draw is derived from (seed, stage, step), so a resumed run gives the same weights as one that
 never stopped.
 """
@@ -79,21 +81,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ship", type=Path, help="write the finished fp16 weights into this folder")
     parser.add_argument("--stop-after", choices=STAGES[:-1], help="end after this stage")
     parser.add_argument("--only", choices=STAGES, help="run only this stage (the earlier ones must have run)")
+    parser.add_argument("--unet-until", type=int, metavar="STEP",
+                        help="end the UNet stage at this step of its schedule (a multiple of --checkpoint-every)")
     defaults = PretrainConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    pretrain(cfg, args.work, args.ship, args.stop_after, args.only)
+    if args.unet_until is not None and not (0 < args.unet_until <= cfg.unet_steps
+                                            and args.unet_until % cfg.checkpoint_every == 0):
+        parser.error(f"--unet-until {args.unet_until}: give a multiple of --checkpoint-every "
+                     f"({cfg.checkpoint_every}) up to --unet-steps ({cfg.unet_steps})")
+    pretrain(cfg, args.work, args.ship, args.stop_after, args.only, args.unet_until)
 
 
 STAGES = ("vae", "latents", "unet", "decoder", "export")
 
 
 def pretrain(cfg: PretrainConfig, work: Path, ship: Path | None = None, stop_after: str | None = None,
-             only: str | None = None) -> None:
+             only: str | None = None, unet_until: int | None = None) -> None:
     """Run the stages in order (each skipped when its result exists), up to `stop_after`; or `only` one of them,
-    whose inputs must exist (the UNet and the decoder stages need the same inputs and can run side by side)."""
+    whose inputs must exist (the UNet and the decoder stages need the same inputs and can run side by side).
+    `unet_until` ends the UNet stage at that step of its schedule, and export ships that."""
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
     _record_config(cfg, work)
@@ -102,11 +111,11 @@ def pretrain(cfg: PretrainConfig, work: Path, ship: Path | None = None, stop_aft
     if "latents" in wanted:
         make_latents(cfg, work, vae)
     if "unet" in wanted or "export" in wanted:
-        unet, text_encoder = train_unet(cfg, work)
+        unet, text_encoder = train_unet(cfg, work, unet_until)
     if "decoder" in wanted or "export" in wanted:
         vae = tune_decoder(cfg, work, vae)
     if "export" in wanted and ship:
-        export(cfg, work, ship, vae, unet, text_encoder)
+        export(cfg, work, ship, vae, unet, text_encoder, unet_until)
 
 
 def _record_config(cfg: PretrainConfig, work: Path) -> None:
@@ -135,10 +144,10 @@ def _generator(cfg: PretrainConfig, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step)
 
 
-def _resume(folder: Path, modules: dict[str, torch.nn.Module], optimizer, ema=None) -> dict:
-    """Load the newest checkpoint in `folder` into the modules, optimizer and EMA; its state (step, loss log,
-    seconds spent), or a fresh one."""
-    checkpoints = list_checkpoints(folder)
+def _resume(folder: Path, modules: dict[str, torch.nn.Module], optimizer, ema=None, at_most: int = 0) -> dict:
+    """Load the newest checkpoint in `folder` (of step `at_most` or earlier, when given) into the modules,
+    optimizer and EMA; its state (step, loss log, seconds spent), or a fresh one."""
+    checkpoints = [c for c in list_checkpoints(folder) if not at_most or _step_of(c) <= at_most]
     if not checkpoints:
         return {"step": 0, "losses": [], "seconds": 0.0}
     weights, optimizer_state, state = load_checkpoint(checkpoints[-1])
@@ -167,18 +176,20 @@ def _checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, st
 
 
 def _train(desc: str, cfg: PretrainConfig, folder: Path, modules: dict[str, torch.nn.Module], optimizer,
-           base_lrs: list[float], total: int, step_loss, ema=None, clip: float = 0.0) -> dict:
-    """The loop both stages share: resume, then `step_loss(step)` -> (loss, value to log) until `total` steps,
-    with warm-up and cosine decay, checkpoints every `cfg.checkpoint_every` steps and the mean logged value
-    per 100 steps (and at the end). Returns the final state (step, losses, seconds)."""
-    state = _resume(folder, modules, optimizer, ema)
+           base_lrs: list[float], total: int, step_loss, ema=None, clip: float = 0.0, until: int = 0) -> dict:
+    """The loop the stages share: resume, then `step_loss(step)` -> (loss, value to log) until `total` steps
+    (or `until`, the schedule still that of `total`), with warm-up and cosine decay, checkpoints every
+    `cfg.checkpoint_every` steps and the mean logged value per 100 steps (and at the end). Returns the final
+    state (step, losses, seconds)."""
+    state = _resume(folder, modules, optimizer, ema, at_most=until)
+    end = until or total
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for module in modules.values():
         module.train()
     started = time.perf_counter() - state.get("seconds", 0.0)
     bar = tqdm(total=total, initial=state["step"], desc=desc, unit="step")
     running = []
-    while state["step"] < total:
+    while state["step"] < end:
         loss, logged = step_loss(state["step"])
         loss.backward()
         if clip:
@@ -193,11 +204,11 @@ def _train(desc: str, cfg: PretrainConfig, folder: Path, modules: dict[str, torc
         state["step"] += 1
         running.append(logged)
         bar.update()
-        if state["step"] % 100 == 0 or state["step"] == total:
+        if state["step"] % 100 == 0 or state["step"] == end:
             state["losses"].append([state["step"], float(np.mean(running))])
             bar.set_postfix(loss=f"{state['losses'][-1][1]:.4f}")
             running = []
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total:
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == end:
             state["seconds"] = time.perf_counter() - started
             _checkpoint(folder, modules, optimizer, state, ema)
     bar.close()
@@ -296,7 +307,7 @@ def make_latents(cfg: PretrainConfig, work: Path, vae) -> None:
 # --- stage 3: the UNet and the text encoder -----------------------------------------------------------------
 
 
-def train_unet(cfg: PretrainConfig, work: Path):
+def train_unet(cfg: PretrainConfig, work: Path, until: int | None = None):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel, compute_snr
     from safetensors import safe_open
@@ -306,7 +317,7 @@ def train_unet(cfg: PretrainConfig, work: Path):
 
     unet, _, text_encoder = build_models()
     modules = {"unet": unet, "text_encoder": text_encoder}
-    final = work / "unet_final.safetensors"
+    final, log = _unet_files(cfg, work, until)
     if final.is_file():
         _load_into(modules, _load(final))
         return unet.eval(), text_encoder.eval()
@@ -340,11 +351,18 @@ def train_unet(cfg: PretrainConfig, work: Path):
         return (per_sample * torch.clamp(snr, max=cfg.min_snr_gamma) / snr).mean(), per_sample.mean().item()
 
     state = _train("UNet + text encoder", cfg, work / "unet", modules, optimizer,
-                   [cfg.unet_lr, cfg.text_encoder_lr], cfg.unet_steps, step_loss, ema=ema, clip=1.0)
+                   [cfg.unet_lr, cfg.text_encoder_lr], cfg.unet_steps, step_loss, ema=ema, clip=1.0,
+                   until=until or 0)
     ema.copy_to(params)
     save_safetensors(_prefixed(modules), final)
-    write_text(work / "unet_log.json", json.dumps(state))
+    write_text(log, json.dumps(state))
     return unet.eval(), text_encoder.eval()
+
+
+def _unet_files(cfg: PretrainConfig, work: Path, until: int | None) -> tuple[Path, Path]:
+    """The UNet stage's EMA weights and log: of the whole schedule, or of the run ended at `until`."""
+    name = "unet" if until in (None, cfg.unet_steps) else f"unet_until_{until}"
+    return work / f"{name}_final.safetensors", work / f"{name}_log.json"
 
 
 # --- stage 4: the decoder, fine-tuned ------------------------------------------------------------------------
@@ -398,7 +416,8 @@ def ema_models(work: Path):
 # --- stage 5: the shipped weights ---------------------------------------------------------------------------
 
 
-def export(cfg: PretrainConfig, work: Path, ship: Path, vae, unet, text_encoder) -> None:
+def export(cfg: PretrainConfig, work: Path, ship: Path, vae, unet, text_encoder, unet_until: int | None = None
+           ) -> None:
     """fp16 weights, one file per network, beside the configs they must match (the VAE's scaling factor set to
     the one measured on the latents), and a model card with the figures measured on the shipped weights."""
     from sdlora.models.tiny import config_dir
@@ -416,10 +435,11 @@ def export(cfg: PretrainConfig, work: Path, ship: Path, vae, unet, text_encoder)
         save_safetensors({k: v.half() for k, v in module.state_dict().items()}, ship / f"{name}.safetensors")
         # Measure what ships: the fp16 weights, computed in fp32 as every loader does.
         module.load_state_dict(_load(ship / f"{name}.safetensors"))
-    write_text(ship / "MODEL_CARD.md", model_card(cfg, work, modules))
+    write_text(ship / "MODEL_CARD.md", model_card(cfg, work, modules, unet_until))
 
 
-def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Module]) -> str:
+def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Module], unet_until: int | None = None
+               ) -> str:
     """The shipped model's card: data, recipe, losses, the command, and its prompt following measured by the
     toy world's evaluator on fixed seeds."""
     from sdlora.generate.pipeline import build_pipeline
@@ -435,11 +455,14 @@ def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Modu
     held_out = measure_base(pipe, evaluation_scenes(), settings)
     rng = random.Random(cfg.seed * 7 + 3)
     fresh = measure_base(pipe, [sample_scene(rng) for _ in range(cfg.card_scenes)], RenderSettings(seeds=(1,)))
-    logs = {stage: json.loads((work / f"{stage}_log.json").read_text()) for stage in ("vae", "decoder", "unet")}
+    logs = {stage: json.loads((work / f"{stage}_log.json").read_text()) for stage in ("vae", "decoder")}
+    logs["unet"] = json.loads(_unet_files(cfg, work, unet_until)[1].read_text())
     sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     changed = {k: v for k, v in asdict(cfg).items()
                if v != getattr(PretrainConfig(), k) and k not in ("threads", "card_seeds", "card_scenes")}
     options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
+    if unet_until:
+        options = f"{options} --unet-until {unet_until}".strip()
 
     def row(name: str, r: dict) -> str:
         return f"| {name} | {r['images']} | {r['colour']:.0%} | {r['position']:.0%} | {r['shape']:.0%} |"
@@ -464,9 +487,10 @@ def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Modu
         f"{cfg.decoder_steps:,} steps, final L1 {logs['decoder']['losses'][-1][1]:.4f}, "
         f"{logs['decoder']['seconds'] / 60:.0f} min. Scaling factor {modules['vae'].config.scaling_factor} (unit "
         "variance of the latents).",
-        f"- UNet + text encoder: {cfg.unet_steps:,} steps of batch {cfg.unet_batch} over {cfg.scenes:,} scenes "
-        f"encoded once, AdamW {cfg.unet_lr:g} (text encoder {cfg.text_encoder_lr:g}), warm-up "
-        f"{cfg.warmup_steps} steps then cosine decay, caption dropout {cfg.caption_dropout:g}, Min-SNR "
+        f"- UNet + text encoder: {logs['unet']['step']:,} steps of batch {cfg.unet_batch} over {cfg.scenes:,} "
+        f"scenes encoded once, AdamW {cfg.unet_lr:g} (text encoder {cfg.text_encoder_lr:g}), warm-up "
+        f"{cfg.warmup_steps} steps then cosine decay over {cfg.unet_steps:,} steps"
+        f"{EARLY_END if unet_until else ''}, caption dropout {cfg.caption_dropout:g}, Min-SNR "
         f"{cfg.min_snr_gamma:g}, EMA {cfg.ema_decay:g} (shipped); final MSE {logs['unet']['losses'][-1][1]:.4f}, "
         f"{logs['unet']['seconds'] / 3600:.1f} h.",
         f"- Command: `python -m sdlora.toyworld.pretrain WORK_DIR --ship sdlora/model_configs/{MODEL}"
@@ -502,6 +526,13 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+EARLY_END = " (ended early with --unet-until: the same command without it goes on)"
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rpartition("-")[2])
 
 
 def _scaling_factor(work: Path) -> float:
