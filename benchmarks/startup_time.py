@@ -4,8 +4,9 @@
     python benchmarks/startup_time.py --runs 15
 
 Each command runs as a user starts it (a fresh `python -m sdlora.cli` process, with this interpreter), on a LoRA
-file with SD1.5 module names (84 attention modules, rank 4, fp16) and a 20-image captioned folder made here. The median wall time is reported, and its ratio to `python -c pass` measured in the same run, so machines
-and loads compare. Goal (issue 17): both under 1.5 s on a 2-core machine.
+file with SD1.5 module names (84 attention modules, rank 4, fp16) and a 20-image captioned folder made here. The
+median wall time is reported, and its ratio to `python -c pass` measured in the same run, so machines and loads
+compare. Goal (issue 17): both under 1.5 s on a 2-core machine.
 """
 
 from __future__ import annotations

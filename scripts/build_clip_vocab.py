@@ -41,7 +41,8 @@ def main() -> None:
     vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    (OUT / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
     (OUT / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     print(f"wrote {len(vocab)} tokens and {len(merges)} merges to {OUT}")
 

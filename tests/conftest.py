@@ -31,6 +31,24 @@ def sdxl_path():
 
 
 @pytest.fixture(scope="module")
+def pipe():
+    """The tiny SD1 pipeline, progress bars off."""
+    from sdlora.generate.pipeline import load_pipeline
+
+    pipe = load_pipeline("tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def cache(pipe):
+    """The one LoraCache of `pipe`."""
+    from sdlora.generate.pipeline import LoraCache
+
+    return LoraCache(pipe)
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Six captioned sample images in a folder of their own, for short training runs."""
     folder = tmp_path_factory.mktemp("data") / "imgs"

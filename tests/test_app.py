@@ -310,7 +310,8 @@ def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
     local = _train_settings(tmp_path)
     preset = load_config(local.configs_dir / "mini.toml", ["lora.rank=4", "lora.alpha=4.0"])  # as the tab sets it
     cached = dataclasses.replace(preset, data=dataclasses.replace(preset.data, cache_latents="memory"))
-    between = (sdlora.train.plan.estimate(preset).total + sdlora.train.plan.estimate(cached).total) / 2 / sdlora.train.plan.GB
+    plan = sdlora.train.plan
+    between = (plan.estimate(preset).total + plan.estimate(cached).total) / 2 / plan.GB
     monkeypatch.setattr(sdlora.train.plan, "gpu_memory_gb", lambda: between)  # a card just too small for the preset
     info, _, _ = run_train(Engine(local), "mini.toml", "imgs", "fitted", "zkstyle", 4, 1e-3, 2)
     assert "trained in" in info and "fitted to the GPU's" in info and "cache latents" in info

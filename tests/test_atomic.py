@@ -23,7 +23,8 @@ def test_too_little_free_space_refuses_before_writing(tmp_path, monkeypatch):
     path = tmp_path / "lora.safetensors"
     save_safetensors({"w": torch.ones(4)}, path)
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _: Usage(10**9, 10**9, atomic.DISK_RESERVE + 100))
-    with pytest.raises(DiskSpaceError, match=r"lora.*not enough disk space \(0\.0 MiB to write.*nothing was overwritten"):
+    message = r"lora.*not enough disk space \(0\.0 MiB to write.*nothing was overwritten"
+    with pytest.raises(DiskSpaceError, match=message):
         save_safetensors({"w": torch.zeros(1000)}, path)
     assert torch.equal(load_file(path)["w"], torch.ones(4))
     assert _leftovers(tmp_path) == []

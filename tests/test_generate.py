@@ -26,7 +26,6 @@ from sdlora.generate.pipeline import (
     a1111_parameters,
     generate_images,
     list_lora_files,
-    load_pipeline,
     parse_a1111_parameters,
 )
 
@@ -36,7 +35,8 @@ PARAMS = GenerationParams(prompt="zkstyle, a boat", steps=2, width=64, height=64
 
 def trained_loras(tmp_path_factory) -> Path:
     """A folder with two tiny SD1 LoRAs, `alpha/alpha.safetensors` and `beta/beta.safetensors`, trained with
-    `sdlora.train.recipe` (2 steps, different seeds), plus the checkpoint folders training leaves. Built once a session."""
+    `sdlora.train.recipe` (2 steps, different seeds), plus the checkpoint folders training leaves. Built once a
+    session."""
     folder = tmp_path_factory.getbasetemp() / "trained-loras"
     if (folder / "beta" / "beta.safetensors").is_file():
         return folder
@@ -71,18 +71,6 @@ def alpha(lora_dir):
 @pytest.fixture(scope="module")
 def beta(lora_dir):
     return lora_dir / "beta" / "beta.safetensors"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = load_pipeline("tiny-sd15")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def cache(pipe):
-    return LoraCache(pipe)
 
 
 def render(pipe, cache, loras=(), params=PARAMS, **kwargs) -> bytes:
@@ -187,7 +175,8 @@ def test_png_parameters_round_trip(pipe, cache, alpha, beta, lora_dir, tmp_path)
      'Seed: 1, Size: 64x64, Lora hashes: "a: 0123456789ab, b: ba9876543210"',
      dict(prompt="a cat,\nwith a hat", negative_prompt="ugly,\nblurry", steps=30, cfg=4.5, sampler="dpmpp_2m_karras")),
     ("just a prompt", dict(prompt="just a prompt")),
-    ("x\nSteps: 8, Sampler: Heun, Schedule type: Automatic, CFG scale: 1, Seed: 2, Size: 64x64", dict(steps=8, sampler="euler")),
+    ("x\nSteps: 8, Sampler: Heun, Schedule type: Automatic, CFG scale: 1, Seed: 2, Size: 64x64",
+     dict(steps=8, sampler="euler")),
 ])
 def test_parse_a1111_parameters(text, expected):
     params, fields = parse_a1111_parameters(text)

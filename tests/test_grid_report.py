@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_generate import cache, pipe  # noqa: F401  (module fixtures: the tiny SD1 pipeline and its one LoraCache)
 
 from sdlora.cli import main
 from sdlora.generate.grid import (

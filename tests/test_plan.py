@@ -108,7 +108,8 @@ def test_plan_quantizes_the_base_before_shrinking_the_batch():
                   "lora.train_text_encoder=false", "lora.rank=4", "lora.alpha=4")
     traced = plan.trace(cfg)
     saved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_text_encoder_outputs=True),
-                                train=dataclasses.replace(cfg.train, gradient_checkpointing=True, optimizer="adamw8bit"))
+                                train=dataclasses.replace(cfg.train, gradient_checkpointing=True,
+                                                          optimizer="adamw8bit"))
     without = plan.estimate(saved, traced).total
     nf4 = plan.estimate(dataclasses.replace(saved, model=dataclasses.replace(saved.model, quantize_base="nf4")),
                         traced).total

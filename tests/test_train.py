@@ -27,7 +27,8 @@ from sdlora.train.recipe import train, with_precision
 REPO = Path(__file__).resolve().parents[1]
 # Modules that get no gradient by construction: at 64 px the mid block sees a 1x1 latent (self-attention over
 # one token gives q and k no gradient), and SDXL reads text encoder 1's penultimate layer, so its last is unused.
-NO_GRADIENT = re.compile(r"lora_unet_(mid_block|middle_block_1)_.*attn1_to_[qk]\.|lora_te1_text_model_encoder_layers_11_")
+NO_GRADIENT = re.compile(r"lora_unet_(mid_block|middle_block_1)_.*attn1_to_[qk]\."
+                         r"|lora_te1_text_model_encoder_layers_11_")
 
 
 def make_cfg(dataset, out, *overrides):
@@ -73,7 +74,8 @@ def test_loss_decreases_and_only_adapters_change():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0], losses
-    after = {k.replace(".base_layer", ""): v for k, v in {**unet.state_dict(), **te.state_dict()}.items() if "lora_" not in k}
+    after = {k.replace(".base_layer", ""): v for k, v in {**unet.state_dict(), **te.state_dict()}.items()
+             if "lora_" not in k}
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before), "base weights changed"
 
@@ -223,7 +225,7 @@ def test_sdxl_trains_both_text_encoders(dataset, tmp_path):
                if k.startswith(prefix) and k.endswith("lora_up.weight") and not NO_GRADIENT.match(k)]
         assert ups and all(v.abs().sum() > 0 for v in ups), prefix
     losses = _tb_losses(tmp_path / "xl" / "logs" / "sdlora")
-    assert len(losses) == 8 and all(l == l for l in losses)
+    assert len(losses) == 8 and all(loss == loss for loss in losses)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -237,7 +239,7 @@ def test_sdxl_trains_both_text_encoders(dataset, tmp_path):
 def test_training_options_run(dataset, tmp_path, overrides):
     path = train(make_cfg(dataset, tmp_path / "opt", *overrides))
     losses = _tb_losses(tmp_path / "opt" / "logs" / "sdlora")
-    assert losses and all(0 < l < 10 for l in losses)
+    assert losses and all(0 < loss < 10 for loss in losses)
     assert all(torch.isfinite(v).all() for v in adapter(path).values())
 
 
@@ -357,7 +359,8 @@ def test_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(da
     full = namedtuple("Usage", "total used free")(10**12, 10**12, 0)
     monkeypatch.setattr(sdlora.atomic.shutil, "disk_usage", lambda _: full)
     capsys.readouterr()
-    code = main(["train", str(config), "train.max_train_steps=4", "train.checkpoint_every_n_steps=2", "--resume", "latest"])
+    code = main(["train", str(config), "train.max_train_steps=4", "train.checkpoint_every_n_steps=2",
+                 "--resume", "latest"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "not enough disk space" in err[-1] and "Traceback" not in "\n".join(err)
     assert_same(before, load_file(str(out / "checkpoint-2" / "adapters.safetensors")))
@@ -468,7 +471,8 @@ def test_init_lora_keeps_each_modules_rank_and_alpha(dataset, tmp_path):
 
 def _toml(path: Path, dataset, *lines: str) -> Path:
     path.write_text(f'[data]\ndirs = ["{dataset.as_posix()}"]\nresolution = 64\nmin_bucket_reso = 64\n'
-                    f'[train]\noutput_dir = "{(path.parent / "out").as_posix()}"\nmax_train_steps = 1\n' + "\n".join(lines))
+                    f'[train]\noutput_dir = "{(path.parent / "out").as_posix()}"\nmax_train_steps = 1\n'
+                    + "\n".join(lines))
     return path
 
 
