@@ -1,11 +1,12 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - venv + install, train a LoRA on sample_images/ with the tiny model, export, render samples
 #   make test   - venv + install, run the whole test suite
+#   make lint   - venv + install, ruff (lint and import order) and mypy (the sdlora package's types)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean smoke-newest smoke-oldest
+.PHONY: demo test lint install clean smoke-newest smoke-oldest
 
 $(BIN)/sdlora: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +14,7 @@ $(BIN)/sdlora: pyproject.toml constraints.txt
 	# CPU-only machine: take the CPU wheel of torch first so pip does not pull a multi-GB CUDA build.
 	# GPU users keep whatever torch their CUDA setup needs.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch==2.13.0; fi
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,lint]"
 	touch $(BIN)/sdlora
 
 install: $(BIN)/sdlora
@@ -25,6 +26,10 @@ test: install
 	# open-clip-torch is only the reference the tokenizer test compares against (no runtime dependency).
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/python -m ruff check sdlora tests benchmarks scripts
+	$(BIN)/python -m mypy
 
 # The smoke tests (pytest -m smoke: train with the text encoder, export, generate, diffusers loads the file, the app
 # starts, an NF4 base) in a fresh .venv-newest with the newest versions pyproject allows, or .venv-oldest with its

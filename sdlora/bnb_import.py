@@ -25,7 +25,9 @@ def hide() -> None:
     """Make bitsandbytes look uninstalled until `load()`, unless it or a library that asks for it is imported."""
     global _hidden
     if _NAME not in sys.modules and not any(name in sys.modules for name in _ASKERS):
-        sys.modules[_NAME] = None
+        # None in sys.modules makes `import` raise ImportError (the import system's documented rule); typeshed
+        # types the dict as modules only.
+        sys.modules[_NAME] = None  # type: ignore[assignment]
         _hidden = True
 
 

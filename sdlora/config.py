@@ -13,6 +13,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
@@ -250,7 +251,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a TOML config (or the defaults when path is None), apply `table.key=value` overrides, validate.
 
     Raises:
@@ -381,7 +382,7 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
         if name not in raw:
             continue
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", errors)
         else:
             problem = _type_problem(raw[name], hint)
@@ -428,14 +429,16 @@ def _check_ranges(cfg: Config) -> list[str]:
          "data.min_bucket_reso <= data.resolution <= data.max_bucket_reso must hold"),
         (d.repeats >= 1, "data.repeats: must be at least 1"),
         (d.keep_tokens >= 0, "data.keep_tokens: must be >= 0"),
-        (0 <= d.caption_dropout <= 1 and 0 <= d.tag_dropout <= 1, "data.caption_dropout/tag_dropout: must be in [0, 1]"),
+        (0 <= d.caption_dropout <= 1 and 0 <= d.tag_dropout <= 1,
+         "data.caption_dropout/tag_dropout: must be in [0, 1]"),
         (d.max_upscale >= 1, "data.max_upscale: must be >= 1"),
         (d.num_workers >= 0, "data.num_workers: must be >= 0"),
         (0 <= d.validation_split < 1, "data.validation_split: must be in [0, 1)"),
         (not (d.validation_split and d.validation_dirs), "data.validation_split/validation_dirs: use one of them"),
         (bool(d.dirs), "data.dirs: give at least one image folder"),
         (not (d.cache_text_encoder_outputs and lo.train_text_encoder),
-         "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its outputs)"),
+         "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its "
+         "outputs)"),
         (not (d.cache_text_encoder_outputs and (d.shuffle_caption or d.caption_dropout or d.tag_dropout)),
          "data.cache_text_encoder_outputs: cannot be combined with shuffle_caption/caption_dropout/tag_dropout"),
         (not (d.cache_latents != "none" and d.random_crop),
@@ -453,8 +456,10 @@ def _check_ranges(cfg: Config) -> list[str]:
         (m.quantize_base != "fp8" or t.gradient_checkpointing,
          "model.quantize_base: \"fp8\" needs train.gradient_checkpointing = true (without it autograd keeps an "
          "upcast copy of every weight until the backward pass: more memory than fp8 saves)"),
-        (lo.method != "adalora" or lo.init == "default", "lora.init: AdaLoRA has its own initialisation; keep \"default\""),
-        (min(lo.adalora_init_rank, lo.adalora_warmup_steps, lo.adalora_final_steps) >= 0 and lo.adalora_update_every >= 1,
+        (lo.method != "adalora" or lo.init == "default",
+         "lora.init: AdaLoRA has its own initialisation; keep \"default\""),
+        (min(lo.adalora_init_rank, lo.adalora_warmup_steps, lo.adalora_final_steps) >= 0
+         and lo.adalora_update_every >= 1,
          "lora.adalora_*: steps and ranks must be >= 0, adalora_update_every >= 1"),
         # Equal ranks would leave AdaLoRA nothing to prune (and peft's allocator fails on an empty pruning).
         (lo.adalora_init_rank == 0 or lo.adalora_init_rank > lo.rank, "lora.adalora_init_rank: must be > lora.rank"),

@@ -36,7 +36,7 @@ class AdaLora:
     """AdaLoRA on the trained components of one run of `total_steps` optimizer steps."""
 
     needs_each_flag = True  # the allocator must not score the gradients of a skipped (NaN/Inf) step
-    extra_states = ("adalora",)  # the allocator's averages, saved in checkpoints under this name
+    extra_states: tuple[str, ...] = ("adalora",)  # the allocator's averages, saved in checkpoints under this name
 
     def __init__(self, cfg: LoraConfig, total_steps: int):
         self.cfg, self.total_steps = cfg, total_steps

@@ -222,7 +222,7 @@ def match_lora_keys(
     for key in sd:
         split = split_lora_key(key)
         target = aliases.get(split[0]) if split else None
-        if target is None:
+        if split is None or target is None:
             unmatched.append(key)
         else:
             matched.setdefault(target, {})[split[1]] = key
@@ -251,8 +251,8 @@ def from_kohya_state_dict(
         {component: {module path: LoraWeights}} with fp32 tensors; a module without `.alpha` gets alpha = rank.
 
     Raises:
-        LoraFileError: a LyCORIS network (LoHa, LoKr, ...; DoRA is read), keys that match no module (a few are named), a down without its
-            up (or the reverse), or down/up ranks that disagree.
+        LoraFileError: a LyCORIS network (LoHa, LoKr, ...; DoRA is read), keys that match no module (a few are
+            named), a down without its up (or the reverse), or down/up ranks that disagree.
     """
     unsupported = unsupported_network_type(sd)
     if unsupported:

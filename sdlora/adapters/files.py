@@ -283,7 +283,8 @@ def inspect_lora(path: str | Path) -> str:
     except LoraFileError:
         arch = "unknown"
     if all(k.startswith(KOHYA_PREFIXES) for k in sd):
-        fmt = "kohya (lora_down/lora_up)" + (" with DoRA dora_scale" if any(k.endswith(".dora_scale") for k in sd) else "")
+        dora = any(k.endswith(".dora_scale") for k in sd)
+        fmt = "kohya (lora_down/lora_up)" + (" with DoRA dora_scale" if dora else "")
     else:
         fmt = "diffusers/peft" if any(".lora_A." in k for k in sd) else "other"
         if any(k.endswith(".lora_magnitude_vector") for k in sd):

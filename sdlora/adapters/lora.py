@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -23,7 +24,7 @@ from sdlora.errors import LoraFileError
 
 ADAPTER = "default"
 # config lora.init -> peft's init_lora_weights. PiSSA with the exact SVD: the fast variants are randomised.
-_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+_PEFT_INIT: dict[str, Literal["gaussian", "pissa"] | bool] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
 
 # Module-name patterns (full match against named_modules()) per component and target set. Each set contains the
 # previous one. "attn_mlp" is kohya's default LoRA set: every Linear / 1x1 conv inside the transformer blocks and
@@ -133,9 +134,10 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraWeights]:
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             down = module.lora_A[ADAPTER].weight.detach().float().clone()
             up = module.lora_B[ADAPTER].weight.detach().float().clone()
-            magnitude = module.lora_magnitude_vector[ADAPTER].weight if ADAPTER in module.lora_magnitude_vector else None
-            if magnitude is not None:
-                magnitude = magnitude.detach().float().flatten().clone()  # conv layers keep it as [1, out, 1, 1]
+            magnitude = None
+            if ADAPTER in module.lora_magnitude_vector:
+                # conv layers keep it as [1, out, 1, 1]
+                magnitude = module.lora_magnitude_vector[ADAPTER].weight.detach().float().flatten().clone()
             layers[name] = LoraWeights(down, up, module.scaling[ADAPTER] * down.shape[0], magnitude)
     return layers
 
@@ -219,7 +221,7 @@ class LoraAdapters:
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, states: dict) -> None:
         pass
 
     def report(self, out) -> str:

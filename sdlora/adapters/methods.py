@@ -82,7 +82,8 @@ def read_init_lora(path: str | Path, cfg: LoraConfig) -> dict[str, torch.Tensor]
     modules, _ = group_lora_keys(tensors)
     if not modules:
         raise LoraFileError(f"{path}: holds no LoRA module to continue")
-    weights = {module: lora_weights_from_tensors(parts, f"{path}: module {module}") for module, parts in modules.items()}
+    weights = {module: lora_weights_from_tensors(parts, f"{path}: module {module}")
+               for module, parts in modules.items()}
     dora = any(w.magnitude is not None for w in weights.values())
     if dora != (cfg.method == "dora"):
         raise TrainingError(f"{path} is {'a DoRA' if dora else 'a plain LoRA'} file: set lora.method = "

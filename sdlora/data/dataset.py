@@ -167,6 +167,7 @@ def _expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, 
 
 def _parse_repeat_folder(folder: Path) -> tuple[int, str]:
     match = _REPEAT_FOLDER.fullmatch(folder.name)
+    assert match is not None, "callers pass repeat folders only"
     repeats, class_text = int(match[1]), match[2]
     if repeats < 1:
         raise DatasetError(f"{folder}: a repeat folder needs at least 1 repeat; rename it to 1_{class_text}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -80,7 +82,7 @@ def grid_layout(cell_size: tuple[int, int], col_labels: list[str], row_labels: l
     font_size = max(12, min(24, w // 12))
     font = _font(font_size)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
+    line_h = int(draw.textbbox((0, 0), "Ag", font=font)[3]) + 4
     longest = max((draw.textlength(line, font=font) for t in row_labels for line in t.split("\n")), default=0)
     label_w = int(min(max(w, 160), longest + 16))
     title_lines = min(2, len(_wrap(title, font, draw, label_w + w * len(col_labels) - 12))) if title else 0
@@ -108,7 +110,8 @@ def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels
             draw.text((layout.label_w + c * w + 4, top + 4 + k * line_h), line, fill="black", font=font)
     for r, row in enumerate(cells):
         x0, y0, _, _ = layout.cell_box(r, 0)
-        for k, line in enumerate(_wrap(row_labels[r], font, draw, layout.label_w - 12)[: max(1, layout.cell_h // line_h)]):
+        lines = _wrap(row_labels[r], font, draw, layout.label_w - 12)[: max(1, layout.cell_h // line_h)]
+        for k, line in enumerate(lines):
             draw.text((6, y0 + 4 + k * line_h), line, fill="black", font=font)
         for c, image in enumerate(row):
             grid.paste(image.convert("RGB"), layout.cell_box(r, c)[:2])
@@ -291,8 +294,8 @@ class GridResult:
     warnings: list[str] = field(default_factory=list)  # from the renders, each once (e.g. LoRA modules left out)
 
 
-def render_grid(pipe, loras: LoraCache, files: list[LoraFile | str | Path], prompts: list[GenerationParams],
-                weights: list[float] = DEFAULT_WEIGHTS, model_name: str = "", out: str | Path | None = None,
+def render_grid(pipe, loras: LoraCache, files: Sequence[LoraFile | str | Path], prompts: list[GenerationParams],
+                weights: Sequence[float] = DEFAULT_WEIGHTS, model_name: str = "", out: str | Path | None = None,
                 progress: bool = True) -> GridResult:
     """Render every (file, weight, prompt) with `generate_images` and draw one labelled grid: per prompt a block
     titled with the prompt and seed, LoRA files down, weights across.
@@ -311,19 +314,19 @@ def render_grid(pipe, loras: LoraCache, files: list[LoraFile | str | Path], prom
     """
     from tqdm.auto import tqdm
 
-    files = [f if isinstance(f, LoraFile) else describe_lora_file(f) for f in files]
+    lora_files = [f if isinstance(f, LoraFile) else describe_lora_file(f) for f in files]
     weights = [float(w) for w in weights]
-    if not files or not prompts or not weights:
+    if not lora_files or not prompts or not weights:
         raise ValueError("a grid needs at least one LoRA file, one prompt and one weight")
-    result = GridResult(image=Image.new("RGB", (1, 1)), parameters="", files=files, weights=weights,
+    result = GridResult(image=Image.new("RGB", (1, 1)), parameters="", files=lora_files, weights=weights,
                         prompts=list(prompts))
-    total = len(prompts) * (len(files) * sum(w != 0 for w in weights) + any(w == 0 for w in weights))
+    total = len(prompts) * (len(lora_files) * sum(w != 0 for w in weights) + any(w == 0 for w in weights))
     blocks, layouts = [], []
     with tqdm(total=total, desc="grid", unit="image", disable=not progress) as bar:
         for params in prompts:
             base = None
             rows = []
-            for f in files:
+            for f in lora_files:
                 row = []
                 for w in weights:
                     if w == 0 and base is not None:
@@ -340,19 +343,19 @@ def render_grid(pipe, loras: LoraCache, files: list[LoraFile | str | Path], prom
                     row.append(image)
                 rows.append(row)
             col_labels = [f"weight {w:g}" for w in weights]
-            row_labels = [f.label for f in files]
+            row_labels = [f.label for f in lora_files]
             title = prompt_title(params)
             blocks.append(label_grid(rows, col_labels, row_labels, title))
             layouts.append(grid_layout((params.width, params.height), col_labels, row_labels, title))
     result.image, tops = stack_vertically(blocks)
     for p, (layout, top) in enumerate(zip(layouts, tops)):
-        for i in range(len(files)):
+        for i in range(len(lora_files)):
             for j in range(len(weights)):
                 left, upper, right, lower = layout.cell_box(i, j)
                 result.cells[(i, j, p)] = (left, upper + top, right, lower + top)
     result.parameters = grid_parameters(prompts[0], model_name, [
         ("LoRA weight", [f"{w:g}" for w in weights]),
-        ("LoRA file", [f.path.stem for f in files]),
+        ("LoRA file", [f.path.stem for f in lora_files]),
         ("Prompt", [p.prompt for p in prompts]),
     ])
     if out is not None:
@@ -365,7 +368,7 @@ def prompt_title(params: GenerationParams) -> str:
     return f"{params.prompt}  (seed {params.seed})"
 
 
-def make_grid(sources: list[str | Path], model: str | None = None, weights: list[float] = DEFAULT_WEIGHTS,
+def make_grid(sources: list[str | Path], model: str | None = None, weights: Sequence[float] = DEFAULT_WEIGHTS,
               prompts: list[str] | None = None, out: str | Path | None = None, *, negative: str | None = None,
               seed: int | None = None, steps: int | None = None, cfg: float | None = None, width: int | None = None,
               height: int | None = None, sampler: str | None = None, vae: str | None = None, progress: bool = True,
@@ -421,8 +424,8 @@ def make_grid(sources: list[str | Path], model: str | None = None, weights: list
     pipe = loras.pipe
     size = default_size(pipe)
     defaults = sample_prompts({**config, "sample": {**config.get("sample", {}), "prompts": lines}}, size)
-    overrides = {k: v for k, v in dict(negative_prompt=negative, seed=seed, steps=steps, cfg=cfg, width=width,
-                                       height=height, sampler=sampler).items() if v is not None}
+    given = dict(negative_prompt=negative, seed=seed, steps=steps, cfg=cfg, width=width, height=height, sampler=sampler)
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     for key in ("width", "height"):
         if overrides.get(key) == 0:
             overrides[key] = size

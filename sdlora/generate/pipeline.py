@@ -10,6 +10,7 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     return getattr(diffusers, spec.scheduler).from_config({**scheduler_config, **spec.config})
 
 
-def build_pipeline(arch: str, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict, sampler="euler"):
+def build_pipeline(arch: str, unet, vae, text_encoders: list, tokenizers: list, scheduler_config: dict,
+                   sampler="euler"):
     """A StableDiffusion(XL)Pipeline around already-loaded modules (no copies), e.g. the ones being trained."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -98,7 +100,9 @@ def generate(pipe, params: GenerationParams, sampler_config: dict | None = None)
     75-token chunks instead of being cut off; shorter ones give exactly the pipeline's own embeddings.
     `<lora:...>` tags are not read here (see `generate_images`).
     """
-    config = sampler_config if sampler_config is not None else getattr(pipe, "sdlora_scheduler_config", pipe.scheduler.config)
+    config = sampler_config
+    if config is None:
+        config = getattr(pipe, "sdlora_scheduler_config", pipe.scheduler.config)
     pipe.scheduler = make_scheduler(params.sampler, dict(config))
     generator = torch.Generator("cpu").manual_seed(params.seed)
     return pipe(
@@ -206,7 +210,9 @@ def parse_a1111_parameters(text: str, defaults: GenerationParams | None = None
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
             fields[key.strip()] = value
-    prompt, negative, in_negative = [], [], False
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:"):].strip()
@@ -434,7 +440,8 @@ def _misread_by_diffusers(tensors: dict[str, torch.Tensor]) -> bool:
     return len(alphas) > 1 or any(key.endswith(".dora_scale") for key in tensors)
 
 
-def _as_peft(tensors: dict[str, torch.Tensor], module_names: dict[str, list[str]], path: Path) -> dict[str, torch.Tensor]:
+def _as_peft(tensors: dict[str, torch.Tensor], module_names: dict[str, list[str]],
+             path: Path) -> dict[str, torch.Tensor]:
     """The file mapped onto the pipeline's modules by our own reader and handed over in peft's format, which
     diffusers loads exactly: each alpha / rank folded into lora_B, DoRA's magnitude as `lora_magnitude_vector`."""
     from sdlora.adapters.export import from_kohya_state_dict, to_peft_state_dict
@@ -491,7 +498,7 @@ class GenerationResult:
     generate_seconds: float = 0.0
 
 
-def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs: list[LoraSpec] = (),
+def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs: Sequence[LoraSpec] = (),
                     count: int = 1, out_dir: str | Path | None = None, lora_dir: str | Path | None = None,
                     model_name: str = "") -> GenerationResult:
     """Render `count` images (seeds seed, seed+1, ...) with LoRAs; what `sdlora generate` and the app both call.
@@ -539,7 +546,7 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
     # The saved prompt keeps the tags the user typed and gets the other LoRAs appended as tags, so A1111 (and our
     # "read parameters") reproduce the image from the PNG alone; Lora hashes let model sites credit each file.
     saved_prompt = " ".join(x for x in [params.prompt.strip(), *(s.tag().to_tag() for s in lora_specs)] if x)
-    hashes = {}
+    hashes: dict[str, str] = {}
     for spec in specs:
         hashes.setdefault(spec.name, loras.model_hash(spec.path))
     base_seed = params.seed if params.seed >= 0 else random.randrange(2**32 - count)

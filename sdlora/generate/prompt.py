@@ -151,11 +151,14 @@ def encode_prompt_embeds(pipe, prompt: str, negative_prompt: str = "") -> dict[s
         return hidden.reshape(1, -1, hidden.shape[-1]), pooled  # [1, 77 * n, dim]
 
     embeds, pooled = encode(positive)
-    if sdxl and not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+    if not sdxl:
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": encode(negative)[0]}
+    assert pooled is not None, "SDXL's second text encoder has a projection"
+    if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = encode(negative)
-    out = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
-    if sdxl:
-        out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
-    return out
+        negative_embeds, maybe_pooled = encode(negative)
+        assert maybe_pooled is not None, "SDXL's second text encoder has a projection"
+        negative_pooled = maybe_pooled
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds, "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled}

@@ -218,12 +218,14 @@ def _load_vae(vae: str, allow_unsafe_pickle: bool, base_vae_config: dict):
 def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
     """Token ids [batch, 77] per tokenizer (long captions are truncated to the encoder's 77 positions)."""
     return [
-        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids
         for tok in tokenizers
     ]
 
 
-def encode_prompt(arch: str, text_encoders: list, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_prompt(arch: str, text_encoders: list,
+                  input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-attention states [batch, 77, dim] and (SDXL) pooled embeds [batch, proj_dim], as the pipelines do.
 
     SD1.x uses the last hidden state; SDXL concatenates the penultimate hidden states of both encoders and pools

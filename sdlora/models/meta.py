@@ -3,6 +3,8 @@ anything (`sdlora plan`'s memory, `sdlora bench`'s FLOPs) and for loaders that f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sdlora.models.clip_tokenizer import CLIP_POSITIONS
@@ -11,11 +13,7 @@ from sdlora.models.clip_tokenizer import CLIP_POSITIONS
 def empty_model(cls, *args, **kwargs) -> torch.nn.Module:
     """`cls(*args, **kwargs)` with parameters on the meta device: no random init of weights replaced right away."""
     from accelerate import init_empty_weights
-
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
+    from transformers.initialization import no_init_weights
 
     with init_empty_weights(), no_init_weights():  # meta tensors, and skip the (slow on meta) init functions
         return cls(*args, **kwargs)
@@ -44,7 +42,7 @@ def meta_unet_inputs(unet, resolution: int, dtype: torch.dtype) -> tuple:
     """(latents, timestep, text states, SDXL added conditions or None) for one image at `resolution`, on the meta
     device: what the UNet's forward pass takes, with the real shapes and no data."""
     c = unet.config
-    meta = dict(device="meta", dtype=dtype)
+    meta: dict[str, Any] = dict(device="meta", dtype=dtype)
     side = resolution // 8
     latents = torch.empty(1, c.in_channels, side, side, **meta)
     states = torch.empty(1, CLIP_POSITIONS, c.cross_attention_dim, **meta)

@@ -51,8 +51,8 @@ def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: tor
         # On CPUs with AVX512-BF16, bitsandbytes repacks weights at the first no-grad eval forward (sampling) into
         # a layout whose matmul has no backward, which would cut the gradient to every earlier adapter.
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    model.is_loaded_in_4bit = True  # peft reads this to dispatch its bnb LoRA layer
+            setattr(module, "support_avx512bf16_for_cpu", False)  # bitsandbytes' attribute, unknown to torch's types
+    setattr(model, "is_loaded_in_4bit", True)  # peft reads this to dispatch its bnb LoRA layer
 
 
 def store_fp8(model, compute_dtype: torch.dtype) -> None:

@@ -76,7 +76,8 @@ def describe_tensors(tensors: Mapping[str, object]) -> str:
     except ModelError:
         pass
     shapes = list(tensors)
-    return _looks_like(shapes) or f"{len(shapes)} tensors of no known kind (first keys: {', '.join(sorted(shapes)[:3])})"
+    return _looks_like(shapes) or (f"{len(shapes)} tensors of no known kind "
+                                   f"(first keys: {', '.join(sorted(shapes)[:3])})")
 
 
 def detect_checkpoint(tensors: Mapping[str, object], name: str = "checkpoint") -> str:

@@ -15,8 +15,12 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdlora.models.clip_tokenizer import load_clip_tokenizer
+
+if TYPE_CHECKING:  # torch is imported in the functions that use it, so importing this module stays cheap
+    import torch
 
 # Pretrained on the toy world by sdlora.toyworld.pretrain: its fp16 weights ship beside its configs.
 TOY_MODELS = ("toy-sd15",)

@@ -16,6 +16,7 @@ import json
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sdlora.atomic import write_text
 from sdlora.config import load_config
@@ -62,9 +63,10 @@ def settings(plan: str, cuda: bool) -> list[Setting]:
     reference = Setting(mixed_precision="fp16" if cuda else "no")
     if plan == "reference":
         return [reference]
-    variants = [dict(batch_size=1), dict(batch_size=8), dict(rank=16), dict(rank=64), dict(train_text_encoder=True),
-                dict(gradient_checkpointing=True), dict(cache_latents="none"), dict(quantize_base="nf4"),
-                dict(gradient_checkpointing=True, quantize_base="fp8")]
+    variants: list[dict[str, Any]] = [
+        dict(batch_size=1), dict(batch_size=8), dict(rank=16), dict(rank=64), dict(train_text_encoder=True),
+        dict(gradient_checkpointing=True), dict(cache_latents="none"), dict(quantize_base="nf4"),
+        dict(gradient_checkpointing=True, quantize_base="fp8")]
     if cuda:
         variants.insert(2, dict(mixed_precision="bf16"))
         # On a CPU inductor compiles for minutes and these layouts/graphs do not apply: measured on GPUs only.

@@ -71,22 +71,23 @@ class StepClock:
         self.cuda = device.type == "cuda"
         self.seconds: list[float] = []
         self._open: list = []
-        self._started = None
+        self._started_event: torch.cuda.Event | None = None  # on a GPU
+        self._started_at = 0.0  # on a CPU
 
     def start(self) -> None:
         if self.cuda:
-            self._started = torch.cuda.Event(enable_timing=True)
-            self._started.record()
+            self._started_event = torch.cuda.Event(enable_timing=True)
+            self._started_event.record()
         else:
-            self._started = time.perf_counter()
+            self._started_at = time.perf_counter()
 
     def stop(self) -> None:
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._open.append((self._started, end))
+            self._open.append((self._started_event, end))
         else:
-            self.seconds.append(time.perf_counter() - self._started)
+            self.seconds.append(time.perf_counter() - self._started_at)
 
     def settle(self) -> None:
         if self._open:

@@ -27,7 +27,8 @@ def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: b
             # LoRA+ (arXiv 2402.12354): B learns faster than A for the same stability.
             groups.append({"params": up, "lr": lr * t.loraplus_lr_ratio, "name": f"{name}_up"})
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused or None, foreach=None if fused else True)
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused or None,
+                                 foreach=None if fused else True)
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -37,7 +38,8 @@ def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: b
         try:
             bnb = bnb_import.load()
         except ImportError:
-            raise TrainingError("train.optimizer = \"adamw8bit\" needs bitsandbytes: pip install 'sdlora[bnb]'") from None
+            raise TrainingError(
+                "train.optimizer = \"adamw8bit\" needs bitsandbytes: pip install 'sdlora[bnb]'") from None
         return bnb.optim.AdamW8bit(groups, weight_decay=t.weight_decay)
     try:
         from prodigyopt import Prodigy

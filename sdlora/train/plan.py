@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ BNB_MIN_8BIT_SIZE = 4096
 RELAX_HEADROOM = 0.10
 # A plan is for a GPU, where "auto" precision is bf16 or fp16: two bytes a weight either way.
 GPU_AUTO_PRECISION = "bf16"
-# Bytes per UNet Linear weight with model.quantize_base (sdlora/models/quantize.py); NF4: two a byte, a 1-byte scale per 64.
+# Bytes per UNet Linear weight with model.quantize_base (sdlora/models/quantize.py); NF4: two a byte, a 1-byte
+# scale per 64.
 QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
 # AdaLoRA's rank allocator keeps three fp32 averages per adapter parameter (importance, its EMA, its uncertainty).
 ADALORA_STATE_BYTES = 3 * 4
@@ -367,19 +368,18 @@ def gpu_memory_gb() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GB
 
 
-def fit(cfg: Config, vram: float | str) -> tuple[Config, list[str], str]:
+def fit(cfg: Config, vram: float | Literal["auto"]) -> tuple[Config, list[str], str]:
     """`cfg` with `plan`'s changes for `vram` GB ("auto": this GPU's memory), the changes, and a summary line.
 
     Raises:
         PlanError: "auto" without a GPU, or nothing fits.
     """
-    if vram == "auto":
-        vram = gpu_memory_gb()
-        if vram is None:
-            raise PlanError("--vram auto needs a CUDA GPU to measure; give the card's memory instead, e.g. --vram 8GB")
-    chosen, result, reasons = plan(cfg, vram)
+    gb = gpu_memory_gb() if vram == "auto" else vram
+    if gb is None:
+        raise PlanError("--vram auto needs a CUDA GPU to measure; give the card's memory instead, e.g. --vram 8GB")
+    chosen, result, reasons = plan(cfg, gb)
     how = "with these changes" if reasons else "as configured"
-    return chosen, reasons, f"planned for {vram:.1f} GB {how} (estimated peak {result.total / GB:.2f} GB)"
+    return chosen, reasons, f"planned for {gb:.1f} GB {how} (estimated peak {result.total / GB:.2f} GB)"
 
 
 def parse_vram(text: str) -> float:

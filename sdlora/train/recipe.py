@@ -236,7 +236,8 @@ def _setup_data(run: Run, init_lora: Path | None) -> Data:
 def _setup_models(run: Run, data: Data) -> Models:
     """The frozen base in the training precision (the VAE in fp32), and the adapters of lora.method on it."""
     cfg, device, dtype = run.cfg, run.device, run.weight_dtype
-    base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle, cfg.model.prediction_type)
+    base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle,
+                           cfg.model.prediction_type)
     base.vae.to(device, torch.float32).requires_grad_(False)
     modules = {"unet": base.unet, **dict(zip(component_names(base.arch), base.text_encoders))}
     for name, module in modules.items():
@@ -244,7 +245,8 @@ def _setup_models(run: Run, data: Data) -> Models:
         module.requires_grad_(False).to("cpu" if name == "unet" else device, dtype)
     if cfg.model.quantize_base == "nf4":  # before injection: peft then wraps the 4-bit layers in its bnb LoRA layer
         quantize_nf4(base.unet, dtype, device)
-    trained = [n for n in modules if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
+    trained = [n for n in modules
+               if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
     adapters = adapters_for(cfg.lora, cfg.train.max_train_steps)
     try:  # the file of --init-lora mapped onto the model, each module at its own rank
         start = from_kohya_state_dict(data.start, {name: [n for n, _ in m.named_modules()] for name, m in
@@ -409,8 +411,9 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                     accelerator.log({"loss": mean_loss, "lr": lr, "skipped_steps": skipped.skipped}, step=position.step)
                     loss_sum.zero_()
                     skipped.finite_micro_batches = 0
-                if on_step is not None and on_step({"step": position.step, "max_steps": t.max_train_steps,
-                                                    "loss": mean_loss, "lr": opt.lr_scheduler.get_last_lr()[0]}) is False:
+                step_info = {"step": position.step, "max_steps": t.max_train_steps, "loss": mean_loss,
+                             "lr": opt.lr_scheduler.get_last_lr()[0]}
+                if on_step is not None and on_step(step_info) is False:
                     stopped = True  # a stop asked for at this step makes it the last: saved as at the end
                     due = due_after(position.step, position.epoch, epoch_done, True, cfg)
                 epoch_after = position.epoch + epoch_done
@@ -550,7 +553,8 @@ def _export(run: Run, data: Data, models: Models, opt: Optimization, at: Positio
     if "peft" in cfg.export.formats:
         save_peft_lora(layers, path.with_suffix(""), dtype)
     if keep:
-        intermediate = sorted(path.parent.glob(f"{cfg.train.output_name}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+        intermediate = sorted(path.parent.glob(f"{cfg.train.output_name}-*.safetensors"),
+                              key=lambda p: p.stat().st_mtime)
         ckpt.prune(intermediate, keep)
     logging.getLogger(__name__).info("saved %s", path)
 

@@ -420,7 +420,7 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
             "train.max_train_steps": int(steps), "lora.method": method, "train.output_dir": out.as_posix(),
             "train.output_name": name,
         })
-        changes = []
+        changes: list[str] = []
         vram = gpu_memory_gb()
         if vram is not None:  # the preset is fitted to this card (the run's config.toml records how)
             cfg, changes, _ = fit(cfg, vram)
@@ -740,7 +740,10 @@ def build_app(settings: AppSettings):
                                 captions_load = gr.Button("Load captions", elem_id="captions-load")
                                 captions_save = gr.Button("Save captions", elem_id="captions-save")
                             captions = gr.Dataframe(headers=["image file", "caption"], datatype=["str", "str"],
-                                                    column_count=(2, "fixed"), type="array", interactive=True,
+                                                    # gradio 6 still reads (count, "fixed") here; its column_limits
+                                                    # is not implemented yet.
+                                                    column_count=(2, "fixed"),  # type: ignore[arg-type]
+                                                    type="array", interactive=True,
                                                     wrap=True, elem_id="captions")
                             captions_info = gr.Markdown(elem_id="captions-info")
                     with gr.Column():
@@ -818,7 +821,8 @@ def launch(settings: AppSettings, listen: bool = False, share: bool = False, por
     demo.launch(
         server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, share=share,
         allowed_paths=[str(Path(settings.out_dir).resolve())], prevent_thread_lock=not block, ssr_mode=False,
-        theme=gr.themes.Default(**THEME_FONTS),  # system fonts: nothing fetched from the internet
+        # system fonts: nothing fetched from the internet
+        theme=gr.themes.Default(font=THEME_FONTS["font"], font_mono=THEME_FONTS["font_mono"]),
         quiet=not block,
     )
     return demo

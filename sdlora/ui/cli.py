@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy-sd15",
                    help="diffusers folder, single-file .safetensors checkpoint, or toy-sd15 (pretrained on the toy "
                         "world) / tiny-sd15 / tiny-sdxl (random weights)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable; weight 1.0 by default")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="repeatable; weight 1.0 by default")
     p.add_argument("--lora-dir", default="outputs", help="where <lora:name> tags in the prompt are looked up")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
@@ -103,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("app", help="start the Gradio app (generate with LoRAs, X/Y grids, train)",
                        description="The web app on http://127.0.0.1:7860 (local only unless --listen/--share).")
-    p.add_argument("--model", default="toy-sd15", help="base model selected at start (toy-sd15, a tiny model, or a name in --models-dir)")
+    p.add_argument("--model", default="toy-sd15",
+                   help="base model selected at start (toy-sd15, a tiny model, or a name in --models-dir)")
     p.add_argument("--models-dir", default="models", help="diffusers folders / .safetensors checkpoints to offer")
     p.add_argument("--lora-dir", default="outputs", help="LoRA files to offer (searched recursively)")
     p.add_argument("--out", default="outputs/app", help="where generated PNGs are saved")
@@ -414,7 +416,8 @@ def _cmd_merge_into_base(args, extra) -> int:
 def _cmd_merge_loras(args, extra) -> int:
     from sdlora.adapters.tools import merge_lora_files
 
-    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank, torch_dtype(args.dtype))
+    report = merge_lora_files([_parse_lora_arg(item) for item in args.loras], args.out, args.rank,
+                              torch_dtype(args.dtype))
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
@@ -432,7 +435,8 @@ def _cmd_resize(args, extra) -> int:
 def _cmd_extract(args, extra) -> int:
     from sdlora.adapters.tools import extract_lora_file
 
-    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv, torch_dtype(args.dtype))
+    report = extract_lora_file(args.base, args.tuned, args.out, args.rank, args.targets, args.conv,
+                               torch_dtype(args.dtype))
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
     return 0
@@ -497,7 +501,7 @@ def _cmd_report(args, extra) -> int:
     from sdlora.generate.grid import make_grid
     from sdlora.ui.report import write_report
 
-    grid = False if args.grid is False else None  # None: show RUN_DIR/grid.png if there is one
+    grid: Path | bool | None = False if args.grid is False else None  # None: show RUN_DIR/grid.png if there is one
     if args.grid:
         grid = make_grid([args.run_dir], args.model, args.weights).path
     print(write_report(args.run_dir, grid=grid))

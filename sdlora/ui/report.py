@@ -68,8 +68,8 @@ def read_validation(run_dir: str | Path) -> list[dict]:
 
 def closest_file(files: list[LoraFile], step: int) -> LoraFile | None:
     """The saved LoRA file whose step is nearest `step` (the later one on ties); None when no file has a step."""
-    known = [f for f in files if f.step is not None]
-    return min(known, key=lambda f: (abs(f.step - step), -f.step)) if known else None
+    known = [(f.step, f) for f in files if f.step is not None]
+    return min(known, key=lambda known_file: (abs(known_file[0] - step), -known_file[0]))[1] if known else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +167,8 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
                      f"(epoch {lowest['epoch']}).")
         pick = closest_file(files, lowest["step"])
         if pick is not None:
-            exact = "saved at that step" if pick.step == lowest["step"] else f"the saved file closest to it ({_when(pick)})"
+            exact = ("saved at that step" if pick.step == lowest["step"]
+                     else f"the saved file closest to it ({_when(pick)})")
             lines.append(f"Use **`{pick.path.name}`**: {exact}.")
         else:
             lines.append("No saved LoRA file with a known step is left in the run folder.")
@@ -219,7 +220,8 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
 def finish_run(cfg, out_dir: str | Path, weights: list[float] | None = None, progress: bool = True,
                loras=None) -> Path | None:
     """The end of a training run: the epoch grid (when `cfg.sample.prompts` is set) with `cfg.model.base_model`,
-    its CLIP similarity scores (when `sample.clip_model` is set), then the report. A failure is logged, never raised: the LoRA files are already saved.
+    its CLIP similarity scores (when `sample.clip_model` is set), then the report. A failure is logged, never raised:
+    the LoRA files are already saved.
 
     Args:
         cfg: the run's config.
@@ -272,7 +274,8 @@ def _dataset_section(config: dict, data) -> list[str]:
         split = f" Validation images come from {', '.join(f'`{d}`' for d in data.validation_dirs)}."
     elif data.validation_split:
         held = max(1, round(report.images * data.validation_split)) if report.images else 0
-        split = f" About {held} of them are held out for validation (`data.validation_split = {data.validation_split}`)."
+        split = (f" About {held} of them are held out for validation "
+                 f"(`data.validation_split = {data.validation_split}`).")
     counts = ", ".join(f"{report.count(s)} {s}" for s in ("error", "warning", "info"))
     return [f"{report.images} images ({report.images_with_repeats} with repeats) in "
             f"{', '.join(f'`{d}`' for d in data.dirs)} at resolution {report.resolution}; buckets {buckets}.{split} "
