@@ -14,8 +14,8 @@ from sdlora.toyworld.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
 
-SMALL = PretrainConfig(threads=1, checkpoint_every=2, vae_images=8, vae_steps=3, decoder_steps=2, vae_batch=2, scenes=16,
-                       unet_steps=4, unet_batch=2, warmup_steps=2, card_seeds=1, card_scenes=1)
+SMALL = PretrainConfig(threads=1, checkpoint_every=2, vae_images=8, vae_steps=3, decoder_steps=2, vae_batch=2,
+                       scenes=16, unet_steps=4, unet_batch=2, warmup_steps=2, card_seeds=1, card_scenes=1)
 
 
 def test_runs_every_stage_and_resumes_bit_for_bit(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import peft.tuners.adalora as peft_adalora
 import torch
@@ -61,7 +62,8 @@ class AdaLora:
             deltaT=self.cfg.adalora_update_every, orth_reg_weight=self.cfg.adalora_orth_reg,
             lora_dropout=self.cfg.dropout, target_modules=names,
             # peft scales by lora_alpha / init_r; this makes the scale what lora.alpha / lora.rank means for LoRA.
-            lora_alpha=effective_scale(self.cfg) * init_rank,
+            # peft annotates lora_alpha as int but only divides by it: a float alpha is exact.
+            lora_alpha=effective_scale(self.cfg) * init_rank,  # type: ignore[arg-type]
         )
         self.tuners[component] = AdaLoraModel(model, config, ADAPTER)
         # fp32 whatever the base dtype, as in lora.inject_lora; ranknum too, so the scale is exact in the forward.
@@ -82,7 +84,7 @@ class AdaLora:
         terms = []
         for tuner in self.tuners.values():
             for layer in _layers(tuner.model).values():
-                a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+                a, _, b = _factors(layer)
                 for gram in (a @ a.T, b.T @ b):
                     terms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=gram.device)))
         return self.cfg.adalora_orth_reg * torch.stack(terms).mean()
@@ -90,9 +92,10 @@ class AdaLora:
     def after_step(self, step: int, finite: bool) -> None:
         """peft's `update_and_allocate` after optimizer step `step` (counted from 1): importance scores from this
         step's gradients, then the budget's mask on the singular values. Call it before the gradients are zeroed."""
+        # peft's total_step - tfinal, as `inject` configured them: from there on its allocator only keeps the mask.
+        last_allocation = self.total_steps - self.cfg.adalora_schedule(self.total_steps)[2]
         for tuner in self.tuners.values():
-            config = tuner.peft_config[ADAPTER]
-            if not finite and step < config.total_step - config.tfinal:
+            if not finite and step < last_allocation:
                 continue  # NaN/Inf gradients would stay in the importance averages for good
             for param in trainable_parameters(tuner.model).values():
                 if param.grad is None:  # a module outside the graph (SDXL's last text-encoder layer) scores 0
@@ -108,7 +111,7 @@ class AdaLora:
         """{"adalora": the allocator's importance averages and the rank pattern per component} (for checkpoints)."""
         return {"adalora": {
             name: {"ipt": t.rankallocator.ipt, "exp_avg_ipt": t.rankallocator.exp_avg_ipt,
-                   "exp_avg_unc": t.rankallocator.exp_avg_unc, "rank_pattern": t.peft_config[ADAPTER].rank_pattern}
+                   "exp_avg_unc": t.rankallocator.exp_avg_unc, "rank_pattern": _config(t).rank_pattern}
             for name, t in self.tuners.items()}}
 
     def load_state_dict(self, states: dict) -> None:
@@ -117,7 +120,7 @@ class AdaLora:
             device = next(iter(trainable_parameters(tuner.model).values())).device
             for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
                 setattr(allocator, key, {n: v.to(device) for n, v in saved[key].items()})
-            tuner.peft_config[ADAPTER].rank_pattern = saved["rank_pattern"]
+            _config(tuner).rank_pattern = saved["rank_pattern"]
 
     def ranks(self) -> dict[str, dict[str, int]]:
         """{component: {module: rank}}: how many singular values each module keeps (non-zero entries of E)."""
@@ -152,7 +155,7 @@ def adalora_weights(layer: AdaLoraLayer) -> LoraWeights:
     (diffusers 0.42) mangles the names of per-module alphas that differ and silently applies the most common one,
     while one alpha for all loads right there and in every other loader, which all apply alpha / rank per module.
     """
-    a, e, b = (p[ADAPTER].detach().float() for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+    a, e, b = (p.detach().float() for p in _factors(layer))
     ranknum = layer.ranknum[ADAPTER].detach().float()
     kept = e.flatten() != 0
     rank = int(kept.sum())
@@ -166,6 +169,19 @@ def adalora_weights(layer: AdaLoraLayer) -> LoraWeights:
 
 def _layers(model: torch.nn.Module) -> dict[str, AdaLoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLayer) and ADAPTER in m.lora_A}
+
+
+def _factors(layer: AdaLoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, E, B) of this run's adapter in `layer`: delta W = B @ (A * E) * scaling / (ranknum + eps)."""
+    # AdaLoraLayer keeps them in ParameterDicts without declaring so: mypy sees the ModuleDicts of LoraLayer, which
+    # it subclasses.
+    a, e, b = (cast(torch.nn.ParameterDict, p)[ADAPTER] for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+    return a, e, b
+
+
+def _config(tuner: AdaLoraModel) -> AdaLoraConfig:
+    # peft types a tuner's configs as the base PeftConfig; an AdaLoraModel's are the AdaLoraConfig it was given.
+    return cast(AdaLoraConfig, tuner.peft_config[ADAPTER])
 
 
 def _per_block(ranks: dict[str, int]) -> dict[str, dict]:

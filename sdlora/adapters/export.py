@@ -569,15 +569,15 @@ def save_kohya_state_dict(tensors: Mapping[str, torch.Tensor], path: str | Path,
     data = serialize(tensors, metadata=meta)
     header_end = 8 + int.from_bytes(data[:8], "little")
     meta.update(bytes_hashes(data))
-    if header_end > 0x100000:
+    legacy_hash = header_end <= 0x100000
+    if not legacy_hash:
         # The window would cover the header, which contains the hash itself: no consistent value exists.
         del meta["sshs_legacy_hash"]
-        header_end = None
         logger.warning("metadata header is over 1 MiB; sshs_legacy_hash left out")
     del data
     path = Path(path)
     save_safetensors(tensors, path, meta)
-    if header_end is not None:
+    if legacy_hash:
         with open(path, "rb") as f:
             if 8 + int.from_bytes(f.read(8), "little") != header_end:
                 raise RuntimeError(f"{path}: safetensors wrote a header of another length; sshs_legacy_hash is wrong")

@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -97,7 +97,8 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
     model.requires_grad_(False)
     peft_config = PeftLoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float alpha is exact.
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.dropout,
         init_lora_weights=_PEFT_INIT[cfg.init],
         use_rslora=cfg.use_rslora,
@@ -132,12 +133,12 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraWeights]:
         if isinstance(module, AdaLoraLayer):
             raise ValueError(f"{name}: an AdaLoRA layer; read it with the run's AdaLora.layers")
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            down = module.lora_A[ADAPTER].weight.detach().float().clone()
-            up = module.lora_B[ADAPTER].weight.detach().float().clone()
+            down = _adapter_weight(module.lora_A).detach().float().clone()
+            up = _adapter_weight(module.lora_B).detach().float().clone()
             magnitude = None
             if ADAPTER in module.lora_magnitude_vector:
                 # conv layers keep it as [1, out, 1, 1]
-                magnitude = module.lora_magnitude_vector[ADAPTER].weight.detach().float().flatten().clone()
+                magnitude = _adapter_weight(module.lora_magnitude_vector).detach().float().flatten().clone()
             layers[name] = LoraWeights(down, up, module.scaling[ADAPTER] * down.shape[0], magnitude)
     return layers
 
@@ -170,7 +171,7 @@ def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> N
         module = modules.get(name)
         if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
             raise LoraFileError(f"LoRA module {name} is not adapted in this model (different targets or architecture)")
-        a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+        a, b = _adapter_weight(module.lora_A), _adapter_weight(module.lora_B)
         if a.shape != weights.down.shape or b.shape != weights.up.shape:
             raise LoraFileError(
                 f"LoRA module {name}: shapes {tuple(weights.down.shape)}/{tuple(weights.up.shape)} do not fit "
@@ -185,9 +186,17 @@ def set_lora_layers(model: torch.nn.Module, layers: dict[str, LoraWeights]) -> N
             a.copy_(weights.down)
             # Fold the file's alpha into B so the effective delta is preserved under this adapter's scaling.
             b.copy_(weights.up * (weights.alpha / weights.rank) / module.scaling[ADAPTER])
-            if has_magnitude:
-                m = module.lora_magnitude_vector[ADAPTER].weight
+            if weights.magnitude is not None:  # the same test as has_magnitude: the two agree, checked above
+                m = _adapter_weight(module.lora_magnitude_vector)
                 m.copy_(weights.magnitude.reshape(m.shape))
+
+
+def _adapter_weight(layers: torch.nn.ModuleDict) -> torch.Tensor:
+    """The weight of this run's adapter in one of a peft LoraLayer's per-adapter dicts (lora_A, lora_B, the DoRA
+    magnitude)."""
+    # torch types any module attribute as Tensor | Module (Module.__getattr__); these modules are nn.Linear,
+    # nn.Conv2d and peft's DoRA layers, whose `weight` is a Parameter.
+    return cast(torch.Tensor, layers[ADAPTER].weight)
 
 
 class LoraAdapters:

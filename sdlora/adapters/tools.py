@@ -175,6 +175,7 @@ def choose_rank(singular_values: torch.Tensor, rank: int | None = None, energy: 
         if rank < 1:
             raise ValueError(f"rank must be at least 1, not {rank}")
         return min(rank, available)
+    assert energy is not None  # exactly one of the two is set, checked above
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], not {energy}")
     cumulative = (singular_values.double() ** 2).cumsum(0)

@@ -309,22 +309,22 @@ def _duplicate_findings(records: list[ImageRecord], facts: list[_Facts]) -> list
     """Each image that repeats an earlier one: same bytes, else near-identical pixels."""
     findings = []
     first_copy: dict[str, Path] = {}
-    seen: list[tuple[Path, _Facts]] = []  # distinct decodable images so far
+    seen: list[tuple[Path, int, np.ndarray]] = []  # (path, pHash, thumbnail) of the distinct decodable images so far
     for record, fact in zip(records, facts):
-        if fact.error:
+        if fact.error or fact.thumb is None:  # _examine leaves the thumbnail out exactly when decoding failed
             continue
         if fact.sha256 in first_copy:
             findings.append(Finding("warning", "duplicate", record.path, f"exact copy of "
                                     f"{display_path(first_copy[fact.sha256])}; delete one (it trains twice as often)"))
             continue
         first_copy[fact.sha256] = record.path
-        for other, other_fact in seen:
-            distance = (fact.phash ^ other_fact.phash).bit_count()
+        for other, other_phash, other_thumb in seen:
+            distance = (fact.phash ^ other_phash).bit_count()
             if distance > NEAR_DUPLICATE_BITS:
                 continue
-            if np.abs(fact.thumb - other_fact.thumb).mean() <= NEAR_DUPLICATE_COLOR:
+            if np.abs(fact.thumb - other_thumb).mean() <= NEAR_DUPLICATE_COLOR:
                 message = f"near-duplicate of {display_path(other)} (pHash distance {distance}); keep the better one"
                 findings.append(Finding("warning", "near-duplicate", record.path, message))
                 break
-        seen.append((record.path, fact))
+        seen.append((record.path, fact.phash, fact.thumb))
     return findings

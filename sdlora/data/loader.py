@@ -9,7 +9,7 @@ running step instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -70,6 +70,7 @@ def epoch_loader(records: list[ImageRecord], batches: list[list[int]], first: in
     processes, which prepare the next batches while the device trains on this one.
     """
     pin = device.type == "cuda"
+    source: Iterable[dict]
     if latent_cache is not None or cfg.data.num_workers == 0:
         source = (load_batch(records, batches[p], cfg, epoch, p, latent_cache, tokenizers)
                   for p in range(first, len(batches)))

@@ -324,8 +324,8 @@ class LoraCache:
         try:
             lora_arch = detect_arch(tensors, metadata)
         except LoraFileError:  # nothing tells the architecture: let diffusers match the keys
-            lora_arch = arch
-        if arch and lora_arch != arch:
+            lora_arch = None
+        if arch and lora_arch and lora_arch != arch:
             raise LoraFileError(f"{path}: a LoRA for {ARCH_NAMES[lora_arch]}, but the base model is "
                                 f"{ARCH_NAMES[arch]}; pick a LoRA trained on this model family")
         module_names = {part: [n for n, _ in getattr(self.pipe, part).named_modules()]

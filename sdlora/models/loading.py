@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,12 @@ from sdlora.models.single_file import (
 )
 from sdlora.models.tiny import FULL_SIZE_MODELS, TINY_MODELS, tiny_model_path
 
+if TYPE_CHECKING:  # diffusers takes seconds to import; `sdlora inspect` and `doctor` never load a model
+    # The module itself: mypy reads `from diffusers import ...` as the placeholder classes diffusers defines for
+    # installs without torch, which have none of the model's methods.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers import PreTrainedModel
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face hub spells repo ids
 
 
@@ -36,9 +43,9 @@ class BaseModel:
 
     arch: str  # "sd1", "sd2" or "sdxl"
     path: Path
-    unet: torch.nn.Module
+    unet: UNet2DConditionModel
     vae: torch.nn.Module
-    text_encoders: list[torch.nn.Module]
+    text_encoders: list[PreTrainedModel]  # CLIPTextModel, and for SDXL CLIPTextModelWithProjection
     tokenizers: list
     scheduler_config: dict = field(default_factory=dict)
 
@@ -192,7 +199,7 @@ def _load_folder(path: Path, load_vae: bool):
     model_index = json.loads((path / "model_index.json").read_text())
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     arch = detect_arch(model_index, dict(unet.config))
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+    text_encoders: list[PreTrainedModel] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
     tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
     if arch == "sdxl":
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))

@@ -13,7 +13,7 @@ import logging
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping, cast
 
 import torch
 
@@ -94,7 +94,7 @@ def detect_checkpoint(tensors: Mapping[str, object], name: str = "checkpoint") -
     Raises:
         ModelError: one line naming what the file looks like instead (a LoRA, a VAE alone, random tensors, ...).
     """
-    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in tensors.items()}
+    shapes = {k: tuple(cast(Iterable[int], getattr(v, "shape", v))) for k, v in tensors.items()}
     if not shapes:
         raise ModelError(f"{name}: holds no tensors")
     what = _looks_like(shapes)
@@ -433,7 +433,7 @@ def _hf_clip_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _to_openclip(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    qkv = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, weight or bias) -> {q, k, v}
     rest = {}
     for key, value in state.items():
         m = re.match(r"(text_model\.encoder\.layers\.(\d+))\.self_attn\.([qkv])_proj\.(weight|bias)$", key)

@@ -256,7 +256,7 @@ def score_image(image: Image.Image, scene: Scene) -> dict:
     shapes = classify_shapes(patches)
     found = [FoundObject(p.colour, p.cell, s, p.centroid, p.area) for p, s in zip(patches, shapes)]
     unmatched = list(found)
-    results = []
+    results: list[dict] = []
     for obj in scene.objects:
         match = next((f for f in unmatched if f.colour == obj.colour), None)
         if match is None and unmatched:
@@ -295,7 +295,7 @@ def degrade(image: Image.Image, rng: random.Random, strength: float = 1.0) -> Im
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8) * s))
     small = max(8, round(side / (1 + rng.uniform(0, 0.6) * s)))
     image = image.resize((small, small), Image.Resampling.BILINEAR).resize((side, side), Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, np.float32)
+    pixels: np.ndarray = np.asarray(image, np.float32)
     pixels = pixels * np.array([1 + rng.uniform(-0.06, 0.06) * s for _ in range(3)], np.float32)
     pixels = pixels + np.array([rng.uniform(-6, 6) * s for _ in range(3)], np.float32)
     noise = np.random.default_rng(rng.randrange(2**32))

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from sdlora.atomic import save_safetensors, write_text
 from sdlora.toyworld.render import PLAIN, random_look, render, render_batch
 from sdlora.toyworld.scene import TWO_OBJECT_SHARE, cell_centre, sample_scene
 from sdlora.train.checkpoint import list_checkpoints, load_checkpoint, load_extra, prune, save_checkpoint
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 MODEL = "toy-sd15"
 RESOLUTION = 128
@@ -256,12 +260,12 @@ def _vae_images(cfg: PretrainConfig, work: Path) -> tuple[torch.Tensor, torch.Te
     if not path.is_file():
         rng = random.Random(cfg.seed * 7 + 1)
         scenes = [sample_scene(rng) for _ in range(cfg.vae_images)]
-        images = np.stack([np.asarray(render(s, RESOLUTION, random_look(rng)))
-                           for s in tqdm(scenes, desc="rendering autoencoder images")])
+        rendered = np.stack([np.asarray(render(s, RESOLUTION, random_look(rng)))
+                             for s in tqdm(scenes, desc="rendering autoencoder images")])
         centres = np.array([[(c + o) * RESOLUTION for c, o in zip(cell_centre(obj.cell), obj.offset)]
                             for obj in (rng.choice(s.objects) for s in scenes)], dtype=np.float32)
         _save_npy(work / "vae_centres.npy", centres)
-        _save_npy(path, images)
+        _save_npy(path, rendered)
     images = torch.from_numpy(np.load(path, allow_pickle=False)).permute(0, 3, 1, 2).contiguous()
     return images, torch.from_numpy(np.load(work / "vae_centres.npy", allow_pickle=False))
 
@@ -290,14 +294,14 @@ def make_latents(cfg: PretrainConfig, work: Path, vae) -> None:
     rng = random.Random(cfg.seed * 7 + 2)
     scenes = [sample_scene(rng) for _ in range(cfg.scenes)]
     chunks = [scenes[start:start + 64] for start in range(0, len(scenes), 64)]
-    latents = []
+    encoded: list[torch.Tensor] = []
     # Rendering takes longer than encoding: worker processes draw the next chunks while this one encodes.
     with ProcessPoolExecutor(cfg.threads, mp_context=multiprocessing.get_context("spawn")) as pool, torch.no_grad():
         drawn = pool.map(render_batch, chunks, [RESOLUTION] * len(chunks), [PLAIN] * len(chunks))
         for pixels in tqdm(drawn, total=len(chunks), desc="drawing and encoding scenes"):
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            latents.append(vae.encode(x).latent_dist.mean)
-    latents = torch.cat(latents)
+            encoded.append(vae.encode(x).latent_dist.mean)
+    latents = torch.cat(encoded)
     # As in SD: scale the latents to unit variance so the noise schedule sees the signal-to-noise it assumes.
     scaling = 1.0 / latents.std().item()
     save_safetensors({"latents": latents.half()}, path, metadata={"scaling_factor": f"{scaling:.6f}"})
@@ -467,6 +471,7 @@ def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Modu
     def row(name: str, r: dict) -> str:
         return f"| {name} | {r['images']} | {r['colour']:.0%} | {r['position']:.0%} | {r['shape']:.0%} |"
 
+    scaling = cast("AutoencoderKL", modules["vae"]).config["scaling_factor"]
     return "\n".join([
         f"# {MODEL}: a Stable Diffusion 1.x-shaped model of the toy world",
         "",
@@ -485,7 +490,7 @@ def model_card(cfg: PretrainConfig, work: Path, modules: dict[str, torch.nn.Modu
         f"final L1 {logs['vae']['losses'][-1][1]:.4f} (pixels in [-1, 1]), "
         f"{logs['vae']['seconds'] / 60:.0f} min; then the decoder alone (encoder frozen) for "
         f"{cfg.decoder_steps:,} steps, final L1 {logs['decoder']['losses'][-1][1]:.4f}, "
-        f"{logs['decoder']['seconds'] / 60:.0f} min. Scaling factor {modules['vae'].config.scaling_factor} (unit "
+        f"{logs['decoder']['seconds'] / 60:.0f} min. Scaling factor {scaling} (unit "
         "variance of the latents).",
         f"- UNet + text encoder: {logs['unet']['step']:,} steps of batch {cfg.unet_batch} over {cfg.scenes:,} "
         f"scenes encoded once, AdamW {cfg.unet_lr:g} (text encoder {cfg.text_encoder_lr:g}), warm-up "

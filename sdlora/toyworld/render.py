@@ -70,7 +70,7 @@ def render(scene: Scene, size: int = 128, look: Look = PLAIN) -> Image.Image:
     for obj in scene.objects:
         mask = _shape_mask(obj, side, width=0)
         colour = np.clip(np.add(COLOURS[obj.colour], obj.tint), 0, 255).astype(np.float32)
-        fill = np.broadcast_to(colour, canvas.shape)
+        fill: np.ndarray = np.broadcast_to(colour, canvas.shape)
         if look.hatch_period:
             lines = _stripes(side, look.hatch_period, look.hatch_angle, look.hatch_width)[..., None]
             fill = fill * (1.0 - lines * (1.0 - look.hatch_shade))

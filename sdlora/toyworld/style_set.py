@@ -39,7 +39,8 @@ def training_scenes(count: int = 20, seed: int = 2024) -> list[Scene]:
             corner = CORNERS[i // 4 % 4]
             colour = TRAINING_COLOURS[(i + 2) % 5]
             objects = [replace(first, cell=corner),
-                       _jittered(rng, ToyObject(TRAINING_SHAPES[(i + 1) % 4], colour, "small", (2 - corner[0], 2 - corner[1])))]
+                       _jittered(rng, ToyObject(TRAINING_SHAPES[(i + 1) % 4], colour, "small",
+                                                (2 - corner[0], 2 - corner[1])))]
         scenes.append(Scene(tuple(objects), BACKGROUNDS[i % len(BACKGROUNDS)], seed=rng.randrange(2**31)))
     return scenes
 

@@ -16,10 +16,13 @@ import json
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sdlora.atomic import write_text
 from sdlora.config import load_config
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 # torch and PIL are imported where used: `sdlora --help` builds this module's options and must stay fast.
 
@@ -99,7 +102,7 @@ def training_flops(model_path: str, setting: Setting, resolution: int) -> float:
     from sdlora.models.meta import meta_models, meta_unet_inputs
 
     arch, configs = model_configs(model_path)
-    unet = meta_models(arch, configs, torch.float16)["unet"]
+    unet = cast("UNet2DConditionModel", meta_models(arch, configs, torch.float16)["unet"])
     adapters_for(LoraConfig(rank=setting.rank, alpha=setting.rank), total_steps=1).inject(unet, "unet")
     if setting.gradient_checkpointing:
         unet.train()

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from sdlora.errors import PlanError
 from sdlora.models.clip_tokenizer import CLIP_POSITIONS
 from sdlora.models.loading import model_configs
 from sdlora.models.meta import meta_models, meta_unet_inputs
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: `sdlora plan` imports it only when it traces
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 GB = 1e9
 OVERHEAD = 0.15  # share added for what the trace cannot see (see the module docstring)
@@ -167,7 +170,8 @@ def trace(cfg: Config) -> _Traced:
     dtype = torch_dtype(_precision(cfg))
     models = meta_models(arch, configs, dtype)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    unet, encoders = models["unet"], [models[n] for n in ("te1", "te2") if n in models]
+    unet = cast("UNet2DConditionModel", models["unet"])
+    encoders = [models[n] for n in ("te1", "te2") if n in models]
     unet_linear = sum(p.numel() for m in unet.modules() if type(m) is torch.nn.Linear for p in m.parameters())
     adapters = adapters_for(cfg.lora, total_steps=1)  # the layers only: no steps are taken
     if cfg.lora.train_unet:

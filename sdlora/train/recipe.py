@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -59,6 +60,10 @@ from sdlora.train.validation import (
     validation_loss,
     write_history,
 )
+
+if TYPE_CHECKING:
+    from accelerate.optimizer import AcceleratedOptimizer
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 logger = get_logger(__name__)
 
@@ -131,7 +136,7 @@ class Caches:
 
 @dataclass
 class Optimization:
-    optimizer: torch.optim.Optimizer  # accelerate's wrapper
+    optimizer: AcceleratedOptimizer  # the wrapped optimizer is its .optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     noise_scheduler: object  # diffusers' DDPMScheduler
     prediction_type: str
@@ -260,11 +265,11 @@ def _setup_models(run: Run, data: Data) -> Models:
         store_fp8(base.unet, dtype)
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing(fp8_checkpointing if cfg.model.quantize_base == "fp8" else None)
-        for name in trained:
-            if name != "unet":
+        for name, encoder in zip(component_names(base.arch), base.text_encoders):
+            if name in trained:
                 # Non-reentrant: reentrant checkpointing (transformers 4.x's default) gives adapters inside a block
                 # no gradient when the block's input needs none, as a frozen embedding's output does.
-                modules[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_trainable, n_total = count_parameters(list(modules.values()))
     logger.info(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%) "
                 f"in {', '.join(trained)}", main_process_only=True)
@@ -283,7 +288,7 @@ def _setup_caches(run: Run, data: Data, models: Models) -> Caches:
             latents = build_latent_cache(data.records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
     text = build_text_cache(base, data.records, cfg.data) if cfg.data.cache_text_encoder_outputs else None
     models.modules["unet"].to(run.device)
-    _speed_up_unet(models.modules["unet"], cfg.train)
+    _speed_up_unet(base.unet, cfg.train)
     offload_vae, offload_te = offloads(cfg)
     if offload_vae:  # nothing encodes or decodes images any more: free the device memory for activations
         base.vae.to("cpu")
@@ -600,13 +605,14 @@ def _finish(run: Run, models: Models, step_seconds: list[float], history: list[d
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _speed_up_unet(unet: torch.nn.Module, t: TrainConfig) -> None:
+def _speed_up_unet(unet: UNet2DConditionModel, t: TrainConfig) -> None:
     if t.compile != "none":
         backends = torch._dynamo.list_backends(exclude_tags=())
         if t.compile_backend not in backends:
             raise TrainingError(f"train.compile_backend: {t.compile_backend!r} is not one of {', '.join(backends)}")
     if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        # typeshed's functools.wraps does not bind self, and diffusers wraps ModelMixin.to in it.
+        unet.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     mode = None if t.compile_mode == "default" else t.compile_mode
     if t.compile == "regional":
         unet.compile_repeated_blocks(backend=t.compile_backend, mode=mode)

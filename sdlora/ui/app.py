@@ -329,6 +329,7 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
         lora_path = resolve_inside(lora_dir, grid_lora)
         lines = [line.strip() for line in (y_text or "").splitlines() if line.strip()]
         # Each row: (label, params, the LoRA the X weights apply to, extra LoRAs of that row).
+        rows: list[tuple[str, GenerationParams, Path, list[LoraSpec]]]
         if y_axis == "prompt":
             rows = [(line, replace(params, prompt=line), lora_path, []) for line in lines or [params.prompt]]
         elif y_axis == "LoRA file":

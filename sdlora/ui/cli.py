@@ -501,7 +501,7 @@ def _cmd_report(args, extra) -> int:
     from sdlora.generate.grid import make_grid
     from sdlora.ui.report import write_report
 
-    grid: Path | bool | None = False if args.grid is False else None  # None: show RUN_DIR/grid.png if there is one
+    grid: Path | typing.Literal[False] | None = False if args.grid is False else None  # None: RUN_DIR/grid.png if any
     if args.grid:
         grid = make_grid([args.run_dir], args.model, args.weights).path
     print(write_report(args.run_dir, grid=grid))

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 COLUMNS = ["base model", "with the LoRA", "with the LoRA, no trigger word"]
 
 
-def run_demo(out: Path, config: Path | None = None) -> dict[str, Path]:
+def run_demo(out: Path, config: Path | None = None) -> dict[str, Path | None]:
     """Train the demo LoRA into `out`, render each sample prompt with and without it, and measure it on the toy
     world's held-out prompts (`quality.json`, printed and in the report).
 

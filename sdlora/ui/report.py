@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from sdlora.atomic import atomic_path, write_text
 from sdlora.errors import MissingFileError
@@ -117,7 +118,8 @@ def smooth(points: list[tuple[int, float]], weight: float = 0.6) -> list[tuple[i
 # The report
 # --------------------------------------------------------------------------------------------------------------
 
-def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, data=None, dataset: bool = True) -> Path:
+def write_report(run_dir: str | Path, grid: str | Path | Literal[False] | None = None, data=None,
+                 dataset: bool = True) -> Path:
     """Write `<run>/report.md` and its PNGs (`report_loss.png`, `report_val_loss.png`) into the run folder.
 
     Args:
@@ -188,7 +190,7 @@ def write_report(run_dir: str | Path, grid: str | Path | bool | None = None, dat
         lines += [f"![validation loss]({VAL_LOSS_PNG})", ""]
 
     # --- grid and files --------------------------------------------------------------------------------------
-    if grid not in (None, False) and Path(grid).is_file():
+    if grid is not None and grid is not False and Path(grid).is_file():
         rel = Path(os.path.relpath(Path(grid).resolve(), run.resolve())).as_posix()
         lines += ["## Grid", "", "Saved LoRA files (rows) at several weights (columns), one block per prompt, fixed "
                   "seeds; weight 0 is the base model.", "", f"![grid](<{rel}>)", ""]

@@ -13,8 +13,10 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from PIL import Image
@@ -22,6 +24,9 @@ from PIL import Image
 from sdlora.atomic import write_text
 from sdlora.errors import ClipError
 from sdlora.generate.grid import GridResult, run_config
+
+if TYPE_CHECKING:  # transformers is imported when a CLIP model is loaded, not with the report
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +40,9 @@ _BATCH = 32  # images per forward pass: small enough for CPU memory with CLIP-L,
 class Clip:
     """A loaded CLIP model with its tokenizer and image processor, on `device`."""
 
-    model: object  # transformers.CLIPModel, in eval mode
-    tokenizer: object
-    processor: object  # transformers.CLIPImageProcessor
+    model: CLIPModel  # in eval mode
+    tokenizer: CLIPTokenizer
+    processor: CLIPImageProcessor
     device: str
     path: Path
 
@@ -104,11 +109,12 @@ def load_clip(path: str | Path, device: str | None = None) -> Clip:
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClipError(f"{where} ({first})") from None
-    return Clip(model.to(device, dtype).eval(), tokenizer, processor, device, path)
+    # typeshed's functools.wraps does not bind self, and transformers wraps PreTrainedModel.to in it.
+    return Clip(model.to(device, dtype).eval(), tokenizer, processor, device, path)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
-def embed_images(clip: Clip, images: list[Image.Image | Path]) -> torch.Tensor:
+def embed_images(clip: Clip, images: Sequence[Image.Image | Path]) -> torch.Tensor:
     """Unit-length image embeddings, (len(images), projection_dim), float32 on the CPU. Paths are read a batch at
     a time as training reads them (EXIF rotation, alpha on white), so hundreds of training images never sit in
     memory together."""
@@ -121,7 +127,7 @@ def embed_images(clip: Clip, images: list[Image.Image | Path]) -> torch.Tensor:
         pixels = clip.processor(images=batch, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(clip.device, clip.model.dtype)
         out.append(_features(clip.model.get_image_features(pixel_values=pixels)))
-    return _unit(torch.cat(out)) if out else torch.empty(0, clip.model.config.projection_dim)
+    return _unit(torch.cat(out)) if out else torch.empty(0, _projection_dim(clip))
 
 
 @torch.no_grad()
@@ -129,16 +135,18 @@ def embed_texts(clip: Clip, texts: list[str]) -> torch.Tensor:
     """Unit-length text embeddings, (len(texts), projection_dim), float32 on the CPU. Prompts longer than CLIP's
     context (77 tokens) are cut, as CLIP itself cannot see further."""
     out = []
-    max_length = clip.model.config.text_config.max_position_embeddings
+    # transformers types a sub-config as what CLIPConfig accepts (a dict, or None for the default); it holds the
+    # CLIPTextConfig built from that.
+    max_length = cast("CLIPTextConfig", clip.model.config.text_config).max_position_embeddings
     for start in range(0, len(texts), _BATCH):
         tokens = clip.tokenizer(texts[start:start + _BATCH], padding=True, truncation=True, max_length=max_length,
                                 return_tensors="pt").to(clip.device)
         out.append(_features(clip.model.get_text_features(**tokens)))
-    return _unit(torch.cat(out)) if out else torch.empty(0, clip.model.config.projection_dim)
+    return _unit(torch.cat(out)) if out else torch.empty(0, _projection_dim(clip))
 
 
 def clip_scores(clip: Clip, images: list[Image.Image], prompts: list[str],
-                reference_images: list[Image.Image | Path] | torch.Tensor = ()) -> list[ClipScore]:
+                reference_images: Sequence[Image.Image | Path] | torch.Tensor = ()) -> list[ClipScore]:
     """CLIP-T and CLIP-I of each image.
 
     Args:
@@ -182,8 +190,8 @@ def training_images(run_dir: str | Path) -> list[Path]:
         return []
 
 
-def grid_similarity(clip: Clip, result: GridResult, reference_images: list[Image.Image | Path] | torch.Tensor = ()
-                    ) -> list[SimilarityRow]:
+def grid_similarity(clip: Clip, result: GridResult,
+                    reference_images: Sequence[Image.Image | Path] | torch.Tensor = ()) -> list[SimilarityRow]:
     """Mean CLIP-T and CLIP-I per (file, weight) of a rendered grid, over its prompts; rows in the grid's order
     (files, then weights). Weight-0 cells are the base model, so every file's weight-0 row is the same baseline."""
     from sdlora.generate.prompt import parse_lora_tags
@@ -252,6 +260,11 @@ def markdown_table(rows: list[dict[str, str]] | list[SimilarityRow]) -> str:
         lines.append(f"| `{r['file']}` | {r['epoch']} | {r['step']} | {float(r['weight']):g} | {r['clip_t']} | "
                      f"{r['clip_i']} |")
     return "\n".join(lines)
+
+
+def _projection_dim(clip: Clip) -> int:
+    # transformers types the field as what CLIPConfig accepts (None: the default); a loaded config holds the number.
+    return cast(int, clip.model.config.projection_dim)
 
 
 def _features(output) -> torch.Tensor:
