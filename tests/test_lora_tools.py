@@ -270,7 +270,8 @@ def test_lora_for_another_architecture_is_one_line(sd15_path, sd15, loras, tmp_p
     from sdlora.generate.merge import merge_into_base
 
     layers = random_layers(sd15, "attn", 2, 2.0, 7)
-    xl = save_kohya_lora(layers, "sdxl", tmp_path / "xl.safetensors", arch_metadata("sdxl"), torch.float32)
+    # SD1.5 modules (SDXL has no LDM name for some) in a file whose metadata says SDXL, as an SDXL LoRA says.
+    xl = save_kohya_lora(layers, "sd1", tmp_path / "xl.safetensors", arch_metadata("sdxl"), torch.float32)
     with pytest.raises(LoraFileError) as error:
         merge_into_base(str(sd15_path), [(xl, 1.0)], tmp_path / "out")
     assert "\n" not in str(error.value) and "SDXL" in str(error.value) and "SD 1.x" in str(error.value)
