@@ -29,7 +29,9 @@ def app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser")
     shutil.copytree(trained_loras(tmp_path_factory), root / "loras")
-    settings = AppSettings(models_dir=root / "models", lora_dir=root / "loras", out_dir=root / "out")
+    # The LoRAs were trained on tiny-sd15; the app would start on toy-sd15.
+    settings = AppSettings(models_dir=root / "models", lora_dir=root / "loras", out_dir=root / "out",
+                           model="tiny-sd15")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
