@@ -35,12 +35,14 @@ class Look:
     hatch_angle: float = 45.0  # degrees, counter-clockwise from the x axis
     hatch_width: float = 0.4  # share of a period that is a line
     hatch_shade: float = 0.45  # the lines are the fill colour times this
-    background_hatch: bool = False  # faint lines across the background, at right angles to the shapes'
+    background_hatch: bool = False  # lines across the background, at right angles to the shapes'
+    background_shade: float = 28.0  # how much darker (on light grounds) or lighter the background lines are, of 255
 
 
 PLAIN = Look()
 # The demo's style: thick dark outlines and diagonal hatching, like a pen-and-ink print.
-HATCHED = Look(outline=0.025, hatch_period=0.08, hatch_width=0.45, hatch_angle=45.0, background_hatch=True)
+HATCHED = Look(outline=0.025, hatch_period=0.16, hatch_width=0.45, hatch_angle=45.0, background_hatch=True,
+               background_shade=70.0)
 
 
 def random_look(rng: random.Random) -> Look:
@@ -65,7 +67,7 @@ def render(scene: Scene, size: int = 128, look: Look = PLAIN) -> Image.Image:
     if look.background_hatch:
         lines = _stripes(side, look.hatch_period or 0.05, look.hatch_angle + 90.0, 0.25)
         # Darker lines on light grounds, lighter ones on dark grounds, so the texture shows on both.
-        shift = np.where(canvas.mean(axis=2, keepdims=True) > 90, -28.0, 28.0)
+        shift = np.where(canvas.mean(axis=2, keepdims=True) > 90, -look.background_shade, look.background_shade)
         canvas += lines[..., None] * shift
     for obj in scene.objects:
         mask = _shape_mask(obj, side, width=0)

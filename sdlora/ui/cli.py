@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_model)
 
-    p = sub.add_parser("demo", help="train on sample_images/ with the tiny model, export, render samples")
+    p = sub.add_parser("demo", help="train on sample_images/ with the toy-world model, export, render, measure")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--config", default=None, help="default: configs/tiny.toml")
     p.set_defaults(func=_cmd_demo)
@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Write BASE + weight * LoRA delta for each LoRA, as a diffusers folder or (OUT "
                                    "ending in .safetensors) a single-file checkpoint for A1111/ComfyUI.")
     p.add_argument("--model", required=True,
-                   help="base model: diffusers folder, single-file .safetensors checkpoint, or tiny-sd15 / tiny-sdxl")
+                   help="base model: diffusers folder, single-file .safetensors checkpoint, or a built-in name "
+                        "(toy-sd15, tiny-sd15, tiny-sdxl)")
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="repeatable; weight 1.0 by default")
     p.add_argument("--out", required=True, help="output folder, or a .safetensors file for a single-file checkpoint")
