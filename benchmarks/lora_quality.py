@@ -30,7 +30,8 @@ CONFIG = REPO / "configs" / "tiny.toml"
 ROWS = [
     ("LoRA", []),
     ("LoRA, rsLoRA scale", ["lora.use_rslora=true"]),
-    ("LoRA, PiSSA init", ["lora.init=pissa"]),
+    # peft's PiSSA starts Linear layers only, and SD1's proj_in/proj_out are 1x1 convs: attention only.
+    ("LoRA, PiSSA init (attn)", ["lora.init=pissa", "lora.targets=attn"]),
     ("LoRA+ (B lr x16)", ["train.loraplus_lr_ratio=16.0"]),
     ("DoRA", ["lora.method=dora"]),
     ("AdaLoRA (16 -> 8 avg)", ["lora.method=adalora", "lora.adalora_init_rank=16"]),

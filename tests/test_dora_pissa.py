@@ -17,7 +17,7 @@ from sdlora.adapters.export import load_lora_layers, save_kohya_lora, save_peft_
 from sdlora.adapters.lora import inject_lora, lora_layers, pissa_as_lora, set_lora_layers, trainable_parameters
 from sdlora.adapters.tools import read_lora
 from sdlora.config import load_config
-from sdlora.errors import LoraFileError
+from sdlora.errors import ConfigError, LoraFileError
 from sdlora.generate.pipeline import LoraCache, LoraSpec, load_pipeline
 from sdlora.models.loading import encode_prompt, load_base_model, tokenize
 from sdlora.train.recipe import train
@@ -185,6 +185,13 @@ def test_input_axis_dora_is_refused_in_one_line(tmp_path):
     pipe = load_pipeline("tiny-sd15")
     with pytest.raises(LoraFileError, match="per input channel"):
         LoraCache(pipe).load(tmp_path / "input_axis.safetensors")
+
+
+def test_pissa_on_a_convolution_is_one_line_naming_the_fix():
+    unet = load_base_model("tiny-sd15").unet  # SD1's proj_in / proj_out are 1x1 convs, in "attn_mlp"
+    with pytest.raises(ConfigError, match=r"proj_in is a convolution; use lora.targets = \"attn\"") as error:
+        inject_lora(unet, "unet", load_config(None, ["lora.init=pissa", "lora.targets=attn_mlp"]).lora)
+    assert "\n" not in str(error.value)
 
 
 def test_pissa_starts_at_the_base_model_and_exports_against_the_original_weights(tmp_path):

@@ -20,7 +20,7 @@ from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
 from sdlora.config import LoraConfig
-from sdlora.errors import LoraFileError
+from sdlora.errors import ConfigError, LoraFileError
 
 ADAPTER = "default"
 # config lora.init -> peft's init_lora_weights. PiSSA with the exact SVD: the fast variants are randomised.
@@ -94,6 +94,12 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
     names += [name for name in start if name not in names]
     if not names:
         raise ValueError(f"no LoRA target modules found in the {component} for targets={cfg.targets!r}")
+    if cfg.init == "pissa":
+        convolutions = [n for n in names if isinstance(model.get_submodule(n), torch.nn.Conv2d)]
+        if convolutions:
+            # peft computes PiSSA's SVD for Linear layers only; SD1/SD2 UNets' proj_in/proj_out are 1x1 convs.
+            raise ConfigError(f"lora.init = \"pissa\": peft starts Linear layers only from their singular vectors, "
+                              f"and the {component}'s {convolutions[0]} is a convolution; use lora.targets = \"attn\"")
     model.requires_grad_(False)
     peft_config = PeftLoraConfig(
         r=cfg.rank,
