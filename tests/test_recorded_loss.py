@@ -1,7 +1,7 @@
 """Recorded numbers, as torchtune's recipe tests pin theirs: two short runs on the tiny models with fixed seeds, their
 logged losses, validation losses, the files they write and a hash of every exported file and sample image. A change
 of structure must not change one number; a change meant to change them updates RECORDED (the failure prints the new
-values).
+values). The data is the first six pictures of sample_images/, so redrawing the demo's style changes them too.
 
 The runs happen in a fresh process that builds its own tiny models, on one thread, with MKL's reproducible mode
 (MKL_CBWR=COMPATIBLE) and ATen's portable kernels (ATEN_CPU_CAPABILITY=default): then every x86-64 CPU computes
@@ -84,10 +84,10 @@ print(json.dumps({
 
 RECORDED = {
     "sd15": {
-        "losses": [1.0882896184921265, 1.1420974731445312, 1.2451801300048828,
-                   1.2387652397155762, 0.9772156476974487, 1.1762257814407349],
-        "val_losses": [1.129254698753357, 1.129254698753357, 1.1286954283714294, 1.127538025379181,
-                       1.126637041568756, 1.1259772777557373, 1.125831663608551],
+        "losses": [1.0887246131896973, 1.141800880432129, 1.245473861694336,
+                   1.2394155263900757, 0.9797143936157227, 1.1756117343902588],
+        "val_losses": [1.130917251110077, 1.130917251110077, 1.1303603053092957, 1.1291964650154114,
+                       1.1282964944839478, 1.1276456117630005, 1.1275048851966858],
         "files": [
             "checkpoint-3/adapters.safetensors", "checkpoint-3/optimizer.json", "checkpoint-3/optimizer.safetensors",
             "checkpoint-3/state.json", "checkpoint-6/adapters.safetensors", "checkpoint-6/optimizer.json",
@@ -98,22 +98,22 @@ RECORDED = {
         ],
         "hashes": {
             "lora-step00000003.safetensors":
-                "b8fbfdb3f1464873101ac1e25ceb41f34c69fa862fe18482f029025eec38be16",
+                "17401e45c8ba989f82819037b2282b6cbedfa12bd212582ceb6526e49fa17895",
             "lora-step00000003/pytorch_lora_weights.safetensors":
-                "53944eb6198224fa6ac12a32bfbe29452bcf53548e5c72c369b642fb036c8d36",
+                "fae7672c0c5e69e7ddfbb326af4eb0125aaf89fa9829c65e3afdde465390dfb0",
             "lora.safetensors":
-                "91ffc1c0bce85b42e09891f006a54d82d3989cf8d2f5c3a49f6686f1063f03cc",
+                "80e790313b508ff5fa4dcb2e74fc66f9400ee4e9562c34e74270ec6c9658af0c",
             "lora/pytorch_lora_weights.safetensors":
-                "de4ac463d7716d6fab6c976e2a06db79483217c251873dd0c22850a36b9dc6a3",
+                "cb54c4231473fe12940f32f95225f803bf14521a8fed3affd19ed6887e0dabd8",
             "samples/step00000003-00.png":
-                "07b161308feb9584efe3d18a3cf57d1f93701f138147bf348ebec37536c4bcaa",
+                "e2a819856a31a3773341f33944320c42a5d6229de2ca57a3f29e748459f3aace",
             "samples/step00000006-00.png":
-                "3cd24b6ba476277e2c7ef9277a0cd538d6a2ac9f739a84c43d1cfc94e9f4d08c",
+                "a11fdab573068c8dfbc133a1ccdb850ab211e284fc695e6f6f807ed6f3cb472e",
         },
     },
     "sdxl-adalora": {
-        "losses": [1.0014702081680298, 1.0212284326553345, 1.0686581134796143,
-                   1.2293572425842285, 0.9858580231666565, 1.1391658782958984],
+        "losses": [1.0015262365341187, 1.0197234153747559, 1.0689421892166138,
+                   1.2296680212020874, 0.9851772785186768, 1.1380997896194458],
         "val_losses": [],
         "files": [
             "adalora_ranks.json", "checkpoint-6/adalora.json", "checkpoint-6/adalora.safetensors",
@@ -122,7 +122,7 @@ RECORDED = {
         ],
         "hashes": {
             "lora.safetensors":
-                "a1e068b4d7eb8737cafb852a78acd81fd7e2f1d05414adfe322d23ec4f063de5",
+                "e395c303ee4016738699154ef86bfdc6a7cb909ceb1d5c87859343d2f4792413",
         },
     },
 }
