@@ -148,10 +148,10 @@ def _generator(cfg: PretrainConfig, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step)
 
 
-def _resume(folder: Path, modules: dict[str, torch.nn.Module], optimizer, ema=None, at_most: int = 0) -> dict:
-    """Load the newest checkpoint in `folder` (of step `at_most` or earlier, when given) into the modules,
-    optimizer and EMA; its state (step, loss log, seconds spent), or a fresh one."""
-    checkpoints = [c for c in list_checkpoints(folder) if not at_most or _step_of(c) <= at_most]
+def _resume(folder: Path, modules: dict[str, torch.nn.Module], optimizer, ema, at_most: int) -> dict:
+    """Load the newest checkpoint in `folder` of step `at_most` or earlier into the modules, optimizer and EMA;
+    its state (step, loss log, seconds spent), or a fresh one."""
+    checkpoints = [c for c in list_checkpoints(folder) if _step_of(c) <= at_most]
     if not checkpoints:
         return {"step": 0, "losses": [], "seconds": 0.0}
     weights, optimizer_state, state = load_checkpoint(checkpoints[-1])
@@ -180,13 +180,14 @@ def _checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, st
 
 
 def _train(desc: str, cfg: PretrainConfig, folder: Path, modules: dict[str, torch.nn.Module], optimizer,
-           base_lrs: list[float], total: int, step_loss, ema=None, clip: float = 0.0, until: int = 0) -> dict:
+           base_lrs: list[float], total: int, step_loss, ema=None, clip: float = 0.0, until: int | None = None
+           ) -> dict:
     """The loop the stages share: resume, then `step_loss(step)` -> (loss, value to log) until `total` steps
     (or `until`, the schedule still that of `total`), with warm-up and cosine decay, checkpoints every
     `cfg.checkpoint_every` steps and the mean logged value per 100 steps (and at the end). Returns the final
     state (step, losses, seconds)."""
-    state = _resume(folder, modules, optimizer, ema, at_most=until)
     end = until or total
+    state = _resume(folder, modules, optimizer, ema, at_most=end)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for module in modules.values():
         module.train()
@@ -356,7 +357,7 @@ def train_unet(cfg: PretrainConfig, work: Path, until: int | None = None):
 
     state = _train("UNet + text encoder", cfg, work / "unet", modules, optimizer,
                    [cfg.unet_lr, cfg.text_encoder_lr], cfg.unet_steps, step_loss, ema=ema, clip=1.0,
-                   until=until or 0)
+                   until=until)
     ema.copy_to(params)
     save_safetensors(_prefixed(modules), final)
     write_text(log, json.dumps(state))
