@@ -8,7 +8,8 @@ Every row trains the demo's LoRA (configs/tiny.toml: sample_images/, the toy-wor
 same data, seed and steps; only the row's own switches differ. Each file is then measured by sdlora.toyworld.quality on
 the 12 held-out prompts at weights 0 / 0.5 / 1 with fixed seeds: the style score, content kept (colour, position,
 shape), bleed (the style without the trigger word), and whether weight 0 renders the base model bit for bit.
-Rows print as JSON lines (also appended to outputs/bench/quality.jsonl) and as a markdown table.
+Rows print as JSON lines and are kept in benchmarks/lora_quality.jsonl (the results of record: a row measured again
+replaces its line); the README's table is made from that file, in ROWS order, so running some rows keeps the others.
 To add a row (a new adapter kind, a training option), add its name and config overrides to ROWS.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- lora-quality:start -->", "<!-- lora-quality:end -->"
 CONFIG = REPO / "configs" / "tiny.toml"
+RECORD = REPO / "benchmarks" / "lora_quality.jsonl"
 
 # (name in the table, config overrides). LoRA+ and PiSSA are switches of the plain LoRA method.
 ROWS = [
@@ -51,8 +53,9 @@ def train_row(overrides: list[str], out: Path, steps: int | None) -> tuple[Path,
     started = time.perf_counter()
     path = train(cfg)
     stats = json.loads((out / "train_stats.json").read_text())
-    return path, {"train_s": time.perf_counter() - started, "file_kb": path.stat().st_size / 1024,
-                  "trainable_parameters": stats["trainable_parameters"], "steps": cfg.train.max_train_steps}
+    return path, {"train_s": time.perf_counter() - started, "step_s": stats["step_s_median"],
+                  "file_kb": path.stat().st_size / 1024, "trainable_parameters": stats["trainable_parameters"],
+                  "steps": cfg.train.max_train_steps}
 
 
 def measure_file(path: Path, seeds: tuple[int, ...]) -> dict:
@@ -75,6 +78,15 @@ def run(rows: list[tuple[str, list[str]]], work: Path, steps: int | None, seeds:
     return results
 
 
+def merge_record(record: Path, results: list[dict]) -> list[dict]:
+    """The rows of record with `results` in place of their namesakes, in ROWS order (rows no longer in ROWS drop)."""
+    kept = {}
+    if record.is_file():
+        kept = {r["row"]: r for r in map(json.loads, record.read_text(encoding="utf-8").splitlines()) if r}
+    kept.update((r["row"], r) for r in results)
+    return [kept[name] for name, _ in ROWS if name in kept]
+
+
 def markdown(rows: list[dict], seeds: int) -> str:
     steps = rows[0]["steps"] if rows else 0
     lines = [
@@ -83,8 +95,9 @@ def markdown(rows: list[dict], seeds: int) -> str:
         "plain toy world, 1 = the trained style; content: objects drawn in the prompt's colour / position / shape; "
         "bleed: the style score without the trigger word, LoRA at weight 1.",
         "",
-        "| row | config | style w0 -> 0.5 -> 1 | content base | content w1 | bleed | w0 = base | file | train time |",
-        "|---|---|---|---|---|---:|---|---:|---:|",
+        "| row | config | style w0 -> 0.5 -> 1 | content base | content w1 | bleed | w0 = base | file | train time | "
+        "step |",
+        "|---|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         config = ", ".join(f"`{o}`" for o in r["config"].split()) if r["config"] != "(demo config)" else "demo config"
@@ -92,8 +105,13 @@ def markdown(rows: list[dict], seeds: int) -> str:
         lines.append(
             f"| {r['row']} | {config} | {w['0']['style']:.2f} -> {w['0.5']['style']:.2f} -> {w['1']['style']:.2f} | "
             f"{_content(w['0'])} | {_content(w['1'])} | {r['bleed']:.2f} | "
-            f"{'yes' if r['weight0_equals_base'] else 'NO'} | {r['file_kb']:.0f} KB | {r['train_s']:.0f} s |")
+            f"{'yes' if r['weight0_equals_base'] else 'NO'} | {r['file_kb']:.0f} KB | {r['train_s']:.0f} s | "
+            f"{_step(r)} |")
     return "\n".join(lines)
+
+
+def _step(row: dict) -> str:
+    return f"{row['step_s']:.2f} s" if "step_s" in row else "not recorded"  # rows measured before step_s was kept
 
 
 def _content(scores: dict) -> str:
@@ -117,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out prompt")
     parser.add_argument("--lora", type=Path, help="measure this file instead of training rows")
-    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="print the table only (the record and the README stay as they are)")
     args = parser.parse_args(argv)
     seeds = tuple(range(1, args.seeds + 1))
     if args.lora:
@@ -126,14 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in ROWS if not args.rows or any(r[0].startswith(p) for p in args.rows)]
     with tempfile.TemporaryDirectory(prefix="sdlora-quality-") as work:
         results = run(rows, Path(work), args.steps, seeds)
-    log = REPO / "outputs" / "bench" / "quality.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in results)
-    table = markdown(results, len(seeds))
+    if args.no_readme:
+        print(markdown(results, len(seeds)))
+        return 0
+    from sdlora.atomic import write_text
+
+    recorded = merge_record(RECORD, results)
+    write_text(RECORD, "".join(json.dumps(r) + "\n" for r in recorded))
+    table = markdown(recorded, len(seeds))
     print(table)
-    if not args.no_readme:
-        update_readme(REPO / "README.md", table)
+    update_readme(REPO / "README.md", table)
     return 0
 
 

@@ -1,6 +1,7 @@
 """benchmarks/lora_quality.py: every row is a valid config, and the README's table is what it writes."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,19 @@ def test_the_readme_holds_the_table(script):
     assert script.START in text and script.END in text
     section = text.split(script.START)[1].split(script.END)[0]
     assert all(f"| {name} |" in section for name, _ in script.ROWS)
+
+
+def test_a_row_measured_again_replaces_its_record_and_keeps_the_others(script, tmp_path):
+    record = tmp_path / "lora_quality.jsonl"
+    first, second = script.ROWS[0][0], script.ROWS[1][0]
+    record.write_text("".join(json.dumps(r) + "\n" for r in [row(second, 0.5), row(first, 0.1), row("gone", 0.3)]))
+    merged = script.merge_record(record, [row(first, 0.9)])
+    assert [r["row"] for r in merged] == [first, second]  # ROWS order; a row no longer in ROWS drops
+    assert merged[0]["by_weight"]["1"]["style"] == 0.9 and merged[1]["by_weight"]["1"]["style"] == 0.5
+
+
+def test_the_record_holds_every_row_and_the_readme_table_is_made_from_it(script):
+    recorded = script.merge_record(script.RECORD, [])
+    assert [r["row"] for r in recorded] == [name for name, _ in script.ROWS]
+    section = (REPO / "README.md").read_text().split(script.START)[1].split(script.END)[0]
+    assert section.strip() == script.markdown(recorded, seeds=2).strip()
