@@ -119,6 +119,19 @@ class DataConfig:
     # Validation images: a share of the dataset held out (seeded by train.seed), or separate folders.
     validation_split: float = 0.0
     validation_dirs: list[str] = field(default_factory=list)
+    # Regularization (class / prior-preservation) images, kohya's reg folders: "<N>_<class>" repeat folders or plain
+    # ones. Each epoch pairs them with as many training images (with repeats) as kohya does; their loss counts
+    # train.prior_loss_weight times.
+    reg_dirs: list[str] = field(default_factory=list)
+    # The word in the captions that names what is learnt ("" = caption_prefix), and what stands for it in the
+    # captions of class images and preservation prompts ("" drops it): "sks dog" -> class_word "dog".
+    trigger_word: str = ""
+    class_word: str = ""
+    # Auto class images: before training, the base model draws this many regularization images per training image
+    # from its caption with the trigger replaced by class_word (seeded, in its bucket, sample.steps/cfg/sampler),
+    # cached in class_images_dir ("" = <train.output_dir>/class_images) so that a rerun reuses them. 0 = off.
+    class_images_per_image: int = 0
+    class_images_dir: str = ""
 
 
 @dataclass
@@ -209,6 +222,17 @@ class TrainConfig:
     log_every_n_steps: int = 10
     # Loss on these parts only: a mask image beside each image (img.png + img_mask.png), white = train.
     masked_loss: bool = False
+    # The weight of regularization images' loss (data.reg_dirs, data.class_images_per_image), kohya's name.
+    prior_loss_weight: float = 1.0
+    # Base-prediction preservation, no images needed: each step adds this weight times the distance between the
+    # adapted model's prediction and the base model's (adapters off) on preservation prompts. 0 = off.
+    preservation_weight: float = 0.0
+    # The preservation prompts; [] = each batch's captions without the trigger word (data.trigger_word).
+    preservation_prompts: list[str] = field(default_factory=list)
+    # Early stopping: stop when the validation loss has not improved by more than early_stopping_min_delta for this
+    # many validations in a row; the final LoRA is then the best validated one. 0 = off; needs validation images.
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclass
@@ -436,6 +460,19 @@ def _check_ranges(cfg: Config) -> list[str]:
         (0 <= d.validation_split < 1, "data.validation_split: must be in [0, 1)"),
         (not (d.validation_split and d.validation_dirs), "data.validation_split/validation_dirs: use one of them"),
         (bool(d.dirs), "data.dirs: give at least one image folder"),
+        (d.class_images_per_image >= 0, "data.class_images_per_image: must be >= 0 (0 = off)"),
+        (not d.class_images_per_image or bool(d.trigger_word or d.caption_prefix),
+         "data.class_images_per_image: class images are drawn from the captions without the trigger word; set "
+         "data.trigger_word (or data.caption_prefix)"),
+        (_non_negative(t.prior_loss_weight), "train.prior_loss_weight: must be a finite number >= 0"),
+        (_non_negative(t.preservation_weight), "train.preservation_weight: must be a finite number >= 0 (0 = off)"),
+        (not t.preservation_weight or bool(t.preservation_prompts or d.trigger_word or d.caption_prefix),
+         "train.preservation_weight: preservation prompts are the captions without the trigger word; set "
+         "data.trigger_word (or data.caption_prefix), or list train.preservation_prompts"),
+        (t.early_stopping_patience >= 0, "train.early_stopping_patience: must be >= 0 (0 = off)"),
+        (_non_negative(t.early_stopping_min_delta), "train.early_stopping_min_delta: must be a finite number >= 0"),
+        (not t.early_stopping_patience or bool(d.validation_split or d.validation_dirs),
+         "train.early_stopping_patience: needs validation images (data.validation_split or data.validation_dirs)"),
         (not (d.cache_text_encoder_outputs and lo.train_text_encoder),
          "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its "
          "outputs)"),
