@@ -207,6 +207,35 @@ class TrainConfig:
     min_snr_gamma: float = 0.0
     # Rescale betas to zero terminal SNR (arXiv 2305.08891); use with v-prediction.
     zero_terminal_snr: bool = False
+    # Timesteps are drawn from [min_timestep, max_timestep) (kohya's keys); None = the schedule's end (1000).
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    # How they are drawn over that range: "uniform", or SD3's "logit_normal" (sigmoid of N(logit_mean, logit_std):
+    # the middle of the schedule more often) or "mode" (mode_scale > 0 favours the middle, < 0 the ends).
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # The regression loss: "l2" (MSE), "l1", or kohya's pseudo-Huber "huber" / "smooth_l1" (arXiv 2403.16728),
+    # L2 for errors below huber_c and L1-like above, less pulled by outliers. huber_schedule makes huber_c depend
+    # on the timestep as kohya does: "snr" (large at low noise), "exponential" (decays to huber_c), "constant".
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    huber_c: float = 0.1
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    # Weight each sample's loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction): kohya's debiased estimation
+    # (arXiv 2310.08442).
+    debiased_estimation: bool = False
+    # Input perturbation (arXiv 2301.11706): the noisy input gets this much extra noise the target does not; ~0.1.
+    ip_noise_gamma: float = 0.0
+    # Multi-resolution (pyramid) noise: this many coarser noise layers, each discounted by the discount's power
+    # (kohya: 6-10 iterations, discount 0.3); 0 = off.
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    # Exponential moving average of the adapter weights (diffusers' EMAModel, its decay warming up as
+    # (1 + n) / (10 + n)): exported files, samples and validation use the average; 0 = off, ~0.999 for long runs.
+    ema_decay: float = 0.0
+    # Update the average every N optimizer steps.
+    ema_update_every: int = 1
     # Save a LoRA file every N steps / epochs (0 = never); the final one is always saved.
     save_every_n_steps: int = 0
     save_every_n_epochs: int = 1
@@ -515,6 +544,16 @@ def _check_ranges(cfg: Config) -> list[str]:
         (_non_negative(t.max_grad_norm), "train.max_grad_norm: must be a finite number >= 0 (0 = no clipping)"),
         (_non_negative(t.noise_offset), "train.noise_offset: must be a finite number >= 0"),
         (_non_negative(t.min_snr_gamma), "train.min_snr_gamma: must be a finite number >= 0 (0 = off)"),
+        (0 <= t.min_timestep < (1000 if t.max_timestep is None else t.max_timestep) <= 1000,
+         "train.min_timestep/max_timestep: need 0 <= min_timestep < max_timestep <= 1000"),
+        (_positive(t.logit_std) and math.isfinite(t.logit_mean) and math.isfinite(t.mode_scale),
+         "train.logit_mean/logit_std/mode_scale: must be finite numbers, logit_std > 0"),
+        (_positive(t.huber_c), "train.huber_c: must be a finite number > 0"),
+        (_non_negative(t.ip_noise_gamma), "train.ip_noise_gamma: must be a finite number >= 0 (0 = off)"),
+        (t.multires_noise_iterations >= 0 and 0 < t.multires_noise_discount <= 1,
+         "train.multires_noise_iterations: must be >= 0, multires_noise_discount in (0, 1]"),
+        (0 <= t.ema_decay < 1, "train.ema_decay: must be in [0, 1) (0 = off)"),
+        (t.ema_update_every >= 1, "train.ema_update_every: must be at least 1"),
         (_non_negative(s.cfg), "sample.cfg: must be a finite number >= 0"),
         (_non_negative(t.loraplus_lr_ratio), "train.loraplus_lr_ratio: must be >= 0"),
         (t.validate_every_n_steps >= 0, "train.validate_every_n_steps: must be >= 0"),
