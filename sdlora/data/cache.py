@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sdlora.atomic import save_safetensors
 from sdlora.config import DataConfig
-from sdlora.data.dataset import ImageRecord, load_image, process_caption, sample_rng
+from sdlora.data.dataset import ImageRecord, load_image, record_caption, sample_rng
 from sdlora.models.loading import BaseModel, encode_prompt, tokenize
 
 logger = logging.getLogger(__name__)
@@ -99,10 +100,12 @@ def _read_entry(file: Path) -> dict | None:
 
 
 @torch.no_grad()
-def build_text_cache(base: BaseModel, records: list[ImageRecord], cfg: DataConfig) -> dict[str, tuple]:
-    """{caption: (states, pooled)} for every distinct caption; only valid when captions never change."""
+def build_text_cache(base: BaseModel, records: list[ImageRecord], cfg: DataConfig,
+                     extra: Iterable[str] = ()) -> dict[str, tuple]:
+    """{caption: (states, pooled)} for every distinct caption, and the `extra` prompts; only valid when captions never
+    change."""
     cache = {}
-    for caption in sorted({process_caption(r.caption, cfg, sample_rng(0, 0, 0)) for r in records}):
+    for caption in sorted({record_caption(r, cfg, sample_rng(0, 0, 0)) for r in records}.union(extra)):
         states, pooled = encode_prompt(base.arch, base.text_encoders, tokenize(base.tokenizers, [caption]))
         cache[caption] = (states[0], None if pooled is None else pooled[0])
     return cache

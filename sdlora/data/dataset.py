@@ -7,6 +7,7 @@ augmentations the interrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ class ImageRecord:
     bucket: tuple[int, int]  # (width, height) the image is resized and cropped to
     mask_path: Path | None  # "<stem>_mask.png" beside the image (white = train), if present
     dataset_dir: str  # name of the folder it came from, for ss_tag_frequency
+    is_reg: bool = False  # a regularization image (data.reg_dirs, auto class images): its loss is weighted
 
 
 # --- discovery -------------------------------------------------------------------------------------------------
@@ -432,8 +434,51 @@ def process_caption(caption: str, cfg: DataConfig, rng: random.Random) -> str:
     return ", ".join(fixed + rest)
 
 
+def record_caption(record: ImageRecord, cfg: DataConfig, rng: random.Random) -> str:
+    """`process_caption` of a record: a regularization image's caption gets no prefix, which is the trigger word."""
+    return process_caption(record.caption, dataclasses.replace(cfg, caption_prefix="") if record.is_reg else cfg, rng)
+
+
 def _split_tags(caption: str) -> list[str]:
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def without_trigger(caption: str, trigger: str, class_word: str = "") -> str:
+    """`caption` with the trigger word replaced by `class_word`: a whole tag, or a whole word inside a tag
+    ("a photo of sks dog"); an emptied tag drops. What class images and preservation prompts are drawn from."""
+    tags = [" ".join(_trigger_pattern(trigger).sub(class_word, tag).split()) for tag in _split_tags(caption)]
+    return ", ".join(tag for tag in tags if tag)
+
+
+def has_trigger(caption: str, trigger: str) -> bool:
+    """Whether `caption` holds the trigger word as `without_trigger` finds it."""
+    return bool(_trigger_pattern(trigger).search(caption))
+
+
+def _trigger_pattern(trigger: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-]){re.escape(trigger.strip())}(?![\w-])", re.I)
+
+
+def trigger_of(cfg: DataConfig) -> str:
+    """The trigger word: data.trigger_word, else data.caption_prefix."""
+    return cfg.trigger_word or cfg.caption_prefix
+
+
+def pair_regularization(train: list[ImageRecord], reg: list[ImageRecord]) -> list[ImageRecord]:
+    """`reg` with repeats that make one epoch hold as many regularization images as training images, as kohya's
+    DreamBoothDataset does: each reg image once with its folder's repeats, then one more repeat each, in order,
+    until the count (with repeats) reaches the training images' (with repeats). Extra reg images stay unused."""
+    target = sum(r.repeats for r in train)
+    repeats: dict[int, int] = {}
+    n, first_loop = 0, True
+    while reg and n < target:
+        for i, record in enumerate(reg):
+            repeats[i] = repeats.get(i, 0) + (record.repeats if first_loop else 1)
+            n += record.repeats if first_loop else 1
+            if n >= target:
+                break
+        first_loop = False
+    return [dataclasses.replace(reg[i], repeats=k, is_reg=True) for i, k in sorted(repeats.items())]
 
 
 def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:

@@ -28,15 +28,19 @@ from sdlora.config import DataConfig
 from sdlora.data.dataset import (
     Finding,
     ImageRecord,
+    Scan,
     Severity,
     assign_bucket,
     bucket_summary,
     caption_file,
     display_path,
+    has_trigger,
+    pair_regularization,
     probe_image,
-    process_caption,
+    record_caption,
     scan,
     to_rgb,
+    trigger_of,
 )
 from sdlora.errors import DatasetError
 from sdlora.models.clip_tokenizer import CLIP_TOKENS, load_clip_tokenizer
@@ -64,6 +68,8 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     records: list[ImageRecord] = field(default_factory=list)  # what training reads (dataset.scan's records)
+    # data.reg_dirs' images with the repeats that pair them with `records` (dataset.pair_regularization)
+    reg_records: list[ImageRecord] = field(default_factory=list)
     images: int = 0  # usable images
     images_with_repeats: int = 0
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # images per (width, height) bucket
@@ -107,6 +113,12 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
         duplicate, near-duplicate (warning): same bytes (sha256), or 8x8 DCT pHash within 4 bits and close colours.
         converted (info): CMYK, 16-bit, palette, grayscale or alpha (composited on white) become 8-bit RGB.
         exif-rotated (info): EXIF orientation is applied, so the image trains as viewers show it.
+    The regularization images of `cfg.reg_dirs` get the same checks, and
+        reg-count (info; warning when some go unused): how many pair with the training images each epoch.
+        reg-trigger (warning): a regularization caption holds the trigger word, so it would teach the trigger the
+            base model's look.
+        reg-bucket (warning): a bucket that no training image uses: its regularization images never share a batch
+            with training images.
 
     Args:
         cfg: the `[data]` table; `skip_bad_images` decides whether bad files are errors or skipped warnings.
@@ -119,9 +131,11 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
     start = time.perf_counter()
     with _quiet(logging.getLogger(scan.__module__)):  # the report says all the scan would log
         scanned = scan(cfg, base_dir)
+        reg = scan(replace(cfg, dirs=cfg.reg_dirs), base_dir) if cfg.reg_dirs else Scan([], [], {})
+    reg_records = [replace(r, is_reg=True) for r in reg.records]
     # A folder listed twice in data.dirs is read twice: trained twice, but each file is judged once.
-    findings = list(dict.fromkeys(scanned.findings))
-    records = list({r.path: r for r in scanned.records}.values())
+    findings = list(dict.fromkeys(scanned.findings + [_as_reg(f) for f in reg.findings]))
+    records = list({r.path: r for r in scanned.records + reg_records}.values())
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         facts = list(pool.map(_examine, [r.path for r in records]))
     for record, fact in zip(records, facts):
@@ -130,10 +144,13 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
         tokenizer = load_clip_tokenizer()
     findings += _caption_findings(records, cfg, tokenizer)
     findings += _duplicate_findings(records, facts)
-    usable = [r for r, f in zip(records, facts) if not f.error]
+    if reg_records:
+        findings += _reg_findings(scanned.records, reg_records, cfg)
+    usable = [r for r, f in zip(records, facts) if not f.error and not r.is_reg]
     return Report(
         findings=findings,
         records=scanned.records,
+        reg_records=pair_regularization(scanned.records, reg_records),
         images=len(usable),
         images_with_repeats=sum(r.repeats for r in usable),
         buckets=bucket_summary(usable),
@@ -144,7 +161,9 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
 
 def format_report(report: Report) -> str:
     """The report as text: a header, one line per finding (errors first), the buckets and a summary."""
-    lines = [f"{report.images} images ({report.images_with_repeats} with repeats) at resolution {report.resolution}"]
+    reg = f" + {len(report.reg_records)} regularization images" if report.reg_records else ""
+    lines = [f"{report.images} images ({report.images_with_repeats} with repeats){reg} at resolution "
+             f"{report.resolution}"]
     rank = {severity: i for i, severity in enumerate(SEVERITIES)}
     for f in sorted(report.findings, key=lambda f: (rank[f.severity], str(f.path or ""), f.check)):
         where = f" {display_path(f.path)}" if f.path is not None else ""
@@ -279,7 +298,7 @@ def _size_findings(record: ImageRecord, cfg: DataConfig) -> list[Finding]:
 def _caption_findings(records: list[ImageRecord], cfg: DataConfig, tokenizer) -> list[Finding]:
     # The caption as trained, before any random dropout or shuffling: with the prefix.
     plain = replace(cfg, caption_dropout=0.0, tag_dropout=0.0, shuffle_caption=False)
-    texts = [process_caption(r.caption, plain, random.Random(0)) for r in records]
+    texts = [record_caption(r, plain, random.Random(0)) for r in records]
     prefix = f" (only the prefix {cfg.caption_prefix!r})" if cfg.caption_prefix else ""
     findings = []
     ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
@@ -299,6 +318,38 @@ def _caption_findings(records: list[ImageRecord], cfg: DataConfig, tokenizer) ->
             findings.append(Finding("warning", "caption-long", sidecar or record.path,
                                     f"caption is {len(tokens)} CLIP tokens; training keeps the first {CLIP_TOKENS} "
                                     f"and cuts the rest, from {cut!r}; shorten it"))
+    return findings
+
+
+# --- regularization images -------------------------------------------------------------------------------------
+
+
+def _as_reg(finding: Finding) -> Finding:
+    """A finding of the scan of data.reg_dirs, saying so where it names no file."""
+    return finding if finding.path is not None else replace(finding, message=f"data.reg_dirs: {finding.message}")
+
+
+def _reg_findings(train: list[ImageRecord], reg: list[ImageRecord], cfg: DataConfig) -> list[Finding]:
+    n_train, n_reg = sum(r.repeats for r in train), sum(r.repeats for r in reg)
+    if n_reg > n_train:
+        count = Finding("warning", "reg-count", None, f"{n_reg} regularization images (with repeats) for {n_train} "
+                        "training images (with repeats): each epoch uses as many as there are training images, so "
+                        "some are never trained on; lower their folder's repeats or add training images")
+    else:
+        count = Finding("info", "reg-count", None, f"{n_reg} regularization images (with repeats) pair with "
+                        f"{n_train} training images (with repeats): they are repeated to match, as kohya does")
+    findings = [count]
+    trigger = trigger_of(cfg)
+    if trigger:
+        findings += [Finding("warning", "reg-trigger", caption_file(r.path, cfg.caption_extensions) or r.path,
+                             f"the caption has the trigger word {trigger!r}: this image would teach the trigger the "
+                             "base model's look; remove the word from the caption")
+                     for r in reg if has_trigger(r.caption, trigger)]
+    trained = {r.bucket for r in train}
+    for bucket, n in sorted(Counter(r.bucket for r in reg if r.bucket not in trained).items()):
+        findings.append(Finding("warning", "reg-bucket", None, f"{n} regularization image(s) fall in the "
+                                f"{bucket[0]}x{bucket[1]} bucket, which no training image uses: they never share a "
+                                "batch with a training image; crop them to the training images' shapes"))
     return findings
 
 

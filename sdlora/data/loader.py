@@ -14,13 +14,14 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from sdlora.config import Config
-from sdlora.data.dataset import ImageRecord, load_image, process_caption, sample_rng
+from sdlora.data.dataset import ImageRecord, load_image, record_caption, sample_rng
 from sdlora.models.loading import sdxl_time_ids, tokenize
 
 
 def load_batch(records: list[ImageRecord], indices: list[int], cfg: Config, epoch: int, position: int,
                latent_cache, tokenizers) -> dict:
-    """Collate one batch: latents (cached) or pixels, token ids, SDXL size conditioning, optional masks.
+    """Collate one batch: latents (cached) or pixels, token ids, SDXL size conditioning, optional masks, and the loss
+    weights of regularization images when the batch has any.
 
     Every random choice (flip, caption shuffle/dropout) comes from (seed, epoch, position), so a batch is the
     same whichever process loads it and whenever.
@@ -33,7 +34,7 @@ def load_batch(records: list[ImageRecord], indices: list[int], cfg: Config, epoc
             items.append(latent_cache[(index, flip)])
         else:
             items.append(load_image(records[index], flip=flip, rng=rng, random_crop=cfg.data.random_crop))
-        captions.append(process_caption(records[index].caption, cfg.data, rng))
+        captions.append(record_caption(records[index], cfg.data, rng))
     key = "latents" if latent_cache is not None else "pixels"
     batch = {
         key: torch.stack([item[key] for item in items]),
@@ -43,6 +44,9 @@ def load_batch(records: list[ImageRecord], indices: list[int], cfg: Config, epoc
                                   [item["crop_top_left"] for item in items],
                                   [item["target_size"] for item in items]),
     }
+    if any(records[index].is_reg for index in indices):  # kohya's loss_weights: prior_loss_weight on reg images
+        batch["loss_weights"] = torch.tensor([cfg.train.prior_loss_weight if records[index].is_reg else 1.0
+                                              for index in indices])
     if cfg.train.masked_loss:
         batch["mask"] = torch.stack([item["mask"] if item["mask"] is not None else torch.ones_like(item[key][:1])
                                      for item in items])

@@ -9,9 +9,10 @@ from sdlora.config import TrainConfig
 
 
 def compute_loss(unet, noise_scheduler, latents, states, pooled, time_ids, mask, generator, t: TrainConfig,
-                 weight_dtype, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                 weight_dtype, timesteps: torch.Tensor | None = None,
+                 loss_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loss of one batch: noise the latents at random timesteps (or the given ones, for validation)
-    and regress the target.
+    and regress the target; `loss_weights` [B] weigh each image's loss.
 
     The random draws happen where `generator` lives: training passes one on the training device, so no CPU tensor
     has to be copied over (a copy of pageable memory would make the host wait for the GPU every step).
@@ -39,6 +40,8 @@ def compute_loss(unet, noise_scheduler, latents, states, pooled, time_ids, mask,
         mask = F.interpolate(mask.to(loss.device, loss.dtype), size=loss.shape[-2:], mode="area")
         loss = loss * mask
     loss = loss.mean(dim=(1, 2, 3))  # [B]
+    if loss_weights is not None:  # per image: train.prior_loss_weight on regularization images
+        loss = loss * loss_weights.to(loss.device)
     if t.min_snr_gamma:
         # Min-SNR weighting (arXiv 2303.09556): cap the weight of low-noise timesteps at gamma.
         from diffusers.training_utils import compute_snr
