@@ -48,6 +48,7 @@ from sdlora.models.loading import BaseModel, encode_prompt, load_base_model
 from sdlora.models.quantize import fp8_checkpointing, quantize_nf4, store_fp8, stored_bytes
 from sdlora.train import checkpoint as ckpt
 from sdlora.train.deferred import SkippedSteps, StepClock, skips_on_device, speed_stats
+from sdlora.train.ema import AdapterEMA
 from sdlora.train.loss import compute_loss
 from sdlora.train.optimizer import make_optimizer
 from sdlora.train.plan import check_fits, offloads
@@ -140,6 +141,11 @@ class Optimization:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     noise_scheduler: object  # diffusers' DDPMScheduler
     prediction_type: str
+    ema: AdapterEMA | None  # train.ema_decay's average of the adapter weights
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """The weights files, samples and validation see: the EMA's when there is one."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -314,7 +320,9 @@ def _setup_optimizer(run: Run, models: Models) -> Optimization:
     )
     prepared = run.accelerator.prepare(*[models.modules[name] for name in models.trained], optimizer)
     models.modules.update(zip(models.trained, prepared[:-1]))
-    return Optimization(prepared[-1], lr_scheduler, noise_scheduler, prediction_type)
+    params = [p for name in models.trained for p in models.modules[name].parameters() if p.requires_grad]
+    ema = AdapterEMA(params, t) if t.ema_decay else None
+    return Optimization(prepared[-1], lr_scheduler, noise_scheduler, prediction_type, ema)
 
 
 def _restore(run: Run, models: Models, opt: Optimization, resume: str | None) -> Position:
@@ -330,6 +338,8 @@ def _restore(run: Run, models: Models, opt: Optimization, resume: str | None) ->
         for key, param in current.items():
             param.copy_(adapters[key])
     models.adapters.load_state_dict({name: ckpt.load_extra(folder, name) for name in models.adapters.extra_states})
+    if opt.ema is not None:
+        opt.ema.load_state_dict(ckpt.load_extra(folder, "ema"))
     opt.optimizer.load_state_dict(optimizer_state)
     opt.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.accelerator.scaler is not None and state.get("scaler"):
@@ -400,6 +410,8 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                 opt.optimizer.zero_grad(set_to_none=True)
                 opt.lr_scheduler.step()
                 position.step += 1
+                if opt.ema is not None:
+                    opt.ema.after_step(position.step)
                 progress.update(1)
                 loss_sum += torch.where(nonfinite, 0.0, step_loss)
                 skipped.add(position.step, flag, len(group))
@@ -429,7 +441,7 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                 if due.validate and caches.validation:
                     _validate(run, models, caches, opt, position.step, epoch_after, history)
                 if due.sample and accelerator.is_main_process:
-                    with accelerator.autocast():
+                    with accelerator.autocast(), opt.averaged():
                         render_samples(models.base, models.unwrapped(accelerator, "unet"),
                                        [accelerator.unwrap_model(m) for m in models.encoders()], cfg.sample,
                                        cfg.data.resolution, run.out / "samples", f"step{position.step:08d}")
@@ -533,11 +545,13 @@ def _save(run: Run, data: Data, models: Models, opt: Optimization, due: Due, aft
              "lr_scheduler": opt.lr_scheduler.state_dict(),
              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
     ckpt.save_checkpoint(run.out / f"checkpoint-{after.step}", models.adapter_tensors(accelerator),
-                         opt.optimizer.state_dict(), state, models.adapters.state_dict())
+                         opt.optimizer.state_dict(), state,
+                         {**models.adapters.state_dict(), **({"ema": opt.ema.state_dict()} if opt.ema else {})})
     ckpt.prune(ckpt.list_checkpoints(run.out), t.save_last_k)
     if due.lora_name:
-        _export(run, data, models, opt, after, run.out / f"{due.lora_name}.safetensors",
-                keep=0 if due.final else t.save_last_k)
+        with opt.averaged():
+            _export(run, data, models, opt, after, run.out / f"{due.lora_name}.safetensors",
+                    keep=0 if due.final else t.save_last_k)
 
 
 def _export(run: Run, data: Data, models: Models, opt: Optimization, at: Position, path: Path, keep: int) -> None:
@@ -568,7 +582,7 @@ def _validate(run: Run, models: Models, caches: Caches, opt: Optimization, step:
               history: list[dict]) -> None:
     """The validation loss now, appended to validation.csv and logged."""
     accelerator = run.accelerator
-    with accelerator.autocast():
+    with accelerator.autocast(), opt.averaged():
         value = validation_loss(caches.validation, models.unwrapped(accelerator, "unet"),
                                 [accelerator.unwrap_model(m) for m in models.encoders()], models.base.arch,
                                 opt.noise_scheduler, run.cfg.train, run.weight_dtype, compute_loss)
