@@ -355,6 +355,8 @@ class RunInfo:
     training_finished_at: float  # unix time
     tag_frequency: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # {dataset folder: {tag: images}}
     dataset_dirs: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # {folder: n_repeats, img_count}
+    num_reg_images: int = 0  # regularization images with their folders' repeats, as kohya counts them
+    reg_dataset_dirs: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # as dataset_dirs
     sd_model_name: str = ""  # the base model; only its file name is written
     prediction_type: str = ""  # "epsilon" | "v_prediction" as resolved from the scheduler; "" = the config's
     clip_skip: int | None = None
@@ -444,6 +446,11 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_dataset_dirs": json.dumps(
             {_basename(str(k)): dict(v) for k, v in info.dataset_dirs.items()}
         ),
+        "ss_num_reg_images": str(info.num_reg_images),
+        "ss_reg_dataset_dirs": json.dumps(
+            {_basename(str(k)): dict(v) for k, v in info.reg_dataset_dirs.items()}
+        ),
+        "ss_prior_loss_weight": str(t.prior_loss_weight),
         "ss_noise_offset": str(t.noise_offset),
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_zero_terminal_snr": str(t.zero_terminal_snr),
