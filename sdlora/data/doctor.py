@@ -35,7 +35,6 @@ from sdlora.data.dataset import (
     caption_file,
     display_path,
     has_trigger,
-    pair_regularization,
     probe_image,
     record_caption,
     scan,
@@ -68,7 +67,7 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     records: list[ImageRecord] = field(default_factory=list)  # what training reads (dataset.scan's records)
-    # data.reg_dirs' images with the repeats that pair them with `records` (dataset.pair_regularization)
+    # data.reg_dirs' images, with their folders' repeats (training pairs them: dataset.pair_regularization)
     reg_records: list[ImageRecord] = field(default_factory=list)
     images: int = 0  # usable images
     images_with_repeats: int = 0
@@ -150,7 +149,7 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
     return Report(
         findings=findings,
         records=scanned.records,
-        reg_records=pair_regularization(scanned.records, reg_records),
+        reg_records=reg_records,
         images=len(usable),
         images_with_repeats=sum(r.repeats for r in usable),
         buckets=bucket_summary(usable),

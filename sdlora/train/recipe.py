@@ -38,26 +38,29 @@ from sdlora.adapters.methods import Adapters, adapters_for, read_init_lora
 from sdlora.atomic import write_text
 from sdlora.config import Config, TrainConfig, config_to_dict, derive, dump_toml, torch_dtype
 from sdlora.data.cache import build_latent_cache, build_text_cache, encode_latents, from_text_cache
-from sdlora.data.dataset import ImageRecord, bucket_summary, epoch_batches, tag_frequency
+from sdlora.data.dataset import ImageRecord, bucket_summary, epoch_batches, pair_regularization, tag_frequency
 from sdlora.data.doctor import diagnose
 from sdlora.data.loader import epoch_loader
 from sdlora.errors import DatasetError, LoraFileError, PlanError, TrainingError
 from sdlora.generate.pipeline import render_samples
 from sdlora.models.arch import component_names
-from sdlora.models.loading import BaseModel, encode_prompt, load_base_model
+from sdlora.models.loading import BaseModel, encode_prompt, load_base_model, tokenize
 from sdlora.models.quantize import fp8_checkpointing, quantize_nf4, store_fp8, stored_bytes
 from sdlora.train import checkpoint as ckpt
+from sdlora.train.class_images import draw_class_images, plan_class_images
 from sdlora.train.deferred import SkippedSteps, StepClock, skips_on_device, speed_stats
 from sdlora.train.ema import AdapterEMA
 from sdlora.train.loss import compute_loss
 from sdlora.train.optimizer import make_optimizer
 from sdlora.train.plan import check_fits, offloads
+from sdlora.train.preservation import adapters_off, preservation_loss, preservation_prompts
 from sdlora.train.validation import (
     ValidationItem,
     best,
     prepare_validation,
     read_history,
     split_records,
+    stalled,
     validation_loss,
     write_history,
 )
@@ -100,8 +103,9 @@ class Run:
 
 @dataclass
 class Data:
-    records: list[ImageRecord]  # trained on
+    records: list[ImageRecord]  # trained on: the training images, then the regularization images paired with them
     validation: list[ImageRecord]  # held out for the validation loss
+    reg: list[ImageRecord]  # the regularization images as found, with their folders' repeats
     init_lora: Path | None  # --init-lora's file, and its tensors (checked against the config)
     start: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -191,6 +195,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: str | Path | None =
     """
     run = _setup_accelerator(with_precision(cfg))
     data = _setup_data(run, Path(init_lora) if init_lora else None)
+    _setup_class_images(run, data)
     models = _setup_models(run, data)
     caches = _setup_caches(run, data, models)
     opt = _setup_optimizer(run, models)
@@ -198,7 +203,7 @@ def train(cfg: Config, resume: str | None = None, init_lora: str | Path | None =
     _announce(run, data, models, opt)
     history = read_history(run.out, position.step) if resume else []  # validation losses so far
     step_seconds = _loop(run, data, models, caches, opt, position, history, on_step)
-    _finish(run, models, step_seconds, history)
+    _finish(run, models, step_seconds, history, position.step)
     return run.out / f"{run.cfg.train.output_name}.safetensors"
 
 
@@ -233,7 +238,8 @@ def _setup_data(run: Run, init_lora: Path | None) -> Data:
             if finding.severity == "warning":
                 logging.getLogger(__name__).warning("dataset: %s", finding)
     records, validation = split_records(report.records, cfg)
-    data = Data(records, validation, init_lora, read_init_lora(init_lora, cfg.lora) if init_lora else {})
+    data = Data(records + pair_regularization(records, report.reg_records), validation, report.reg_records,
+                init_lora, read_init_lora(init_lora, cfg.lora) if init_lora else {})
     if run.device.type == "cuda":  # a run that cannot fit stops here, not with an OOM minutes later
         try:
             warning = check_fits(cfg, torch.cuda.get_device_properties(run.device).total_memory)
@@ -242,6 +248,19 @@ def _setup_data(run: Run, init_lora: Path | None) -> Data:
         if warning:
             logger.warning(warning)
     return data
+
+
+def _setup_class_images(run: Run, data: Data) -> None:
+    """With data.class_images_per_image: the base model draws the class images it has not drawn before (the main
+    process; the others wait), and they join data.reg_dirs' images as regularization images."""
+    cfg = run.cfg
+    if not cfg.data.class_images_per_image:
+        return
+    training = [r for r in data.records if not r.is_reg]
+    planned = plan_class_images(training, cfg)
+    with run.accelerator.main_process_first():
+        data.reg = data.reg + draw_class_images(planned, cfg, run.device, run.weight_dtype)
+    data.records = training + pair_regularization(training, data.reg)
 
 
 def _setup_models(run: Run, data: Data) -> Models:
@@ -292,7 +311,12 @@ def _setup_caches(run: Run, data: Data, models: Models) -> Caches:
     if cfg.data.cache_latents != "none":
         with run.accelerator.main_process_first():
             latents = build_latent_cache(data.records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
-    text = build_text_cache(base, data.records, cfg.data) if cfg.data.cache_text_encoder_outputs else None
+    text = None
+    if cfg.data.cache_text_encoder_outputs:  # the encoders are frozen: preservation prompts are cached too
+        captions = build_text_cache(base, data.records, cfg.data)
+        prompts = cfg.train.preservation_prompts or preservation_prompts(list(captions), 0, cfg)
+        text = {**captions, **build_text_cache(base, [], cfg.data, prompts)} if cfg.train.preservation_weight \
+            else captions
     models.modules["unet"].to(run.device)
     _speed_up_unet(base.unet, cfg.train)
     offload_vae, offload_te = offloads(cfg)
@@ -391,7 +415,7 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
     for name in models.trained:
         models.modules[name].train()
     if caches.validation and position.step == 0:
-        _validate(run, models, caches, opt, position.step, 0, history)  # the untrained baseline
+        _validate(run, data, models, caches, opt, position, history)  # the untrained baseline
     # The with-block closes the bar before an error message is printed, so the message is the last line.
     with tqdm(total=t.max_train_steps, initial=position.step, desc="training", unit="step",
               disable=not accelerator.is_local_main_process) as progress:
@@ -434,12 +458,21 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                     stopped = True  # a stop asked for at this step makes it the last: saved as at the end
                     due = due_after(position.step, position.epoch, epoch_done, True, cfg)
                 epoch_after = position.epoch + epoch_done
+                after = Position(position.step, epoch_after, 0 if epoch_done else group[-1] + 1)
                 if due.checkpoint:
                     settle()  # a run that has to stop for NaN stops before it saves
-                    _save(run, data, models, opt, due, Position(position.step, epoch_after,
-                                                                0 if epoch_done else group[-1] + 1))
+                    _save(run, data, models, opt, due, after)
                 if due.validate and caches.validation:
-                    _validate(run, models, caches, opt, position.step, epoch_after, history)
+                    _validate(run, data, models, caches, opt, after, history)
+                    if stalled(history, t.early_stopping_patience, t.early_stopping_min_delta):
+                        accelerator.set_trigger()
+                # Every process asks (only the main one validates), so all of them stop at the same step.
+                if due.validate and t.early_stopping_patience and accelerator.check_trigger() and not due.final:
+                    logger.info(f"early stopping at step {position.step}: no lower validation loss in the last "
+                                f"{t.early_stopping_patience} validations", main_process_only=True)
+                    stopped = True
+                    due = due_after(position.step, position.epoch, epoch_done, True, cfg)
+                    _save(run, data, models, opt, due, after)
                 if due.sample and accelerator.is_main_process:
                     with accelerator.autocast(), opt.averaged():
                         render_samples(models.base, models.unwrapped(accelerator, "unet"),
@@ -508,12 +541,39 @@ def _forward_backward(run: Run, models: Models, caches: Caches, opt: Optimizatio
                     with torch.set_grad_enabled(te_grad):
                         states, pooled = encode_prompt(base.arch, encoders, batch["input_ids"])
                 time_ids = batch["time_ids"] if base.arch == "sdxl" else None
+                generator = torch.Generator(run.device).manual_seed(seed)
                 loss = compute_loss(unet, opt.noise_scheduler, latents, states, pooled, time_ids, batch.get("mask"),
-                                    torch.Generator(run.device).manual_seed(seed), cfg.train, run.weight_dtype)
-            # AdaLoRA's orthogonality penalty (fp32, no autocast) joins the gradient, not the logged loss.
-            accelerator.backward((loss + models.adapters.penalty()) / len(group))
+                                    generator, cfg.train, run.weight_dtype, loss_weights=batch.get("loss_weights"))
+                preserve = _preservation(run, models, caches, opt, batch, latents, time_ids, generator, step)
+            # AdaLoRA's orthogonality penalty (fp32, no autocast) and the preservation term join the gradient, not
+            # the logged loss.
+            accelerator.backward((loss + models.adapters.penalty() + preserve) / len(group))
         step_loss += loss.detach()
     return step_loss
+
+
+def _preservation(run: Run, models: Models, caches: Caches, opt: Optimization, batch: dict, latents: torch.Tensor,
+                  time_ids: torch.Tensor | None, generator: torch.Generator, step: int) -> torch.Tensor | float:
+    """train.preservation_weight times the distance of the adapted model's prediction from the base model's on the
+    batch's preservation prompts (0 when off). Through the unwrapped modules: their gradients join the wrapped
+    forward's in the one backward pass, which is what a distributed wrapper all-reduces."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if not cfg.train.preservation_weight:
+        return 0.0
+    prompts = preservation_prompts(batch["captions"], step, cfg)
+    unet = models.unwrapped(accelerator, "unet")
+    trained = [models.unwrapped(accelerator, name) for name in models.trained]
+    if caches.text is not None:  # frozen encoders: the base and the adapted states are the same
+        adapted = base = from_text_cache(caches.text, prompts, run.device)
+    else:
+        encoders = [accelerator.unwrap_model(m) for m in models.encoders()]
+        ids = tokenize(models.base.tokenizers, prompts)
+        with torch.no_grad(), adapters_off(trained):
+            base = encode_prompt(models.base.arch, encoders, ids)
+        with torch.set_grad_enabled(any(name != "unet" for name in models.trained)):
+            adapted = encode_prompt(models.base.arch, encoders, ids)
+    return cfg.train.preservation_weight * preservation_loss(unet, opt.noise_scheduler, latents, adapted, base,
+                                                             time_ids, generator, run.weight_dtype, trained)
 
 
 def _guarded_step(run: Run, models: Models, opt: Optimization, params: list[torch.nn.Parameter],
@@ -557,14 +617,12 @@ def _save(run: Run, data: Data, models: Models, opt: Optimization, due: Due, aft
 def _export(run: Run, data: Data, models: Models, opt: Optimization, at: Position, path: Path, keep: int) -> None:
     cfg, base = run.cfg, models.base
     layers = {name: models.adapters.layers(name, models.unwrapped(run.accelerator, name)) for name in models.trained}
-    dirs: dict[str, dict[str, int]] = {}
-    for r in data.records:
-        entry = dirs.setdefault(r.dataset_dir, {"n_repeats": r.repeats, "img_count": 0})
-        entry["img_count"] += 1
-    info = RunInfo(steps=at.step, epoch=at.epoch, num_train_images=sum(r.repeats for r in data.records),
+    training = [r for r in data.records if not r.is_reg]
+    info = RunInfo(steps=at.step, epoch=at.epoch, num_train_images=sum(r.repeats for r in training),
                    training_started_at=run.started_at, training_finished_at=time.time(),
-                   tag_frequency=tag_frequency(data.records), dataset_dirs=dirs,
-                   sd_model_name=Path(cfg.model.base_model).name, prediction_type=opt.prediction_type)
+                   tag_frequency=tag_frequency(data.records), dataset_dirs=_dataset_dirs(training),
+                   sd_model_name=Path(cfg.model.base_model).name, prediction_type=opt.prediction_type,
+                   num_reg_images=sum(r.repeats for r in data.reg), reg_dataset_dirs=_dataset_dirs(data.reg))
     metadata = build_metadata(cfg, base.arch, info)
     dtype = torch_dtype(cfg.export.dtype)
     if "kohya" in cfg.export.formats:
@@ -578,22 +636,28 @@ def _export(run: Run, data: Data, models: Models, opt: Optimization, at: Positio
     logging.getLogger(__name__).info("saved %s", path)
 
 
-def _validate(run: Run, models: Models, caches: Caches, opt: Optimization, step: int, epoch: int,
+def _validate(run: Run, data: Data, models: Models, caches: Caches, opt: Optimization, at: Position,
               history: list[dict]) -> None:
-    """The validation loss now, appended to validation.csv and logged."""
+    """The validation loss now, appended to validation.csv and logged; with early stopping, a new lowest one saves
+    the LoRA as `<output_name>.best.safetensors`, which becomes the final file at the end."""
     accelerator = run.accelerator
     with accelerator.autocast(), opt.averaged():
         value = validation_loss(caches.validation, models.unwrapped(accelerator, "unet"),
                                 [accelerator.unwrap_model(m) for m in models.encoders()], models.base.arch,
                                 opt.noise_scheduler, run.cfg.train, run.weight_dtype, compute_loss)
-    history.append({"step": step, "epoch": epoch, "val_loss": value})
+    history.append({"step": at.step, "epoch": at.epoch, "val_loss": value})
     write_history(run.out, history)
-    accelerator.log({"val_loss": value}, step=step)
+    accelerator.log({"val_loss": value}, step=at.step)
+    if run.cfg.train.early_stopping_patience and best(history) is history[-1]:
+        with opt.averaged():
+            _export(run, data, models, opt, at, _best_path(run), keep=0)
 
 
-def _finish(run: Run, models: Models, step_seconds: list[float], history: list[dict]) -> None:
-    """Speed and memory into train_stats.json, what the adapters report, the best validation step."""
+def _finish(run: Run, models: Models, step_seconds: list[float], history: list[dict], last_step: int) -> None:
+    """Speed and memory into train_stats.json, what the adapters report, the best validation step; with early
+    stopping, the LoRA of that step becomes the final file."""
     t, accelerator, device, out = run.cfg.train, run.accelerator, run.device, run.out
+    lowest = best(history)
     if accelerator.is_main_process:
         stats = speed_stats(step_seconds, t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
                             device)
@@ -601,6 +665,9 @@ def _finish(run: Run, models: Models, step_seconds: list[float], history: list[d
         # UNet and text-encoder weights on the device as stored (model.quantize_base shrinks them), for `sdlora bench`.
         stats["base_weights_gb"] = stored_bytes([accelerator.unwrap_model(m) for m in models.modules.values()],
                                                 device) / 1e9
+        if t.early_stopping_patience:  # what the report says about the final file
+            stats["early_stopping"] = {"patience": t.early_stopping_patience, "last_step": last_step,
+                                       "final_lora_step": lowest["step"] if lowest else last_step}
         write_text(out / "train_stats.json", json.dumps(stats, indent=1))
         memory = f", peak memory {stats['peak_allocated_gb']:.2f} GB" if "peak_allocated_gb" in stats else ""
         logger.info(f"speed: {stats['images_per_s']:.2f} images/s, {stats['step_s_median']:.3f} s/step (median "
@@ -608,15 +675,33 @@ def _finish(run: Run, models: Models, step_seconds: list[float], history: list[d
         note = models.adapters.report(out)
         if note:
             logger.info(note, main_process_only=True)
-    lowest = best(history)
     if lowest:
         logger.info(f"lowest validation loss {lowest['val_loss']:.5f} at step {lowest['step']} (epoch "
                     f"{lowest['epoch']}); every value is in {out / 'validation.csv'}", main_process_only=True)
+    if accelerator.is_main_process and _best_path(run).is_file():
+        final = out / f"{t.output_name}.safetensors"
+        os.replace(_best_path(run), final)  # one rename: the final name always holds a whole file
+        logger.info(f"early stopping: {final.name} is the LoRA of step {lowest['step'] if lowest else 0}, the lowest "
+                    "validation loss", main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _dataset_dirs(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's ss_dataset_dirs / ss_reg_dataset_dirs: {folder: {"n_repeats", "img_count"}}."""
+    dirs: dict[str, dict[str, int]] = {}
+    for r in records:
+        entry = dirs.setdefault(r.dataset_dir, {"n_repeats": r.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
+
+
+def _best_path(run: Run) -> Path:
+    """Where early stopping keeps the LoRA of the lowest validation loss so far."""
+    return run.out / f"{run.cfg.train.output_name}.best.safetensors"
 
 
 def _speed_up_unet(unet: UNet2DConditionModel, t: TrainConfig) -> None:

@@ -145,3 +145,13 @@ def best(rows: list[dict]) -> dict | None:
     """The row with the lowest validation loss (the earliest on ties), ignoring the untrained step 0."""
     trained = [r for r in rows if r["step"] > 0]
     return min(trained, key=lambda r: (r["val_loss"], r["step"])) if trained else None
+
+
+def stalled(rows: list[dict], patience: int, min_delta: float = 0.0) -> bool:
+    """Early stopping's test: none of the last `patience` validations (after the untrained step 0) is lower than the
+    best before them by more than `min_delta`. False while there are too few, or with patience 0 (off)."""
+    trained = [r for r in rows if r["step"] > 0]
+    if not patience or len(trained) <= patience:
+        return False
+    before = min(r["val_loss"] for r in trained[:-patience])
+    return all(r["val_loss"] >= before - min_delta for r in trained[-patience:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
@@ -118,6 +119,12 @@ def smooth(points: list[tuple[int, float]], weight: float = 0.6) -> list[tuple[i
 # The report
 # --------------------------------------------------------------------------------------------------------------
 
+def _train_stats(run: Path) -> dict:
+    """The run's train_stats.json ({} without one)."""
+    path = run / "train_stats.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def write_report(run_dir: str | Path, grid: str | Path | Literal[False] | None = None, data=None,
                  dataset: bool = True) -> Path:
     """Write `<run>/report.md` and its PNGs (`report_loss.png`, `report_val_loss.png`) into the run folder.
@@ -167,6 +174,11 @@ def write_report(run_dir: str | Path, grid: str | Path | Literal[False] | None =
     else:
         lines.append(f"Lowest validation loss **{lowest['val_loss']:.5f}** at step {lowest['step']} "
                      f"(epoch {lowest['epoch']}).")
+        stopping = _train_stats(run).get("early_stopping")
+        if stopping:
+            lines.append(f"Early stopping (`train.early_stopping_patience = {stopping['patience']}`): training "
+                         f"ended at step {stopping['last_step']}, and the final LoRA is the one of step "
+                         f"{stopping['final_lora_step']}, the lowest validation loss.")
         pick = closest_file(files, lowest["step"])
         if pick is not None:
             exact = ("saved at that step" if pick.step == lowest["step"]
