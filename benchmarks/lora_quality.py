@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- lora-quality:start -->", "<!-- lora-quality:end -->"
 CONFIG = REPO / "configs" / "tiny.toml"
 RECORD = REPO / "benchmarks" / "lora_quality.jsonl"
+REG_IMAGES = "{reg_images}"  # in a row's overrides: a folder of regularization images that `plain_renders` draws
 
 # (name in the table, config overrides). LoRA+ and PiSSA are switches of the plain LoRA method.
 ROWS = [
@@ -40,6 +41,11 @@ ROWS = [
     ("QLoRA-style, nf4 base", ["model.quantize_base=nf4"]),
     # fp8 storage needs gradient checkpointing (see sdlora/models/quantize.py).
     ("QLoRA-style, fp8 base", ["model.quantize_base=fp8", "train.gradient_checkpointing=true"]),
+    # Keeping the base model: regularization images a user would collect (the training scenes drawn plain, captioned
+    # without the trigger), class images the base model draws itself, and base-prediction preservation.
+    ("LoRA + reg images", [f'data.reg_dirs=["{REG_IMAGES}"]']),
+    ("LoRA + auto class images", ["data.class_images_per_image=1"]),
+    ("LoRA + base-prediction preservation", ["train.preservation_weight=1.0"]),
 ]
 
 
@@ -48,14 +54,29 @@ def train_row(overrides: list[str], out: Path, steps: int | None) -> tuple[Path,
     from sdlora.config import load_config
     from sdlora.train.recipe import train
 
+    reg = plain_renders(out / "reg") if any(REG_IMAGES in o for o in overrides) else out
     cfg = load_config(CONFIG, [f'train.output_dir="{out.as_posix()}"', "train.report=false", "sample.prompts=[]",
-                               *([f"train.max_train_steps={steps}"] if steps else []), *overrides])
+                               *([f"train.max_train_steps={steps}"] if steps else []),
+                               *(o.replace(REG_IMAGES, reg.as_posix()) for o in overrides)])
     started = time.perf_counter()
     path = train(cfg)
     stats = json.loads((out / "train_stats.json").read_text())
     return path, {"train_s": time.perf_counter() - started, "step_s": stats["step_s_median"],
                   "file_kb": path.stat().st_size / 1024, "trainable_parameters": stats["trainable_parameters"],
                   "steps": cfg.train.max_train_steps}
+
+
+def plain_renders(folder: Path) -> Path:
+    """The demo's training scenes drawn in the plain toy-world look, captioned without the trigger word: the
+    regularization set a user would collect (same subjects, not the style)."""
+    from sdlora.toyworld.render import render
+    from sdlora.toyworld.style_set import SAMPLE_SIZE, training_scenes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(training_scenes(), start=1):
+        render(scene, SAMPLE_SIZE).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
+    return folder
 
 
 def measure_file(path: Path, seeds: tuple[int, ...]) -> dict:
