@@ -98,11 +98,11 @@ RECORDED = {
         ],
         "hashes": {
             "lora-step00000003.safetensors":
-                "17401e45c8ba989f82819037b2282b6cbedfa12bd212582ceb6526e49fa17895",
+                "fb4295b2aa635fcf37594a921057ce99c0494c0f8b37ddec5f7697855851ff19",
             "lora-step00000003/pytorch_lora_weights.safetensors":
                 "fae7672c0c5e69e7ddfbb326af4eb0125aaf89fa9829c65e3afdde465390dfb0",
             "lora.safetensors":
-                "80e790313b508ff5fa4dcb2e74fc66f9400ee4e9562c34e74270ec6c9658af0c",
+                "6ac0d7f20935a45e4753cfc51ada4bfb72ae68eed962d83a4217e13497957023",
             "lora/pytorch_lora_weights.safetensors":
                 "cb54c4231473fe12940f32f95225f803bf14521a8fed3affd19ed6887e0dabd8",
             "samples/step00000003-00.png":
@@ -122,7 +122,7 @@ RECORDED = {
         ],
         "hashes": {
             "lora.safetensors":
-                "e395c303ee4016738699154ef86bfdc6a7cb909ceb1d5c87859343d2f4792413",
+                "12bdbeb62ec586154e102fcf362aba86e9a57c5cff9cc184d345bb0a70841025",
         },
     },
 }

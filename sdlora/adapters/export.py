@@ -454,6 +454,22 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_noise_offset": str(t.noise_offset),
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_zero_terminal_snr": str(t.zero_terminal_snr),
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations),
+        "ss_multires_noise_discount": str(t.multires_noise_discount),
+        "ss_ip_noise_gamma": str(t.ip_noise_gamma),
+        "ss_debiased_estimation": str(t.debiased_estimation),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_huber_c": str(t.huber_c),
+        # kohya records the timestep sampling only for its newer models (anima_train_network.py) and the range not
+        # at all; the same kind of keys, "None" for the schedule's end as kohya writes an unset value.
+        "ss_timestep_sampling": t.timestep_sampling,
+        "ss_logit_mean": str(t.logit_mean),
+        "ss_logit_std": str(t.logit_std),
+        "ss_mode_scale": str(t.mode_scale),
+        "ss_min_timestep": str(t.min_timestep),
+        "ss_max_timestep": str(t.max_timestep),
+        "ss_ema_decay": str(t.ema_decay),
         "ss_clip_skip": str(info.clip_skip),  # "None" when unset, as kohya writes it
         "ss_caption_dropout_rate": str(d.caption_dropout),
         "ss_caption_tag_dropout_rate": str(d.tag_dropout),

@@ -89,12 +89,13 @@ def prepare_validation(records: list[ImageRecord], base: BaseModel, cfg: Config)
 @torch.no_grad()
 def validation_loss(items: list[ValidationItem], unet, encoders, arch: str, noise_scheduler, t: TrainConfig,
                     weight_dtype, compute_loss) -> float:
-    """Mean plain MSE (no Min-SNR weighting, no offset noise) over every item at TIMESTEP_FRACTIONS.
+    """Mean plain MSE over every item at TIMESTEP_FRACTIONS: the default objective, whatever train's loss options
+    (loss type, weightings, extra noise) say, so values compare between runs trained with different ones.
 
     The noise for item i comes from a generator seeded with (train.seed, i), so it never changes between
     evaluations. Modules are switched to eval mode (LoRA dropout off) and back.
     """
-    plain = dataclasses.replace(t, noise_offset=0.0, min_snr_gamma=0.0)
+    plain = TrainConfig()
     n_train = noise_scheduler.config.num_train_timesteps
     device = next(unet.parameters()).device
     timesteps = torch.tensor([int(f * n_train) for f in TIMESTEP_FRACTIONS], device=device)
