@@ -10,10 +10,12 @@ from pathlib import Path
 import gradio as gr
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_generate import trained_loras
 
 from sdlora.cli import main
+from sdlora.config import load_config
 from sdlora.errors import PathError
 from sdlora.ui.app import (
     SLOTS,
@@ -250,12 +252,20 @@ def test_train_tab(tmp_path):
     local = _train_settings(tmp_path)
     engine = Engine(local)
     assert preset_choices(local) == ["mini.toml"]
-    assert preset_values(local, "mini.toml") == ("imgs", "", 4, 1e-4, 5, "lora")
+    assert preset_values(local, "mini.toml") == ("imgs", "", 4, 1e-4, 5, "lora", "", "", False, False)
     info, plot, samples = run_train(engine, "mini.toml", "imgs", "fresh", "zkstyle", 4, 1e-3, 1)
     assert "fresh.safetensors" in info and lora_choices(local) == ["fresh/fresh.safetensors"]
     run_train(engine, "mini.toml", "imgs", "weighted", "", 4, 1e-3, 1, "dora")
     assert any(k.endswith(".dora_scale") for k in load_file(str(local.lora_dir / "weighted" / "weighted.safetensors")))
     assert "stopped" not in info and plot is not None and samples == []  # the preset renders no samples
+    run_train(engine, "mini.toml", "imgs", "kept", "zkstyle", 4, 1e-3, 1, "lora", "imgs", "", True, True)
+    with safe_open(str(local.lora_dir / "kept" / "kept.safetensors"), "pt") as f:
+        # the reg folder's 2 images and 2 drawn class images; their captions lose the trigger word
+        assert f.metadata()["ss_num_reg_images"] == "4"
+    assert all("zkstyle" not in p.read_text() for p in (local.lora_dir / "kept" / "class_images").glob("*.txt"))
+    assert load_config(local.lora_dir / "kept" / "config.toml").train.preservation_weight == 1.0
+    with pytest.raises(gr.Error, match="not a folder"):
+        run_train(engine, "mini.toml", "imgs", "bad-reg", "", 4, 1e-3, 1, "lora", "missing")
     for dataset, name, message in (("imgs", "fresh", "exists"), ("../imgs", "other", "only names inside"),
                                    ("imgs", "../evil", "LoRA name"), ("missing", "other", "not a folder")):
         with pytest.raises(gr.Error, match=message):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import assert_same, make_cfg
 
 from sdlora.config import DataConfig, LoraConfig, load_config
 from sdlora.data.dataset import ImageRecord, pair_regularization, scan_dataset, without_trigger
@@ -25,7 +25,6 @@ from sdlora.models.loading import load_base_model
 from sdlora.train.preservation import adapters_off, preservation_prompts
 from sdlora.train.recipe import train
 from sdlora.train.validation import best, stalled
-from test_train import assert_same, make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -378,27 +378,32 @@ def preset_choices(settings: AppSettings) -> list[str]:
 
 
 def preset_values(settings: AppSettings, preset: str | None) -> tuple:
-    """(dataset, trigger, rank, learning rate, steps, adapter method) of a preset, to fill the Train tab."""
+    """(dataset, trigger, rank, learning rate, steps, adapter method, regularization folder, class word, auto class
+    images, preservation) of a preset, to fill the Train tab."""
     from sdlora.config import load_config
 
     cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
-    dirs = cfg.data.dirs
-    return (dirs[0] if dirs else "", cfg.data.caption_prefix, cfg.lora.rank, cfg.train.learning_rate,
-            cfg.train.max_train_steps, cfg.lora.method)
+    d, t = cfg.data, cfg.train
+    return (d.dirs[0] if d.dirs else "", d.caption_prefix, cfg.lora.rank, t.learning_rate, t.max_train_steps,
+            cfg.lora.method, d.reg_dirs[0] if d.reg_dirs else "", d.class_word, bool(d.class_images_per_image),
+            bool(t.preservation_weight))
 
 
 def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
     try:
         return preset_values(settings, preset)
     except Exception:  # a broken preset shows its error when used; the page still opens
-        return ("", "", 16, 1e-4, 1000, "lora")
+        return ("", "", 16, 1e-4, 1000, "lora", "", "", False, False)
 
 
 def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, method="lora",
-              progress=None):
+              reg_folder="", class_word="", class_images=False, preservation=False, progress=None):
     """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors.
 
-    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1). `progress` is
+    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1). Keeping the base
+    model: `reg_folder` (inside data_dir) holds regularization images, `class_images` has the base model draw them
+    (one per training image, from the captions with the trigger replaced by `class_word`), `preservation` turns on
+    base-prediction preservation at weight 1. `progress` is
     called after every step (a gr.Progress, or any callable taking (step, max_steps) and desc=); `stop_train`
     ends the run after the current step, which still saves the LoRA and a checkpoint. Returns (info line, loss
     curve as a PIL image or None, [(sample image, caption)] of the latest samples the preset rendered).
@@ -420,6 +425,9 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
             "lora.alpha": float(int(rank)), "train.learning_rate": float(learning_rate),
             "train.max_train_steps": int(steps), "lora.method": method, "train.output_dir": out.as_posix(),
             "train.output_name": name,
+            "data.reg_dirs": [_dataset_folder(settings, reg_folder).as_posix()] if reg_folder else [],
+            "data.class_word": class_word or "", "data.class_images_per_image": 1 if class_images else 0,
+            "train.preservation_weight": 1.0 if preservation else 0.0,
         })
         changes: list[str] = []
         vram = gpu_memory_gb()
@@ -730,6 +738,17 @@ def build_app(settings: AppSettings):
                             train_method = gr.Dropdown(["lora", "dora", "adalora"], value=start[5],
                                                        label="Method (see the README's adapter methods)",
                                                        elem_id="train-method")
+                        with gr.Accordion("Keep what the base model knows (prior preservation)", open=False):
+                            train_reg = gr.Textbox(start[6], label=f"Regularization images folder (inside "
+                                                   f"{settings.data_dir}; empty = none)", elem_id="train-reg")
+                            with gr.Row():
+                                train_class_images = gr.Checkbox(start[8], label="Auto class images (the base model "
+                                                                 "draws one per training image)",
+                                                                 elem_id="train-class-images")
+                                train_class_word = gr.Textbox(start[7], label="Class word (replaces the trigger)",
+                                                              elem_id="train-class-word")
+                            train_preservation = gr.Checkbox(start[9], label="Base-prediction preservation (no "
+                                                             "images; slower steps)", elem_id="train-preservation")
                         with gr.Row():
                             train_go = gr.Button("Train", variant="primary", elem_id="train")
                             train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -777,7 +796,8 @@ def build_app(settings: AppSettings):
             return run_train(engine, *values, progress=progress)
 
         train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
-                                   train_steps, train_method], [train_info, train_loss, train_samples],
+                                   train_steps, train_method, train_reg, train_class_word, train_class_images,
+                                   train_preservation], [train_info, train_loss, train_samples],
                        api_name="train", concurrency_id="model")
         # Not queued: Stop must not wait behind the training it stops.
         train_stop.click(partial(stop_train, engine), None, train_stop_info, api_name="stop_train", queue=False)
@@ -788,7 +808,8 @@ def build_app(settings: AppSettings):
         upload_go.click(partial(add_uploads, settings), [train_data, uploads], [captions, captions_info],
                         api_name="upload", concurrency_id="captions")
         train_preset.input(lambda p: preset_values(settings, p), train_preset,
-                           [train_data, train_trigger, train_rank, train_lr, train_steps, train_method],
+                           [train_data, train_trigger, train_rank, train_lr, train_steps, train_method, train_reg,
+                            train_class_word, train_class_images, train_preservation],
                            api_visibility="private")
         png.upload(partial(read_png_parameters, settings), png,
                    [model, prompt, negative, sampler, steps, cfg, width, height, seed, *slots[0::3], info],
