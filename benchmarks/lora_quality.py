@@ -46,6 +46,11 @@ ROWS = [
     ("LoRA + reg images", [f'data.reg_dirs=["{REG_IMAGES}"]']),
     ("LoRA + auto class images", ["data.class_images_per_image=1"]),
     ("LoRA + base-prediction preservation", ["train.preservation_weight=1.0"]),
+    # Training options of issue 21 on the plain LoRA.
+    ("LoRA + EMA 0.99", ["train.ema_decay=0.99"]),
+    ("LoRA, logit-normal timesteps", ["train.timestep_sampling=logit_normal"]),
+    ("LoRA, pseudo-Huber loss (snr)", ["train.loss_type=huber"]),
+    ("LoRA, debiased estimation", ["train.debiased_estimation=true"]),
 ]
 
 
