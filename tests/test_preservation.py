@@ -226,3 +226,52 @@ def test_early_stopping_stops_and_exports_the_best_step(dataset, tmp_path):
 
     text = write_report(tmp_path / "stop", grid=False, dataset=False).read_text()
     assert f"the final LoRA is the one of step {lowest['step']}" in text
+
+
+def _saved_bytes(run, model: torch.nn.Module) -> int:
+    """Bytes of the tensors autograd saves for backward while `run()` builds its graph, but `model`'s weights:
+    activation memory, as the planner counts it."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def test_preservation_doubles_the_activations_as_the_memory_planner_counts(sd15_path):
+    from diffusers import DDPMScheduler
+
+    from sdlora.adapters.lora import inject_lora
+    from sdlora.train import plan
+    from sdlora.train.loss import compute_loss
+    from sdlora.train.preservation import preservation_loss
+
+    base = load_base_model("tiny-sd15")
+    unet = base.unet
+    inject_lora(unet, "unet", LoraConfig(rank=4, alpha=4.0, targets="attn"))
+    scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    cfg = load_config(None, ["train.preservation_weight=1.0", "data.caption_prefix=zkstyle"])
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+
+    def denoising():
+        return compute_loss(unet, scheduler, latents, states, None, None, None, torch.Generator().manual_seed(2),
+                            cfg.train, torch.float32)
+
+    def with_preservation():
+        prompts = states.flip(0)  # the preservation prompts' states: other tensors than the captions'
+        return denoising() + preservation_loss(unet, scheduler, latents, (prompts, None), (prompts, None), None,
+                                               torch.Generator().manual_seed(3), torch.float32, [unet])
+
+    assert _saved_bytes(with_preservation, unet) / _saved_bytes(denoising, unet) == pytest.approx(2.0, rel=0.01)
+    traced = plan.trace(load_config(None, ['model.base_model="tiny-sd15"']))
+    plain_cfg = load_config(None, ['model.base_model="tiny-sd15"'])
+    kept_cfg = load_config(None, ['model.base_model="tiny-sd15"', "train.preservation_weight=1.0",
+                                  "data.caption_prefix=zkstyle"])
+    assert plan.estimate(kept_cfg, traced).activations == 2 * plan.estimate(plain_cfg, traced).activations

@@ -237,6 +237,8 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     else:
         unet_act = b * traced.unet_saved
     activations = unet_act + (b * traced.te_saved if lo.train_text_encoder else 0)
+    if t.preservation_weight:  # a second forward pass with gradients (the preservation prompts) until backward
+        activations *= 2
     # The VAE encoder's live temporaries: about its largest activation three times over (input, output, norm).
     vae_encode = 3 * traced.vae_peak_output * (1 if d.cache_latents != "none" else b)
     allocator = ADALORA_STATE_BYTES if lo.method == "adalora" else 0
