@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from sdlora.train import bench
 
 
@@ -33,6 +35,9 @@ def test_counted_flops_follow_the_setting(sd15_path):
     recomputed = bench.training_flops(str(sd15_path), dataclasses.replace(base, gradient_checkpointing=True), 64)
     assert 0 < flops < wider  # a bigger adapter costs more
     assert recomputed > flops  # checkpointing runs parts of the forward twice
+    preserved = bench.training_flops(str(sd15_path), dataclasses.replace(base, preservation_weight=1.0), 64)
+    forward = (recomputed - flops) / 1  # checkpointing recomputes about one forward pass
+    assert preserved == pytest.approx(2 * flops + forward, rel=0.05)  # one more pass with gradients, one without
 
 
 def test_bench_prints_one_json_line_per_setting(tmp_path, capsys):

@@ -47,6 +47,8 @@ class Setting:
     compile_mode: str = "default"
     # The host reads the loss (and, through it, waits for the GPU) at log steps only; 1 = a sync every step.
     log_every_n_steps: int = 1000
+    # Base-prediction preservation: per step one more text encoding and two more UNet passes.
+    preservation_weight: float = 0.0
 
     def overrides(self) -> list[str]:
         return [f"train.batch_size={self.batch_size}", f"train.mixed_precision={self.mixed_precision}",
@@ -55,21 +57,22 @@ class Setting:
                 f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
                 f'data.cache_latents="{self.cache_latents}"', f'model.quantize_base="{self.quantize_base}"',
                 f"train.channels_last={str(self.channels_last).lower()}", f'train.compile="{self.compile}"',
-                f'train.compile_mode="{self.compile_mode}"', f"train.log_every_n_steps={self.log_every_n_steps}"]
+                f'train.compile_mode="{self.compile_mode}"', f"train.log_every_n_steps={self.log_every_n_steps}",
+                f"train.preservation_weight={self.preservation_weight}", 'data.trigger_word="bench"']
 
 
 def settings(plan: str, cuda: bool) -> list[Setting]:
     """`reference`: the peers' comparison point (batch 4, fp16, rank 4, UNet only, cached latents). `sweep`: the
     reference, then one factor changed at a time (batch 1/8, bf16, rank 16/64, +TE, checkpointing, no cache, NF4
-    base; on a GPU also channels-last, compile, CUDA graphs, a host sync every step); the fp8 base needs
-    checkpointing, so it changes one factor from the checkpointing setting."""
+    base, base-prediction preservation; on a GPU also channels-last, compile, CUDA graphs, a host sync every
+    step); the fp8 base needs checkpointing, so it changes one factor from the checkpointing setting."""
     reference = Setting(mixed_precision="fp16" if cuda else "no")
     if plan == "reference":
         return [reference]
     variants: list[dict[str, Any]] = [
         dict(batch_size=1), dict(batch_size=8), dict(rank=16), dict(rank=64), dict(train_text_encoder=True),
         dict(gradient_checkpointing=True), dict(cache_latents="none"), dict(quantize_base="nf4"),
-        dict(gradient_checkpointing=True, quantize_base="fp8")]
+        dict(gradient_checkpointing=True, quantize_base="fp8"), dict(preservation_weight=1.0)]
     if cuda:
         variants.insert(2, dict(mixed_precision="bf16"))
         # On a CPU inductor compiles for minutes and these layouts/graphs do not apply: measured on GPUs only.
@@ -109,8 +112,12 @@ def training_flops(model_path: str, setting: Setting, resolution: int) -> float:
         unet.enable_gradient_checkpointing()
     latents, step, states, added = meta_unet_inputs(unet, resolution, torch.float16)
     with FlopCounterMode(display=False) as counter:
-        out = unet(latents, step, states, added_cond_kwargs=added).sample
-        out.float().pow(2).mean().backward()
+        loss = unet(latents, step, states, added_cond_kwargs=added).sample.float().pow(2).mean()
+        if setting.preservation_weight:  # the base's prediction without gradients, the adapted one with them
+            with torch.no_grad():
+                unet(latents, step, states, added_cond_kwargs=added)
+            loss = loss + unet(latents, step, states, added_cond_kwargs=added).sample.float().pow(2).mean()
+        loss.backward()
     return float(counter.get_total_flops())
 
 
