@@ -275,3 +275,14 @@ def test_preservation_doubles_the_activations_as_the_memory_planner_counts(sd15_
     kept_cfg = load_config(None, ['model.base_model="tiny-sd15"', "train.preservation_weight=1.0",
                                   "data.caption_prefix=zkstyle"])
     assert plan.estimate(kept_cfg, traced).activations == 2 * plan.estimate(plain_cfg, traced).activations
+
+
+def test_doctor_command_checks_reg_folders(dataset, tmp_path, capsys):
+    from sdlora.cli import main
+
+    reg = plain_copies(tmp_path / "reg", 2)
+    (reg / sorted(reg.glob("*.txt"))[1].name).write_text("a sks circle", encoding="utf-8")
+    assert main(["doctor", str(dataset), "--reg", str(reg), "--trigger", "sks"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("6 images (6 with repeats) + 2 regularization images at resolution 512")
+    assert f"warning [reg-trigger] {sorted(reg.glob('*.txt'))[1]}: the caption has the trigger word 'sks'" in out

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="-1: a random seed")
     p.add_argument("--count", type=int, default=1, help="images, with seeds seed, seed+1, ...")
     p.add_argument("--sampler", default="euler", choices=SAMPLERS)
+    p.add_argument("--clip-skip", type=int, default=1,
+                   help="read the prompt this many text-encoder layers from the end (A1111's Clip skip; SD 1.x/2.x)")
     p.add_argument("--out", default="outputs/generated")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="load a .ckpt/.pt/.bin base model (pickles can run code: only files you trust)")
@@ -138,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="*", metavar="DATASET_DIR", help="image folders (default: data.dirs of --config)")
     p.add_argument("--config", help="TOML config whose [data] table applies (bucket settings, captions, ...)")
     p.add_argument("--resolution", type=int, help="training resolution (default: the config's, else 512)")
+    p.add_argument("--reg", action="append", metavar="REG_DIR",
+                   help="a regularization image folder to check with them (repeatable; default: data.reg_dirs)")
+    p.add_argument("--trigger", help="the trigger word that regularization captions must not hold (default: "
+                                     "data.trigger_word, else data.caption_prefix)")
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("merge-into-base", help="fuse LoRAs into a base model and write the merged model",
@@ -351,7 +357,8 @@ def _cmd_generate(args, extra) -> int:
 
     loras = [LoraSpec(Path(path), weight) for path, weight in map(_parse_lora_arg, args.lora)]
     params = GenerationParams(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg=args.cfg,
-                              width=args.width, height=args.height, seed=args.seed, sampler=args.sampler)
+                              width=args.width, height=args.height, seed=args.seed, sampler=args.sampler,
+                              clip_skip=args.clip_skip)
     check_params(replace(params, width=args.width or 512, height=args.height or 512), args.count)
     for spec in loras:
         if not spec.path.is_file():
@@ -445,6 +452,10 @@ def _cmd_extract(args, extra) -> int:
 
 def _cmd_doctor(args, extra) -> int:
     changes = {"data.resolution": args.resolution} if args.resolution is not None else {}
+    if args.reg:
+        changes["data.reg_dirs"] = list(args.reg)
+    if args.trigger is not None:
+        changes["data.trigger_word"] = args.trigger
     if args.dirs:
         changes["data.dirs"] = list(args.dirs)
     elif args.config is None:
