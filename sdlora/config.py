@@ -76,6 +76,11 @@ class ModelConfig:
     # QLoRA-style storage of the frozen UNet's Linear layers: "fp8" (e4m3, upcast layer by layer; needs
     # train.gradient_checkpointing) or "nf4" (4-bit NormalFloat, needs bitsandbytes); the adapters stay fp32.
     quantize_base: Literal["none", "fp8", "nf4"] = "none"
+    # Read prompts this many layers from the text encoder's end, through its final layer norm (kohya's clip_skip,
+    # A1111's "Clip skip"): 2 = the penultimate layer, which many anime-style SD 1.x models were trained with.
+    # Training, its samples and the file's ss_clip_skip follow it. SD 1.x/2.x only (SDXL always reads the
+    # penultimate layer); unset = the last layer.
+    clip_skip: int | None = None
 
 
 @dataclass
@@ -509,6 +514,7 @@ def _check_ranges(cfg: Config) -> list[str]:
          "data.cache_text_encoder_outputs: cannot be combined with shuffle_caption/caption_dropout/tag_dropout"),
         (not (d.cache_latents != "none" and d.random_crop),
          "data.cache_latents: cannot be combined with data.random_crop (set cache_latents = \"none\")"),
+        (m.clip_skip is None or m.clip_skip >= 1, "model.clip_skip: must be at least 1 (2 = the penultimate layer)"),
         (lo.rank >= 1, "lora.rank: must be at least 1"),
         (_positive(lo.alpha), "lora.alpha: must be a finite number > 0"),
         (0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)"),

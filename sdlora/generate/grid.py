@@ -262,7 +262,8 @@ def sample_prompts(config: dict, size: int = 512) -> list[GenerationParams]:
     s = SampleConfig(**{f.name: sample[f.name] for f in fields(SampleConfig) if f.name in sample})
     size = config.get("data", {}).get("resolution") or size
     defaults = GenerationParams(prompt="", steps=s.steps, cfg=s.cfg, seed=s.seed, sampler=s.sampler,
-                                width=s.width or size, height=s.height or size)
+                                width=s.width or size, height=s.height or size,
+                                clip_skip=config.get("model", {}).get("clip_skip") or 1)
     return [parse_sample_prompt(line, defaults) for line in s.prompts]
 
 

@@ -38,6 +38,7 @@ class GenerationParams:
     height: int = 512
     seed: int = 1
     sampler: str = "euler"
+    clip_skip: int = 1  # A1111's "Clip skip": read the prompt this many layers from the text encoder's end
 
 
 def make_scheduler(sampler: str, scheduler_config: dict):
@@ -106,7 +107,7 @@ def generate(pipe, params: GenerationParams, sampler_config: dict | None = None)
     pipe.scheduler = make_scheduler(params.sampler, dict(config))
     generator = torch.Generator("cpu").manual_seed(params.seed)
     return pipe(
-        **encode_prompt_embeds(pipe, params.prompt, params.negative_prompt),
+        **encode_prompt_embeds(pipe, params.prompt, params.negative_prompt, params.clip_skip),
         num_inference_steps=params.steps,
         guidance_scale=params.cfg,
         width=params.width,
@@ -145,7 +146,9 @@ def render_samples(base: BaseModel, unet, encoders: list, s: SampleConfig, resol
     for i, line in enumerate(s.prompts):
         params = parse_sample_prompt(line, defaults)
         image = generate(pipe, params, base.scheduler_config)
-        paths.append(save_png(image, folder / f"{tag}-{i:02d}.png", a1111_parameters(params, base.name)))
+        # A clip-skipped training model's encoder is cut already (loading.cut_text_encoder): only the text says it.
+        labelled = replace(params, clip_skip=base.clip_skip or 1)
+        paths.append(save_png(image, folder / f"{tag}-{i:02d}.png", a1111_parameters(labelled, base.name)))
     for m, training in zip([unet, *encoders], was_training):
         m.train(training)
     return paths
@@ -167,6 +170,8 @@ def a1111_parameters(params: GenerationParams, model_name: str = "", model_hash:
         fields.append(f"Model hash: {model_hash[:10]}")
     if model_name:
         fields.append(f"Model: {model_name}")
+    if params.clip_skip > 1:  # A1111 writes it only when it is not 1
+        fields.append(f"Clip skip: {params.clip_skip}")
     if lora_hashes:
         fields.append('Lora hashes: "' + ", ".join(f"{n}: {h[:12]}" for n, h in lora_hashes.items()) + '"')
     lines.append(", ".join(fields))
@@ -218,7 +223,8 @@ def parse_a1111_parameters(text: str, defaults: GenerationParams | None = None
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
     params = replace(params, prompt="\n".join(prompt), negative_prompt="\n".join(negative))
-    converters = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int)}
+    converters = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
+                  "Clip skip": ("clip_skip", int)}
     for key, (name, kind) in converters.items():
         with contextlib.suppress(KeyError, ValueError):
             params = replace(params, **{name: kind(fields[key])})
@@ -248,6 +254,8 @@ def check_params(params: GenerationParams, count: int = 1) -> None:
         value = getattr(params, name)
         if value < 64 or value > 4096 or value % 8:
             problems.append(f"{name} {value} must be a multiple of 8 between 64 and 4096")
+    if params.clip_skip < 1:
+        problems.append(f"clip skip {params.clip_skip} must be at least 1 (1 = the text encoder's last layer)")
     if not 1 <= params.steps <= 500:
         problems.append(f"steps {params.steps} must be between 1 and 500")
     if params.sampler == "lcm" and params.steps > 50:

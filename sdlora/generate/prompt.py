@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlora.errors import GenerationError
+
 # A1111's extra-network syntax is `<type:arg:arg...>`; we read the `lora` type (and LyCORIS' old `lyco` alias).
 _TAG = re.compile(r"<\s*(lora|lyco)\s*:([^<>]*)>", re.IGNORECASE)
 
@@ -115,7 +117,7 @@ def token_chunks(tokenizer, text: str) -> list[list[int]]:
 
 
 @torch.no_grad()
-def encode_prompt_embeds(pipe, prompt: str, negative_prompt: str = "") -> dict[str, torch.Tensor]:
+def encode_prompt_embeds(pipe, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> dict[str, torch.Tensor]:
     """Embeddings of a prompt of any length for a StableDiffusion(XL)Pipeline: the keyword arguments
     `prompt_embeds`, `negative_prompt_embeds` (and for SDXL `pooled_prompt_embeds`,
     `negative_pooled_prompt_embeds`) to pass to the pipeline instead of the strings.
@@ -125,8 +127,16 @@ def encode_prompt_embeds(pipe, prompt: str, negative_prompt: str = "") -> dict[s
     the penultimate hidden states of both encoders, and its pooled embedding comes from the first chunk of the
     second encoder, as in A1111; an empty negative is all zeros when the model's `force_zeros_for_empty_prompt`
     is set, as the diffusers pipeline does.
+
+    `clip_skip` N > 1 (SD 1.x/2.x) reads the hidden state N - 1 layers before the end through the final layer norm,
+    as A1111 and kohya do (diffusers' own `clip_skip` counts from 0: its 1 is this 2).
+
+    Raises:
+        GenerationError: clip_skip > 1 for SDXL, which always reads the penultimate layer.
     """
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if sdxl and clip_skip > 1:
+        raise GenerationError("clip skip: SDXL always reads its text encoders' penultimate layer; leave it at 1")
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
     if sdxl:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
@@ -140,6 +150,10 @@ def encode_prompt_embeds(pipe, prompt: str, negative_prompt: str = "") -> dict[s
         for (_, encoder), chunks, pad in zip(pairs, per_encoder, empty):
             device = next(encoder.parameters()).device
             ids = torch.tensor(chunks + [pad] * (n - len(chunks)), device=device)  # [n, 77]
+            if not sdxl and clip_skip > 1:
+                hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+                states.append(getattr(encoder, "text_model", encoder).final_layer_norm(hidden))
+                continue
             if not sdxl:
                 states.append(encoder(ids)[0])  # [n, 77, dim]
                 continue

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,7 @@ class BaseModel:
     text_encoders: list[PreTrainedModel]  # CLIPTextModel, and for SDXL CLIPTextModelWithProjection
     tokenizers: list
     scheduler_config: dict = field(default_factory=dict)
+    clip_skip: int | None = None  # the text encoder was cut to it (`cut_text_encoder`)
 
     @property
     def prediction_type(self) -> str:
@@ -164,7 +165,7 @@ def side_length(unet_config, vae_config) -> int:
 
 
 def load_base_model(base_model: str, vae: str = "", allow_unsafe_pickle: bool = False,
-                    prediction_type: str = "") -> BaseModel:
+                    prediction_type: str = "", clip_skip: int | None = None) -> BaseModel:
     """Load UNet, VAE, text encoder(s) and tokenizer(s) of a base model on the CPU in fp32.
 
     Args:
@@ -172,9 +173,11 @@ def load_base_model(base_model: str, vae: str = "", allow_unsafe_pickle: bool = 
         vae: "" (the model's own), or a VAE folder or single `.safetensors` file.
         allow_unsafe_pickle: allow `.ckpt/.pt/.pth/.bin` (loaded with torch.load(weights_only=True)).
         prediction_type: "" (the model's scheduler config / file metadata) or "epsilon" / "v_prediction".
+        clip_skip: `model.clip_skip`: the text encoder comes cut to it (`cut_text_encoder`).
 
     Raises:
-        ModelError: see `resolve_model_path`; for single files also `single_file.load_checkpoint`.
+        ModelError: see `resolve_model_path`; for single files also `single_file.load_checkpoint`; a clip_skip
+            `cut_text_encoder` refuses.
     """
     path = resolve_model_path(base_model, allow_unsafe_pickle)
     if path.is_file():
@@ -189,7 +192,37 @@ def load_base_model(base_model: str, vae: str = "", allow_unsafe_pickle: bool = 
         vae_model = _load_vae(vae, allow_unsafe_pickle, vae_config)
     if prediction_type:
         scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
-    return BaseModel(arch, path, unet, vae_model, text_encoders, tokenizers, scheduler_config)
+    base = BaseModel(arch, path, unet, vae_model, text_encoders, tokenizers, scheduler_config)
+    if clip_skip is not None:
+        cut_text_encoder(base, clip_skip)
+    return base
+
+
+def cut_text_encoder(base: BaseModel, clip_skip: int) -> None:
+    """Clip skip N for training: the SD 1.x/2.x text encoder without its last N - 1 layers, so that its output is
+    its final layer norm of the hidden state N - 1 layers before the end, which is what kohya (get_hidden_states) and
+    A1111 read for clip skip N. Cutting the layers instead of picking a hidden state makes every caller of the
+    encoder (training, caches, validation, samples) read the same state and skips the unused layers' work; SD 2.x's
+    diffusers checkpoints are OpenCLIP cut the same way. Generation picks the hidden state instead
+    (`prompt.encode_prompt_embeds`), as its pipelines are shared between settings.
+
+    Raises:
+        ModelError: SDXL (it always reads the penultimate layer, and kohya ignores clip_skip for it), or N not
+            below the encoder's number of layers.
+    """
+    if clip_skip == 1:
+        return
+    if base.arch == "sdxl":
+        raise ModelError("model.clip_skip: SDXL always reads its text encoders' penultimate layer (kohya ignores "
+                         "clip_skip for SDXL); leave it unset")
+    encoder = base.text_encoders[0]
+    text_model: Any = getattr(encoder, "text_model", encoder)  # transformers 5's CLIPTextModel has no text_model
+    layers: torch.nn.ModuleList = text_model.encoder.layers
+    if clip_skip > len(layers) + 1:
+        raise ModelError(f"model.clip_skip: {clip_skip} is more than the text encoder's {len(layers)} layers")
+    del layers[len(layers) - (clip_skip - 1):]
+    encoder.config.num_hidden_layers = len(layers)
+    base.clip_skip = clip_skip
 
 
 def _load_folder(path: Path, load_vae: bool):

@@ -267,7 +267,7 @@ def _setup_models(run: Run, data: Data) -> Models:
     """The frozen base in the training precision (the VAE in fp32), and the adapters of lora.method on it."""
     cfg, device, dtype = run.cfg, run.device, run.weight_dtype
     base = load_base_model(cfg.model.base_model, cfg.model.vae, cfg.model.allow_unsafe_pickle,
-                           cfg.model.prediction_type)
+                           cfg.model.prediction_type, cfg.model.clip_skip)
     base.vae.to(device, torch.float32).requires_grad_(False)
     modules = {"unet": base.unet, **dict(zip(component_names(base.arch), base.text_encoders))}
     for name, module in modules.items():
@@ -622,6 +622,7 @@ def _export(run: Run, data: Data, models: Models, opt: Optimization, at: Positio
                    training_started_at=run.started_at, training_finished_at=time.time(),
                    tag_frequency=tag_frequency(data.records), dataset_dirs=_dataset_dirs(training),
                    sd_model_name=Path(cfg.model.base_model).name, prediction_type=opt.prediction_type,
+                   clip_skip=cfg.model.clip_skip,
                    num_reg_images=sum(r.repeats for r in data.reg), reg_dataset_dirs=_dataset_dirs(data.reg))
     metadata = build_metadata(cfg, base.arch, info)
     dtype = torch_dtype(cfg.export.dtype)
