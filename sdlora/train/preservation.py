@@ -54,15 +54,14 @@ def preservation_loss(unet: torch.nn.Module, noise_scheduler, latents: torch.Ten
         adapted, base: (cross-attention states, SDXL pooled embeds) of the preservation prompts as the adapted and
             the base text encoders give them (the same when the encoders are not trained).
     """
-    rng = {"generator": generator, "device": generator.device}
-    noise = torch.randn(latents.shape, **rng).to(latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), **rng)
-    timesteps = timesteps.to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=generator.device).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
 
     def predict(states: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
         added = None
-        if time_ids is not None:
+        if time_ids is not None and pooled is not None:  # SDXL
             added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(latents.device, weight_dtype)}
         return unet(noisy, timesteps, states.to(weight_dtype), added_cond_kwargs=added).sample.float()
 
