@@ -286,3 +286,13 @@ def test_doctor_command_checks_reg_folders(dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("6 images (6 with repeats) + 2 regularization images at resolution 512")
     assert f"warning [reg-trigger] {sorted(reg.glob('*.txt'))[1]}: the caption has the trigger word 'sks'" in out
+
+
+def test_sdxl_preservation_moves_the_adapters_toward_the_base(dataset, tmp_path):
+    """SDXL's pooled embeds and size conditioning reach the preservation passes; with a huge preservation weight
+    the adapters stay nearer the base (smaller up weights) than without it."""
+    common = ["model.base_model=tiny-sdxl", "data.caption_prefix=zkstyle", "train.max_train_steps=4"]
+    free = load_file(str(train(make_cfg(dataset, tmp_path / "free", *common))))
+    held = load_file(str(train(make_cfg(dataset, tmp_path / "held", *common, "train.preservation_weight=1000.0"))))
+    ups = [k for k in free if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
+    assert sum(held[k].norm() for k in ups) < sum(free[k].norm() for k in ups)
