@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
@@ -109,9 +110,10 @@ def test_read_parameters_fills_the_fields_and_reproduces_the_image(engine, setti
     gallery, seed, _ = run_generate(engine, "tiny-sd15", "a tent <lora:beta:0.7>", "dark", "euler_a", 3, 6.5, 72, 64,
                                     -1, 1, *slots((ALPHA, -0.6)))
     values = read_png_parameters(settings, gallery[0][0])
-    model, prompt, negative, sampler, steps, cfg, width, height, read_seed, *switches, info = values
-    assert (model, prompt, negative, sampler, steps, cfg, width, height, read_seed) == (
-        "tiny-sd15", "a tent <lora:beta:0.7> <lora:alpha:-0.6>", "dark", "euler_a", 3, 6.5, 72, 64, seed)
+    model, prompt, negative, sampler, steps, cfg, width, height, read_seed, batch, vae, *switches, info = values
+    assert (model, prompt, negative, sampler, steps, cfg, width, height, read_seed, batch, vae) == (
+        "tiny-sd15", "a tent <lora:beta:0.7> <lora:alpha:-0.6>", "dark", "euler_a", 3, 6.5, 72, 64, seed, 1,
+        "model's own")
     assert switches == [False] * SLOTS and "<lora:" in info
     ui_slots = slots((ALPHA, 0.3))
     ui_slots[0::3] = switches  # the form after reading: slot values as they were, switched off
@@ -119,6 +121,25 @@ def test_read_parameters_fills_the_fields_and_reproduces_the_image(engine, setti
                                *ui_slots)
     with Image.open(gallery[0][0]) as first, Image.open(again[0][0]) as second:
         assert first.tobytes() == second.tobytes()
+
+
+def test_batch_size_numbers_seeds_as_a1111_and_the_png_gives_the_batch_back(engine, settings):
+    gallery, seed, _ = run_generate(engine, *COMMON, 7, 2, *slots(), batch_size=2)
+    assert seed == 7 and [caption for _, caption in gallery] == [f"seed {s}" for s in (7, 8, 9, 10)]
+    with Image.open(gallery[3][0]) as png:
+        assert "Seed: 10, Size: 64x64, Model: tiny-sd15, Batch size: 2, Batch pos: 1" in png.info["parameters"]
+        batched = np.asarray(png.convert("RGB"), dtype=np.int16)
+    single, _, _ = run_generate(engine, *COMMON, 10, 1, *slots())
+    with Image.open(single[0][0]) as png:  # the same seed alone: the same picture, up to a batch's float rounding
+        assert np.abs(batched - np.asarray(png.convert("RGB"), dtype=np.int16)).max() <= 2
+        assert "Batch" not in png.info["parameters"]
+    values = read_png_parameters(settings, gallery[3][0])
+    assert values[8:10] == (9, 2)  # the batch's first seed: batch position 1 draws the image again
+    again, _, _ = run_generate(engine, *COMMON, values[8], 1, *slots(), batch_size=values[9])
+    with Image.open(again[1][0]) as first, Image.open(gallery[3][0]) as second:
+        assert first.tobytes() == second.tobytes()
+    with pytest.raises(gr.Error, match="batch size 65"):
+        run_generate(engine, *COMMON, 7, 1, *slots(), batch_size=65)
 
 
 def test_read_parameters_of_a_plain_png_changes_nothing(settings, tmp_path):
@@ -386,8 +407,11 @@ def test_vae_override(engine, settings):
             assert engine.vae == name and "base model loading" in info  # cached by (model, VAE)
             with Image.open(images[0][0]) as image:
                 assert image.convert("RGB").tobytes() == own
-        _, _, info = run_generate(engine, *COMMON, 3, 1, *slots(), vae=OWN_VAE)
+                assert image.info["parameters"].endswith(f"Model: tiny-sd15, VAE: {name}")  # as A1111 writes it
+            assert read_png_parameters(settings, images[0][0])[10] == name
+        images, _, info = run_generate(engine, *COMMON, 3, 1, *slots(), vae=OWN_VAE)
         assert engine.vae == "" and "base model loading" in info
+        assert read_png_parameters(settings, images[0][0])[10] == OWN_VAE
         with pytest.raises(gr.Error, match="not a VAE"):
             run_generate(engine, *COMMON, 3, 1, *slots(), vae="../tiny-vae")
     finally:

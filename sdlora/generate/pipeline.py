@@ -101,19 +101,29 @@ def generate(pipe, params: GenerationParams, sampler_config: dict | None = None)
     75-token chunks instead of being cut off; shorter ones give exactly the pipeline's own embeddings.
     `<lora:...>` tags are not read here (see `generate_images`).
     """
+    return generate_batch(pipe, params, 1, sampler_config)[0]
+
+
+def generate_batch(pipe, params: GenerationParams, batch_size: int,
+                   sampler_config: dict | None = None) -> list[Image.Image]:
+    """Render `batch_size` images in one pipeline call (A1111's batch size), with the seeds params.seed,
+    params.seed + 1, ...: each image's noise comes from its own seed, so an image is the one `generate` draws
+    with that seed (up to the float rounding of a larger batch).
+    """
     config = sampler_config
     if config is None:
         config = getattr(pipe, "sdlora_scheduler_config", pipe.scheduler.config)
     pipe.scheduler = make_scheduler(params.sampler, dict(config))
-    generator = torch.Generator("cpu").manual_seed(params.seed)
+    generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(batch_size)]
     return pipe(
         **encode_prompt_embeds(pipe, params.prompt, params.negative_prompt, params.clip_skip),
         num_inference_steps=params.steps,
         guidance_scale=params.cfg,
         width=params.width,
         height=params.height,
-        generator=generator,
-    ).images[0]
+        generator=generators,
+        num_images_per_prompt=batch_size,
+    ).images
 
 
 def parse_sample_prompt(line: str, defaults: GenerationParams) -> GenerationParams:
@@ -155,8 +165,12 @@ def render_samples(base: BaseModel, unet, encoders: list, s: SampleConfig, resol
 
 
 def a1111_parameters(params: GenerationParams, model_name: str = "", model_hash: str = "",
-                     lora_hashes: dict[str, str] | None = None) -> str:
-    """The PNG `parameters` text A1111 writes, which model sites parse to credit models and LoRAs."""
+                     lora_hashes: dict[str, str] | None = None, vae_name: str = "", batch_size: int = 1,
+                     batch_pos: int = 0) -> str:
+    """The PNG `parameters` text A1111 writes, which model sites parse to credit models and LoRAs.
+
+    `vae_name`: a VAE used instead of the model's own (`VAE:`); `batch_size` > 1 adds A1111's `Batch size` and
+    `Batch pos` (the image's place in its batch; its seed is the batch's first seed + pos)."""
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
@@ -170,8 +184,12 @@ def a1111_parameters(params: GenerationParams, model_name: str = "", model_hash:
         fields.append(f"Model hash: {model_hash[:10]}")
     if model_name:
         fields.append(f"Model: {model_name}")
+    if vae_name:
+        fields.append(f"VAE: {vae_name}")
     if params.clip_skip > 1:  # A1111 writes it only when it is not 1
         fields.append(f"Clip skip: {params.clip_skip}")
+    if batch_size > 1:
+        fields += [f"Batch size: {batch_size}", f"Batch pos: {batch_pos}"]
     if lora_hashes:
         fields.append('Lora hashes: "' + ", ".join(f"{n}: {h[:12]}" for n, h in lora_hashes.items()) + '"')
     lines.append(", ".join(fields))
@@ -508,8 +526,9 @@ class GenerationResult:
 
 def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs: Sequence[LoraSpec] = (),
                     count: int = 1, out_dir: str | Path | None = None, lora_dir: str | Path | None = None,
-                    model_name: str = "") -> GenerationResult:
-    """Render `count` images (seeds seed, seed+1, ...) with LoRAs; what `sdlora generate` and the app both call.
+                    model_name: str = "", batch_size: int = 1, vae_name: str = "") -> GenerationResult:
+    """Render `count` batches of `batch_size` images (seeds seed, seed+1, ... across all of them, as A1111 numbers
+    them) with LoRAs; what `sdlora generate` and the app both call.
 
     Args:
         pipe: a pipeline from `load_pipeline`.
@@ -517,11 +536,13 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
         params: the settings; the prompt may hold A1111 `<lora:name:weight>` tags and any number of tokens.
             A negative seed picks a random one.
         lora_specs: LoRA files with weights, on top of the prompt's tags.
-        count: number of images.
+        count: number of batches (A1111's batch count).
+        batch_size: images per pipeline call (A1111's batch size; more memory, less time per image).
         out_dir: save each PNG here (`00001-<seed>.png`, A1111 `parameters` with `Lora hashes`), or None.
         lora_dir: where `<lora:name>` tags are looked up (by file stem, recursively); names also match the
             stems of `lora_specs`.
         model_name: written as `Model:` in the PNG parameters.
+        vae_name: the VAE used instead of the model's own, written as `VAE:` ("" = the model's own).
 
     Returns:
         Images, seeds, the saved parameters and paths, warnings (malformed or unknown tags, modules of a LoRA
@@ -530,7 +551,9 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
     Raises:
         GenerationError: impossible settings. LoraFileError: a LoRA file cannot be used (see LoraCache.load).
     """
-    check_params(params, count)
+    if not 1 <= batch_size <= 64:
+        raise GenerationError(f"batch size {batch_size} must be between 1 and 64")
+    check_params(params, count * batch_size)
     clean_prompt, tags, notes = parse_lora_tags(params.prompt)
     specs = list(lora_specs)
     known = {Path(s.path).stem: Path(s.path) for s in specs}
@@ -557,18 +580,21 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
     hashes: dict[str, str] = {}
     for spec in specs:
         hashes.setdefault(spec.name, loras.model_hash(spec.path))
-    base_seed = params.seed if params.seed >= 0 else random.randrange(2**32 - count)
+    total = count * batch_size
+    base_seed = params.seed if params.seed >= 0 else random.randrange(2**32 - total)
     result = GenerationResult(images=[], seeds=[], parameters=[], warnings=notes, load_seconds=load_seconds)
     started = time.perf_counter()
-    for i in range(count):
-        seed = base_seed + i
-        image = generate(pipe, replace(params, prompt=clean_prompt, seed=seed))
-        text = a1111_parameters(replace(params, prompt=saved_prompt, seed=seed), model_name, lora_hashes=hashes)
-        result.images.append(image)
-        result.seeds.append(seed)
-        result.parameters.append(text)
-        if out_dir is not None:
-            result.paths.append(save_png(image, _next_png_path(Path(out_dir), seed), text))
+    for first in range(base_seed, base_seed + total, batch_size):
+        images = generate_batch(pipe, replace(params, prompt=clean_prompt, seed=first), batch_size)
+        for pos, image in enumerate(images):
+            seed = first + pos
+            text = a1111_parameters(replace(params, prompt=saved_prompt, seed=seed), model_name, lora_hashes=hashes,
+                                    vae_name=vae_name, batch_size=batch_size, batch_pos=pos)
+            result.images.append(image)
+            result.seeds.append(seed)
+            result.parameters.append(text)
+            if out_dir is not None:
+                result.paths.append(save_png(image, _next_png_path(Path(out_dir), seed), text))
     result.generate_seconds = time.perf_counter() - started
     return result
 

@@ -254,9 +254,10 @@ def _params(prompt, negative, sampler, steps, cfg, width, height, seed) -> Gener
 # --------------------------------------------------------------------------------------------------------------
 
 def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, count, *slots,
-                 vae=None):
+                 vae=None, batch_size=1):
     """Generate tab: returns (gallery [(path, caption)], the seed used, an info line). `vae`: None or
-    "model's own", else a VAE's name in models_dir (see `vae_choices`)."""
+    "model's own", else a VAE's name in models_dir (see `vae_choices`), written as `VAE:` in the PNGs. `count`
+    batches of `batch_size` images each (seeds seed, seed+1, ...)."""
 
     with engine.lock, _user_errors():
         specs = engine.slot_specs(slots)
@@ -264,7 +265,8 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
         model_loaded = not engine.loaded(model, vae)
         pipe, loras = engine.pipeline(model, vae)
         result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
-                                 lora_dir=engine.settings.lora_dir, model_name=model_label(model))
+                                 lora_dir=engine.settings.lora_dir, model_name=model_label(model),
+                                 batch_size=int(batch_size), vae_name=engine.vae)
     _show_warnings(result.warnings)
     gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
     loading = f"LoRA loading {result.load_seconds:.1f} s"
@@ -283,11 +285,12 @@ def _show_warnings(warnings) -> None:
 
 
 def read_png_parameters(settings: AppSettings, file):
-    """'Read parameters from PNG': (model, prompt, negative, sampler, steps, cfg, width, height, seed, slot
-    switches..., info). The prompt keeps its <lora:...> tags, which reproduce the LoRAs, so the slots go off."""
+    """'Read parameters from PNG': (model, prompt, negative, sampler, steps, cfg, width, height, seed, batch size,
+    VAE, slot switches..., info). The prompt keeps its <lora:...> tags, which reproduce the LoRAs, so the slots go
+    off. An image from a batch gives its batch's first seed and the batch size, which draw it again at its place."""
     import gradio as gr
 
-    keep = [gr.skip()] * (9 + SLOTS)
+    keep = [gr.skip()] * (11 + SLOTS)
     if not file:
         return *keep, ""
     path = file if isinstance(file, str) else getattr(file, "name", str(file))
@@ -308,9 +311,18 @@ def read_png_parameters(settings: AppSettings, file):
     if model and model not in model_choices(settings):
         notes.append(f"model {model!r} is not in {settings.models_dir}; kept the current one")
         model = None
+    vae = fields.get("VAE", OWN_VAE)  # A1111 writes the field only for a VAE other than the model's own
+    if vae not in vae_choices(settings):
+        notes.append(f"VAE {vae!r} is not in {settings.models_dir}; kept the current one")
+        vae = None
+    batch_size, seed = 1, params.seed
+    with contextlib.suppress(KeyError, ValueError):
+        batch_size = int(fields["Batch size"])
+        seed -= int(fields["Batch pos"])
     info = "Read the parameters; LoRAs come from the prompt's <lora:…> tags, so the LoRA slots were switched off."
     return (model or gr.skip(), params.prompt, params.negative_prompt, params.sampler, params.steps, params.cfg,
-            params.width, params.height, params.seed, *[False] * SLOTS, " ".join([info, *notes]))
+            params.width, params.height, seed, batch_size, vae or gr.skip(), *[False] * SLOTS,
+            " ".join([info, *notes]))
 
 
 def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width, height, seed, grid_lora,
@@ -690,6 +702,8 @@ def build_app(settings: AppSettings):
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
                             count = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id="count")
+                            batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size (images per call)",
+                                                   elem_id="batch-size")
                         png = gr.File(label="Read parameters from PNG", file_types=[".png"], elem_id="png-file")
                     with gr.Column(scale=2):
                         go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -779,10 +793,10 @@ def build_app(settings: AppSettings):
         common = [model, prompt, negative, sampler, steps, cfg, width, height, seed]
         # One queue for everything that runs the model: the queue's limit of 1 applies per concurrency_id.
         def generate(*values):
-            *values, vae_name = values
-            return run_generate(engine, *values, vae=vae_name)
+            *values, vae_name, images_per_call = values
+            return run_generate(engine, *values, vae=vae_name, batch_size=images_per_call)
 
-        go.click(generate, [*common, count, *slots, vae], [gallery, used_seed, info],
+        go.click(generate, [*common, count, *slots, vae, batch_size], [gallery, used_seed, info],
                  api_name="generate", concurrency_id="model")
 
         def grid(*values, progress=gr.Progress()):
@@ -812,7 +826,8 @@ def build_app(settings: AppSettings):
                             train_class_word, train_class_images, train_preservation],
                            api_visibility="private")
         png.upload(partial(read_png_parameters, settings), png,
-                   [model, prompt, negative, sampler, steps, cfg, width, height, seed, *slots[0::3], info],
+                   [model, prompt, negative, sampler, steps, cfg, width, height, seed, batch_size, vae, *slots[0::3],
+                    info],
                    api_name="read_parameters")
         model.input(lambda m: (size_for_model(settings, m),) * 2, model, [width, height], api_visibility="private")
 
