@@ -258,7 +258,7 @@ def test_running_app_through_gradio_client(settings):
             client.predict(*COMMON, 5, 1, *slots(("../../etc/passwd", 1.0)), api_name="/generate")
         # A LoRA added while the app runs appears after Refresh.
         shutil.copy(settings.lora_dir / ALPHA, settings.lora_dir / "gamma.safetensors")
-        client.predict(*[None] * (SLOTS + 1), api_name="/refresh")
+        client.predict(*[None] * (SLOTS + 2), "tiny-sd15", api_name="/refresh")
         gallery, _, _ = client.predict(*COMMON, 5, 1, *slots(("gamma.safetensors", 0.8)), api_name="/generate")
         with Image.open(gallery[0]["image"]) as gamma, Image.open(saved) as alpha_beta:
             assert gamma.size == (64, 64) and gamma.tobytes() != alpha_beta.tobytes()
@@ -440,3 +440,73 @@ def test_uploads_are_checked_before_anything_is_written(tmp_path):
         add_uploads(local, "uploaded", [str(staged / "new.png")])
     with pytest.raises(gr.Error, match="only names inside"):
         add_uploads(local, "../elsewhere", [str(staged / "new.png")])
+
+
+def test_lora_browser_facts_families_and_switching_on(engine, settings):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sdlora.ui.app import describe_lora, insert_trigger, lora_details, lora_table, slot_switch, switch_on
+
+    info = describe_lora(settings, ALPHA)
+    assert (info.family, info.method, info.rank, info.trained) == ("SD 1.x", "LoRA", "4", "epoch 2, step 2")
+    assert info.size == (settings.lora_dir / ALPHA).stat().st_size and info.triggers[-1] == "alpha"  # output name
+    # An SDXL LoRA (its te1/te2 keys say so) with a trigger phrase and caption tags.
+    xl = settings.lora_dir / "xl.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(8, 32),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 8)}, xl,
+              metadata={"modelspec.trigger_phrase": "xlstyle",
+                        "ss_tag_frequency": json.dumps({"5_xl": {"xlstyle": 9, "a red car": 4, "night": 6}})})
+    try:
+        rows = {row[0]: row for row in lora_table(settings, "tiny-sd15")}
+        assert rows[ALPHA][1:5] == ["SD 1.x", "LoRA", "4", f"{info.size / 2**20:.1f} MB"]
+        assert rows[ALPHA][-1] == "yes" and rows["xl.safetensors"][-1] == "no (SDXL)"
+        assert rows["xl.safetensors"][6] == "xlstyle, night, a red car"  # the phrase, then tags by frequency
+        assert {r[0]: r[-1] for r in lora_table(settings, "tiny-sdxl")}[ALPHA] == "no (SD 1.x)"
+        # Another family cannot be switched on: its slot box is locked, "switch on" refuses with the fix.
+        assert slot_switch(settings, "tiny-sd15", "xl.safetensors").interactive is False
+        assert slot_switch(settings, "tiny-sdxl", "xl.safetensors").interactive is True
+        with pytest.raises(gr.Error, match="a LoRA for SDXL and the base model is SD 1.x; choose a SDXL base model"):
+            switch_on(settings, "tiny-sd15", "xl.safetensors", *[False, None] * SLOTS)
+        assert switch_on(settings, "tiny-sd15", ALPHA, True, BETA, False, BETA, False, None, False, None) == [
+            True, BETA, True, ALPHA, False, None, False, None]  # the first slot that is off
+        assert switch_on(settings, "tiny-sd15", ALPHA, True, BETA, False, ALPHA, *[True, BETA] * 2)[2:4] == [
+            True, ALPHA]  # the slot that has it already
+        with pytest.raises(gr.Error, match="all 4 LoRA slots are on"):
+            switch_on(settings, "tiny-sd15", ALPHA, *[True, BETA] * SLOTS)
+        image, text, _, words = lora_details(settings, "tiny-sd15", "xl.safetensors")
+        assert image is None and "⚠" in text and "No picture yet" in text and words[0] == "xlstyle"
+        assert insert_trigger("a boat", 0, words) == "xlstyle, a boat"
+        assert insert_trigger("xlstyle, a boat", 0, words) == "xlstyle, a boat"  # there already
+        assert insert_trigger("", 2, words) == "a red car"
+    finally:
+        xl.unlink()
+
+
+def test_lora_pictures_samples_beside_the_file_else_the_first_image_made_with_it(engine, settings):
+    from sdlora.ui.app import lora_details, lora_preview
+
+    alpha, beta = settings.lora_dir / ALPHA, settings.lora_dir / BETA
+    for lora in (alpha, beta):
+        lora.with_name(f"{lora.stem}.preview.png").unlink(missing_ok=True)
+    assert lora_preview(alpha) is None
+    first, _, _ = run_generate(engine, *COMMON, 21, 1, *slots((ALPHA, 0.8), (BETA, 0.0)))
+    preview = alpha.with_name("alpha.preview.png")
+    assert preview.read_bytes() == Path(first[0][0]).read_bytes()  # as A1111 caches it, with its parameters
+    assert lora_preview(beta) is None  # at weight 0 it drew nothing of its own
+    run_generate(engine, *COMMON, 22, 1, *slots(("beta/beta.safetensors", 0.5)))
+    assert lora_preview(beta) == beta.with_name("beta.preview.png")
+    run_generate(engine, *COMMON, 23, 1, *slots((ALPHA, 1.0)))
+    assert preview.read_bytes() == Path(first[0][0]).read_bytes()  # the first image stays the picture
+    samples = alpha.parent / "samples"
+    samples.mkdir(exist_ok=True)
+    try:
+        for step, color in ((1, "red"), (2, "blue")):
+            Image.new("RGB", (64, 64), color).save(samples / f"step{step:08d}-00.png")
+        assert lora_preview(alpha) == samples / "step00000002-00.png"  # the run's last samples come first
+        image, _, _, _ = lora_details(settings, "tiny-sd15", ALPHA)
+        assert image.getpixel((0, 0)) == (0, 0, 255)
+    finally:
+        shutil.rmtree(samples)

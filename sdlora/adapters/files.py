@@ -380,6 +380,22 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def tag_frequency(metadata: Mapping[str, str]) -> Counter:
+    """How often each caption tag occurs in the training captions, summed over the dataset folders (kohya's
+    `ss_tag_frequency`: {folder: {tag: count}}); empty without it.
+
+    Raises:
+        ValueError: the field is not that JSON.
+    """
+    tags: Counter = Counter()
+    try:
+        for counts in json.loads(metadata.get("ss_tag_frequency", "{}")).values():
+            tags.update(counts)
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise ValueError("ss_tag_frequency is not valid JSON") from None
+    return tags
+
+
 def _metadata_lines(path: Path, metadata: Mapping[str, str], warnings: list[str]) -> list[str]:
     if not metadata:
         return ["Metadata: none"]
@@ -395,13 +411,11 @@ def _metadata_lines(path: Path, metadata: Mapping[str, str], warnings: list[str]
     )
     lines += [f"  {label}: {metadata[key]}" for key, label in shown if key in metadata]
     try:
-        tags: Counter = Counter()
-        for counts in json.loads(metadata.get("ss_tag_frequency", "{}")).values():
-            tags.update(counts)
+        tags = tag_frequency(metadata)
         if tags:
             lines.append("  top tags: " + ", ".join(f"{t} ({n})" for t, n in tags.most_common(10)))
-    except (json.JSONDecodeError, AttributeError, TypeError):
-        warnings.append("ss_tag_frequency is not valid JSON")
+    except ValueError as e:
+        warnings.append(str(e))
     stored = metadata.get("sshs_model_hash")
     if stored and stored != file_hashes(path)["sshs_model_hash"]:
         warnings.append("sshs_model_hash does not match the file's tensors (edited after export?)")

@@ -521,6 +521,7 @@ class GenerationResult:
     paths: list[Path] = field(default_factory=list)  # empty when nothing was saved
     warnings: list[str] = field(default_factory=list)
     load_seconds: float = 0.0  # LoRA files loaded for this call (0 when all were cached)
+    loras: list[LoraSpec] = field(default_factory=list)  # those applied: lora_specs, then the prompt's tags
     generate_seconds: float = 0.0
 
 
@@ -582,7 +583,8 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
         hashes.setdefault(spec.name, loras.model_hash(spec.path))
     total = count * batch_size
     base_seed = params.seed if params.seed >= 0 else random.randrange(2**32 - total)
-    result = GenerationResult(images=[], seeds=[], parameters=[], warnings=notes, load_seconds=load_seconds)
+    result = GenerationResult(images=[], seeds=[], parameters=[], warnings=notes, load_seconds=load_seconds,
+                              loras=specs)
     started = time.perf_counter()
     for first in range(base_seed, base_seed + total, batch_size):
         images = generate_batch(pipe, replace(params, prompt=clean_prompt, seed=first), batch_size)

@@ -16,7 +16,7 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from sdlora.config import SAMPLERS
-from sdlora.errors import USER_ERRORS, GenerationError, PathError
+from sdlora.errors import USER_ERRORS, GenerationError, LoraFileError, PathError
 from sdlora.generate.grid import grid_parameters, label_grid
 from sdlora.generate.pipeline import (
     GenerationParams,
@@ -38,6 +38,7 @@ from sdlora.generate.pipeline import (
     parse_a1111_parameters,
     save_png,
 )
+from sdlora.models.arch import ARCH_NAMES
 from sdlora.models.tiny import TINY_MODELS
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,152 @@ def lora_choices(settings: AppSettings) -> list[str]:
     """LoRA files in lora_dir as relative names (`run/name.safetensors`), sorted."""
     root = Path(settings.lora_dir)
     return [path.relative_to(root).as_posix() for path in list_lora_files(root)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The LoRA browser: what each file is, and whether it fits the base model
+# --------------------------------------------------------------------------------------------------------------
+
+LORA_COLUMNS = ["LoRA", "family", "method", "rank", "size", "trained", "trigger words", "for this model"]
+
+
+@dataclass
+class LoraInfo:
+    """What the LoRA browser shows of one file, read from its safetensors header (no tensor data is read, so a
+    folder of large files lists quickly)."""
+
+    name: str  # relative to lora_dir, as the LoRA lists name it
+    path: Path
+    size: int  # bytes
+    arch: str = ""  # "sd1" | "sd2" | "sdxl"; "" when nothing in the file says
+    method: str = ""  # LoRA, DoRA, LoHa or LoKr
+    ranks: tuple[int, ...] = ()  # the distinct ranks of its modules (AdaLoRA's vary); () when unknown
+    trained: str = ""  # "epoch 2, step 40", as far as its name and metadata say
+    triggers: list[str] = field(default_factory=list)  # trigger phrase, most frequent caption tags, output name
+    problem: str = ""  # why the file cannot be read; "" when it can
+
+    @property
+    def family(self) -> str:
+        return ARCH_NAMES.get(self.arch, "?")
+
+    @property
+    def rank(self) -> str:
+        return "-".join(str(r) for r in sorted({self.ranks[0], self.ranks[-1]})) if self.ranks else "?"
+
+
+def describe_lora(settings: AppSettings, name: str) -> LoraInfo:
+    """The browser's facts of one LoRA file (`name` relative to lora_dir), from the readers `sdlora inspect` and
+    the X/Y grid use: `detect_arch` on the header's shapes, `describe_lora_file` for epoch and step,
+    `tag_frequency` for the captions' tags."""
+    from sdlora.adapters.files import detect_arch, group_lora_keys, tag_frequency
+    from sdlora.generate.grid import describe_lora_file
+    from sdlora.models.single_file import read_header
+
+    path = resolve_inside(settings.lora_dir, name)
+    info = LoraInfo(name, path, path.stat().st_size)
+    try:
+        shapes, metadata = read_header(path)
+    except USER_ERRORS as e:
+        info.problem = str(e)
+        return info
+    # Shapes without data: detect_arch and the ranks only look at shapes.
+    tensors = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    with contextlib.suppress(LoraFileError):  # nothing says which family: shown as "?" and not refused
+        info.arch = detect_arch(tensors, metadata)
+    modules, _ = group_lora_keys(tensors)
+    info.ranks = tuple(sorted({parts["down"].shape[0] for parts in modules.values() if "down" in parts}))
+    if not info.ranks and str(metadata.get("ss_network_dim", "")).isdigit():  # LyCORIS: the rank it was trained at
+        info.ranks = (int(metadata["ss_network_dim"]),)
+    keys = list(shapes)
+    info.method = next((method for method, mark in (("LoHa", ".hada_w1_"), ("LoKr", ".lokr_w"),
+                                                    ("DoRA", "dora_scale"), ("DoRA", "lora_magnitude_vector"))
+                        if any(mark in key for key in keys)), "LoRA")
+    info.trained = describe_lora_file(path).when
+    tags: list[str] = []
+    with contextlib.suppress(ValueError):  # a broken ss_tag_frequency: `sdlora inspect` reports it
+        tags = [tag for tag, _ in tag_frequency(metadata).most_common(8)]
+    candidates = [metadata.get("modelspec.trigger_phrase", ""), *tags, metadata.get("ss_output_name", "")]
+    info.triggers = list(dict.fromkeys(t.strip() for t in candidates if t and t.strip()))
+    return info
+
+
+def model_family(settings: AppSettings, model: str | None) -> str:
+    """"sd1", "sd2" or "sdxl" of a base model, from its configs (no weights loaded); "" when it cannot be told
+    (loading it reports why)."""
+    from sdlora.models.loading import detect_model
+
+    with contextlib.suppress(Exception):
+        return detect_model(resolve_model(settings, model or ""))
+    return ""
+
+
+def lora_fits(info: LoraInfo, family: str) -> str:
+    """"" when the LoRA can be switched on for a base model of `family`, else why not (one line)."""
+    if info.problem:
+        return info.problem
+    if info.arch and family and info.arch != family:
+        return (f"{info.name} is a LoRA for {ARCH_NAMES[info.arch]} and the base model is {ARCH_NAMES[family]}; "
+                f"choose a {ARCH_NAMES[info.arch]} base model to use it")
+    return ""
+
+
+def lora_table(settings: AppSettings, model: str | None) -> list[list[str]]:
+    """The browser's table: a row per LoRA file (columns LORA_COLUMNS), marked when it is for another model
+    family than `model`."""
+    family = model_family(settings, model)
+    rows = []
+    for name in lora_choices(settings):
+        info = describe_lora(settings, name)
+        fits = "yes" if not lora_fits(info, family) else ("unreadable" if info.problem else f"no ({info.family})")
+        rows.append([name, info.family, info.method or "?", info.rank, f"{info.size / 2**20:.1f} MB", info.trained,
+                     ", ".join(info.triggers[:4]), fits])
+    return rows
+
+
+def preview_path(lora: Path) -> Path:
+    """A1111's preview beside a LoRA file: `<name>.preview.png`."""
+    return lora.with_name(f"{lora.stem}.preview.png")
+
+
+def lora_preview(lora: Path) -> Path | None:
+    """The picture of a LoRA file: the training samples of its run when they sit beside it (in `samples/`: those
+    of the step the file was saved at, or the latest for the run's final file), else `<name>.preview.png`."""
+    from sdlora.generate.grid import describe_lora_file
+
+    described = describe_lora_file(lora)
+    folder = lora.parent / "samples"
+    if described.final:
+        samples = _latest_sample_files(folder)
+    else:
+        samples = sorted(folder.glob(f"step{described.step:08d}-*.png")) if described.step is not None else []
+    if samples:
+        return samples[0]
+    preview = preview_path(lora)
+    return preview if preview.is_file() else None
+
+
+def keep_previews(settings: AppSettings, loras: list[LoraSpec], image: Path) -> list[Path]:
+    """The first image generated with a LoRA becomes its `<name>.preview.png` (as A1111 caches it), when the file
+    has no picture yet; LoRAs at weight 0 drew nothing of theirs. Returns the previews written."""
+    from sdlora.atomic import write_bytes
+
+    written = []
+    for spec in loras:
+        lora = Path(spec.path)
+        if spec.unet_weight == 0 or lora_preview(lora) is not None:
+            continue
+        try:
+            rel = preview_path(lora.resolve()).relative_to(Path(settings.lora_dir).resolve())
+        except ValueError:  # not a file of the LoRA folder: nothing of ours is written beside it
+            continue
+        preview = resolve_inside(settings.lora_dir, rel.as_posix())
+        try:
+            write_bytes(preview, image.read_bytes())
+        except OSError as e:  # a read-only LoRA folder: the image itself was saved, so say so and go on
+            logger.warning(f"cannot write the preview {preview}: {e}")
+            continue
+        written.append(preview)
+    return written
 
 
 def resolve_model(settings: AppSettings, name: str) -> str:
@@ -267,6 +414,8 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
         result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
                                  lora_dir=engine.settings.lora_dir, model_name=model_label(model),
                                  batch_size=int(batch_size), vae_name=engine.vae)
+        if result.paths:
+            keep_previews(engine.settings, result.loras, result.paths[0])
     _show_warnings(result.warnings)
     gallery = [(str(path), f"seed {seed}") for path, seed in zip(result.paths, result.seeds)]
     loading = f"LoRA loading {result.load_seconds:.1f} s"
@@ -275,6 +424,74 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
     info = (f"{len(result.paths)} image(s) in {result.generate_seconds:.1f} s ({loading})"
             f" · saved to {result.paths[0].parent}")
     return gallery, result.seeds[0], info
+
+
+def lora_details(settings: AppSettings, model, name):
+    """The browser's panel for one LoRA: (its picture as a PIL image or None, a Markdown summary, its trigger
+    words as gr.Dataset samples, the words: what a click on one inserts)."""
+    import gradio as gr
+
+    if not name:
+        return None, "", gr.Dataset(samples=[]), []
+    with _user_errors():
+        info = describe_lora(settings, name)
+        why = lora_fits(info, model_family(settings, model))
+        picture = lora_preview(info.path)
+    image = None
+    if picture is not None:
+        with Image.open(picture) as opened:
+            image = opened.convert("RGB")  # an image, not a path: the LoRA folder is not served
+    lines = [f"**{name}** · {info.family} · {info.method or '?'} · rank {info.rank} · {info.size / 2**20:.1f} MB"
+             + (f" · {info.trained}" if info.trained else "")]
+    if why:
+        lines.append(f"⚠ {why}")
+    if picture is None:
+        lines.append("No picture yet: the first image generated with it becomes its preview.")
+    return image, "\n\n".join(lines), gr.Dataset(samples=[[t] for t in info.triggers]), info.triggers
+
+
+def insert_trigger(prompt, index, words) -> str:
+    """A click on a trigger word: the prompt with the word added at its start (trigger words lead kohya captions),
+    unless the prompt has it already."""
+    if index is None or not 0 <= index < len(words or []):
+        return prompt
+    word, prompt = words[index], (prompt or "").strip()
+    if re.search(rf"(^|[\s,(]){re.escape(word)}($|[\s,):])", prompt):
+        return prompt
+    return f"{word}, {prompt}" if prompt else word
+
+
+def switch_on(settings: AppSettings, model, name, *slots):
+    """"Switch on": the browser's LoRA into the slot that has it, else the first slot that is off; returns the
+    slots' (on, name) values. A LoRA for another model family is refused."""
+    with _user_errors():
+        if not name:
+            raise GenerationError("choose a LoRA in the list first")
+        why = lora_fits(describe_lora(settings, name), model_family(settings, model))
+        if why:
+            raise GenerationError(why)
+        ons, names = list(slots[0::2]), list(slots[1::2])
+        free = next((i for i, n in enumerate(names) if n == name), None)
+        if free is None:
+            free = next((i for i, on in enumerate(ons) if not on), None)
+        if free is None:
+            raise GenerationError(f"all {len(ons)} LoRA slots are on; switch one off, or add <lora:"
+                                  f"{Path(name).stem}:1> to the prompt")
+        ons[free], names[free] = True, name
+    return [value for pair in zip(ons, names) for value in pair]
+
+
+def slot_switch(settings: AppSettings, model, name):
+    """A slot's "on" box for its LoRA: off and locked, labelled with the LoRA's family, when the LoRA is for another
+    model family than the base model (it would fail on Generate)."""
+    import gradio as gr
+
+    if name and name in lora_choices(settings):
+        info = describe_lora(settings, name)
+        if lora_fits(info, model_family(settings, model)):
+            return gr.Checkbox(value=False, interactive=False, label=f"{info.family}, no" if not info.problem
+                               else "unreadable")
+    return gr.Checkbox(interactive=True, label="on")
 
 
 def _show_warnings(warnings) -> None:
@@ -311,7 +528,7 @@ def read_png_parameters(settings: AppSettings, file):
     if model and model not in model_choices(settings):
         notes.append(f"model {model!r} is not in {settings.models_dir}; kept the current one")
         model = None
-    vae = fields.get("VAE", OWN_VAE)  # A1111 writes the field only for a VAE other than the model's own
+    vae: str | None = fields.get("VAE", OWN_VAE)  # A1111 writes it only for a VAE other than the model's own
     if vae not in vae_choices(settings):
         notes.append(f"VAE {vae!r} is not in {settings.models_dir}; kept the current one")
         vae = None
@@ -526,16 +743,18 @@ def latest_samples(folder: Path) -> list[tuple[Image.Image, str]]:
     """The sample images of the latest step training rendered into `folder` (step<N>-<i>.png), with captions.
 
     Images, not paths: the run folder is not one the app serves files from."""
-    files = sorted(folder.glob("step*-*.png")) if folder.is_dir() else []
-    if not files:
-        return []
-    tag = files[-1].name.rsplit("-", 1)[0]
     samples = []
-    for path in files:
-        if path.name.rsplit("-", 1)[0] == tag:
-            with Image.open(path) as image:
-                samples.append((image.convert("RGB"), f"{tag} · {path.name}"))
+    for path in _latest_sample_files(folder):
+        with Image.open(path) as image:
+            samples.append((image.convert("RGB"), f"{path.name.rsplit('-', 1)[0]} · {path.name}"))
     return samples
+
+
+def _latest_sample_files(folder: Path) -> list[Path]:
+    """The sample images (step<N>-<i>.png) of the latest step that rendered into `folder`, by prompt."""
+    files = sorted(folder.glob("step*-*.png")) if folder.is_dir() else []
+    tag = files[-1].name.rsplit("-", 1)[0] if files else ""
+    return [path for path in files if path.name.rsplit("-", 1)[0] == tag]
 
 
 def _dataset_folder(settings: AppSettings, dataset: str | None) -> Path:
@@ -682,7 +901,7 @@ def build_app(settings: AppSettings):
                         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                             placeholder="zkstyle, a boat   (tags like <lora:name:0.8> work too)")
                         negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
-                        slots, names = [], []
+                        slots, names, switches = [], [], []
                         for i in range(SLOTS):
                             with gr.Row(equal_height=True):
                                 on = gr.Checkbox(False, label="on", elem_id=f"lora-on-{i}", scale=0, min_width=70)
@@ -692,6 +911,7 @@ def build_app(settings: AppSettings):
                                                    elem_id=f"lora-weight-{i}", scale=2)
                             slots += [on, name, weight]
                             names.append(name)
+                            switches.append(on)
                         with gr.Row():
                             sampler = gr.Dropdown(list(SAMPLERS), value="euler", label="Sampler", elem_id="sampler")
                             steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
@@ -710,6 +930,25 @@ def build_app(settings: AppSettings):
                         gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
                         used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
                         info = gr.Markdown(elem_id="info")
+            with gr.Tab("LoRAs"):
+                gr.Markdown(f"Every LoRA file in {settings.lora_dir}. A file for another model family than the base "
+                            "model is marked and cannot be switched on. Pick one (or click its row) to see its "
+                            "picture and trigger words.")
+                lora_list = gr.Dataframe(lora_table(settings, settings.model), headers=LORA_COLUMNS, type="array",
+                                         interactive=False, wrap=True, elem_id="lora-table")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        with gr.Row(equal_height=True):
+                            browse = gr.Dropdown(loras, value=None, label="LoRA", elem_id="browse-lora", scale=3)
+                            browse_use = gr.Button("Switch on in a free slot", elem_id="browse-use", scale=1)
+                        browse_info = gr.Markdown(elem_id="browse-info")
+                        browse_words = gr.Dataset(components=["textbox"], samples=[], type="index",
+                                                  label="Trigger words (click one to put it in the prompt)",
+                                                  elem_id="browse-words")
+                        words = gr.State([])
+                    with gr.Column(scale=1):
+                        browse_image = gr.Image(label="Picture", type="pil", format="png", interactive=False,
+                                                elem_id="browse-preview")
             with gr.Tab("X/Y grid"):
                 with gr.Row():
                     with gr.Column(scale=2):
@@ -831,14 +1070,34 @@ def build_app(settings: AppSettings):
                    api_name="read_parameters")
         model.input(lambda m: (size_for_model(settings, m),) * 2, model, [width, height], api_visibility="private")
 
+        def check_slots(model_name, *slot_names):
+            return [slot_switch(settings, model_name, n) for n in slot_names]
+
+        # The base model and the slots' LoRAs decide which slots can be switched on (also when the page opens).
+        for trigger in (model.change, demo.load, *(n.change for n in names)):
+            trigger(check_slots, [model, *names], switches, api_visibility="private")
+        model.change(partial(lora_table, settings), model, lora_list, api_visibility="private")
+        def pick_row(evt: gr.SelectData):
+            return evt.row_value[0]
+
+        lora_list.select(pick_row, None, browse, api_visibility="private")
+        browse.change(partial(lora_details, settings), [model, browse], [browse_image, browse_info, browse_words,
+                                                                          words], api_name="lora_details")
+        browse_words.click(insert_trigger, [prompt, browse_words, words], prompt, api_visibility="private")
+        pairs = [c for i in range(SLOTS) for c in (switches[i], names[i])]
+        browse_use.click(partial(switch_on, settings), [model, browse, *pairs], pairs, api_name="switch_on")
+
         def refresh_lists(*current):
+            *current, model_name = current
             models, files = model_choices(settings), lora_choices(settings)
-            updates = [gr.Dropdown(choices=models), gr.Dropdown(choices=vae_choices(settings))]
+            updates = [gr.Dropdown(choices=models), gr.Dropdown(choices=vae_choices(settings)),
+                       lora_table(settings, model_name)]
             for value in current:
                 updates.append(gr.Dropdown(choices=files, value=value if value in files else None))
             return updates
 
-        refresh.click(refresh_lists, [*names, grid_lora], [model, vae, *names, grid_lora], api_name="refresh")
+        refresh.click(refresh_lists, [*names, grid_lora, browse, model], [model, vae, lora_list, *names, grid_lora,
+                                                                         browse], api_name="refresh")
     return demo
 
 
