@@ -117,6 +117,9 @@ class DataConfig:
     cache_latents: Literal["none", "memory", "disk"] = "memory"
     # Encode captions once; only possible when the text encoder is frozen and captions never change.
     cache_text_encoder_outputs: bool = False
+    # Caption tokens the text encoder reads (kohya's max_token_length): 150 or 225 encode a caption in 2 or 3 chunks
+    # of 75 and join them as kohya does; 75 cuts longer captions.
+    max_token_length: Literal[75, 150, 225] = 75
     # Skip unreadable images with a warning instead of stopping before step 1.
     skip_bad_images: bool = False
     # Worker processes decoding images (only used when latents are not cached).

@@ -98,11 +98,11 @@ RECORDED = {
         ],
         "hashes": {
             "lora-step00000003.safetensors":
-                "fb4295b2aa635fcf37594a921057ce99c0494c0f8b37ddec5f7697855851ff19",
+                "e4aac38e1df8d1b3cdc239961c7c263aacca137be6ff78f71991028b4b02ad10",
             "lora-step00000003/pytorch_lora_weights.safetensors":
                 "fae7672c0c5e69e7ddfbb326af4eb0125aaf89fa9829c65e3afdde465390dfb0",
             "lora.safetensors":
-                "6ac0d7f20935a45e4753cfc51ada4bfb72ae68eed962d83a4217e13497957023",
+                "89f4963f825ae41bc8cbd76757dd2538d3005c23e2326abc91df2360cb3f1186",
             "lora/pytorch_lora_weights.safetensors":
                 "cb54c4231473fe12940f32f95225f803bf14521a8fed3affd19ed6887e0dabd8",
             "samples/step00000003-00.png":
@@ -122,7 +122,7 @@ RECORDED = {
         ],
         "hashes": {
             "lora.safetensors":
-                "12bdbeb62ec586154e102fcf362aba86e9a57c5cff9cc184d345bb0a70841025",
+                "58758d27d4e3e20e84a9cc1fed4fff9c8ee15c060755221ab474159896ca4809",
         },
     },
 }

@@ -471,6 +471,7 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_max_timestep": str(t.max_timestep),
         "ss_ema_decay": str(t.ema_decay),
         "ss_clip_skip": str(info.clip_skip),  # "None" when unset, as kohya writes it
+        "ss_max_token_length": str(d.max_token_length),
         "ss_caption_dropout_rate": str(d.caption_dropout),
         "ss_caption_tag_dropout_rate": str(d.tag_dropout),
         "ss_keep_tokens": str(d.keep_tokens),

@@ -106,7 +106,8 @@ def build_text_cache(base: BaseModel, records: list[ImageRecord], cfg: DataConfi
     change."""
     cache = {}
     for caption in sorted({record_caption(r, cfg, sample_rng(0, 0, 0)) for r in records}.union(extra)):
-        states, pooled = encode_prompt(base.arch, base.text_encoders, tokenize(base.tokenizers, [caption]))
+        ids = tokenize(base.tokenizers, [caption], cfg.max_token_length)
+        states, pooled = encode_prompt(base.arch, base.text_encoders, ids)
         cache[caption] = (states[0], None if pooled is None else pooled[0])
     return cache
 

@@ -39,7 +39,7 @@ def load_batch(records: list[ImageRecord], indices: list[int], cfg: Config, epoc
     batch = {
         key: torch.stack([item[key] for item in items]),
         "captions": captions,
-        "input_ids": tokenize(tokenizers, captions),
+        "input_ids": tokenize(tokenizers, captions, cfg.data.max_token_length),
         "time_ids": sdxl_time_ids([item["original_size"] for item in items],
                                   [item["crop_top_left"] for item in items],
                                   [item["target_size"] for item in items]),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.errors import GenerationError
+from sdlora.models.loading import token_chunks
 
 # A1111's extra-network syntax is `<type:arg:arg...>`; we read the `lora` type (and LyCORIS' old `lyco` alias).
 _TAG = re.compile(r"<\s*(lora|lyco)\s*:([^<>]*)>", re.IGNORECASE)
@@ -103,19 +104,6 @@ def _weight(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"weight {text!r} is not finite")
     return value
-def token_chunks(tokenizer, text: str) -> list[list[int]]:
-    """Token ids of `text` in chunks of 75, each as BOS + chunk + EOS + padding: 77 ids (never an empty list).
-
-    For a prompt of up to 75 tokens this is exactly what the pipelines' own `tokenizer(..., padding="max_length",
-    truncation=True)` gives, so short prompts encode as before.
-    """
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    size = tokenizer.model_max_length - 2
-    chunks = [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
-    pad = tokenizer.pad_token_id
-    return [[tokenizer.bos_token_id, *c, tokenizer.eos_token_id] + [pad] * (size - len(c)) for c in chunks]
-
-
 @torch.no_grad()
 def encode_prompt_embeds(pipe, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> dict[str, torch.Tensor]:
     """Embeddings of a prompt of any length for a StableDiffusion(XL)Pipeline: the keyword arguments

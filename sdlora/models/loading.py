@@ -255,11 +255,33 @@ def _load_vae(vae: str, allow_unsafe_pickle: bool, base_vae_config: dict):
     return load_vae_file(path, base_vae_config, allow_unsafe_pickle)
 
 
-def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
-    """Token ids [batch, 77] per tokenizer (long captions are truncated to the encoder's 77 positions)."""
+def token_chunks(tokenizer, text: str) -> list[list[int]]:
+    """Token ids of `text` in chunks of 75, each as BOS + chunk + EOS + padding: 77 ids (never an empty list).
+
+    For a prompt of up to 75 tokens this is exactly what the pipelines' own `tokenizer(..., padding="max_length",
+    truncation=True)` gives, so short prompts encode as before. A1111 chunks long prompts so, and these are the ids
+    kohya's get_input_ids gives a long caption too (its rules for the chunk ends come out the same).
+    """
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    size = tokenizer.model_max_length - 2
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
+    pad = tokenizer.pad_token_id
+    return [[tokenizer.bos_token_id, *c, tokenizer.eos_token_id] + [pad] * (size - len(c)) for c in chunks]
+
+
+def tokenize(tokenizers: list, captions: list[str], max_token_length: int = 75) -> list[torch.Tensor]:
+    """Token ids [batch, 77] per tokenizer, longer captions cut; with `data.max_token_length` 150 or 225 (kohya's
+    long captions) [batch, 154 / 231]: the caption in 2 / 3 `token_chunks`, cut there, empty chunks after a shorter
+    one. `encode_prompt` encodes the chunks one by one and joins them."""
+    if max_token_length == 75:
+        return [
+            tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids
+            for tok in tokenizers
+        ]
+    n = max_token_length // 75
     return [
-        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-            return_tensors="pt").input_ids
+        torch.tensor([sum((token_chunks(tok, caption) + token_chunks(tok, "") * n)[:n], []) for caption in captions])
         for tok in tokenizers
     ]
 
@@ -269,16 +291,28 @@ def encode_prompt(arch: str, text_encoders: list,
     """Cross-attention states [batch, 77, dim] and (SDXL) pooled embeds [batch, proj_dim], as the pipelines do.
 
     SD1.x uses the last hidden state; SDXL concatenates the penultimate hidden states of both encoders and pools
-    with the second encoder's projection.
+    with the second encoder's projection. Ids of n chunks (`tokenize` with a max_token_length) are encoded chunk by
+    chunk and joined as kohya does (`join_chunks`): [batch, 75 n + 2, dim], SDXL pooling the first chunk.
     """
+    b, n = input_ids[0].shape[0], input_ids[0].shape[1] // 77
     if arch != "sdxl":
-        return text_encoders[0](input_ids[0].to(text_encoders[0].device))[0], None
+        encoder = text_encoders[0]
+        return join_chunks(encoder(input_ids[0].reshape(b * n, 77).to(encoder.device))[0], n), None
     states, pooled = [], None
     for encoder, ids in zip(text_encoders, input_ids):
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
+        out = encoder(ids.reshape(b * n, 77).to(encoder.device), output_hidden_states=True)
+        states.append(join_chunks(out.hidden_states[-2], n))
+        pooled = out[0][::n]  # text_embeds of CLIPTextModelWithProjection (the last encoder), first chunks
     return torch.cat(states, dim=-1), pooled
+
+
+def join_chunks(states: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-chunk states [batch * n, 77, dim] as kohya's get_hidden_states joins them: the first chunk's BOS state,
+    positions 1-75 of every chunk, the last chunk's final state: [batch, 75 n + 2, dim] (one chunk: unchanged)."""
+    if n == 1:
+        return states
+    chunks = states.reshape(-1, n, 77, states.shape[-1])
+    return torch.cat([chunks[:, 0, :1], chunks[:, :, 1:76].flatten(1, 2), chunks[:, -1, 76:]], dim=1)
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:

@@ -567,7 +567,7 @@ def _preservation(run: Run, models: Models, caches: Caches, opt: Optimization, b
         adapted = base = from_text_cache(caches.text, prompts, run.device)
     else:
         encoders = [accelerator.unwrap_model(m) for m in models.encoders()]
-        ids = tokenize(models.base.tokenizers, prompts)
+        ids = tokenize(models.base.tokenizers, prompts, cfg.data.max_token_length)
         with torch.no_grad(), adapters_off(trained):
             base = encode_prompt(models.base.arch, encoders, ids)
         with torch.set_grad_enabled(any(name != "unet" for name in models.trained)):

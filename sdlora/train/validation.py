@@ -36,7 +36,7 @@ class ValidationItem:
     """One held-out image, encoded once: latents, token ids, SDXL size conditioning, optional mask."""
 
     latents: torch.Tensor  # [C, h, w], fp32, CPU
-    input_ids: list[torch.Tensor]  # one [1, 77] tensor per tokenizer
+    input_ids: list[torch.Tensor]  # one [1, 77 * chunks] tensor per tokenizer (data.max_token_length)
     time_ids: torch.Tensor | None  # [1, 6] for SDXL
     mask: torch.Tensor | None  # [1, H, W]
 
@@ -79,7 +79,7 @@ def prepare_validation(records: list[ImageRecord], base: BaseModel, cfg: Config)
             mask = torch.ones_like(image["pixels"][:1])
         items.append(ValidationItem(
             latents=encode_latents(base.vae, image["pixels"][None])[0].cpu(),
-            input_ids=tokenize(base.tokenizers, [caption]),
+            input_ids=tokenize(base.tokenizers, [caption], cfg.data.max_token_length),
             time_ids=time_ids,
             mask=mask,
         ))
