@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from sdlora.config import load_config
 from sdlora.train import checkpoint as ckpt
+from sdlora.train import plan
 from sdlora.train.ema import AdapterEMA
 from sdlora.train.recipe import train
 from tests.test_train import assert_same, make_cfg
@@ -46,3 +47,11 @@ def test_exported_file_is_the_average_and_resume_is_exact(dataset, tmp_path):
     assert ckpt.load_extra(tmp_path / "a" / "checkpoint-3", "ema")["optimization_step"] == 3
     resumed = train(make_cfg(dataset, tmp_path / "b", *ema), resume=str(tmp_path / "a" / "checkpoint-3"))
     assert_same(load_file(str(straight)), load_file(str(resumed)))
+
+
+def test_the_planner_counts_the_average(sd15_path):
+    base = [f'model.base_model="{sd15_path}"', 'data.dirs=["unused"]', "data.resolution=64", "data.min_bucket_reso=64",
+            "train.mixed_precision=fp16"]
+    cfg, with_ema = load_config(None, base), load_config(None, [*base, "train.ema_decay=0.99"])
+    traced = plan.trace(cfg)
+    assert plan.estimate(with_ema, traced).adapter - plan.estimate(cfg, traced).adapter == traced.lora_params * 4

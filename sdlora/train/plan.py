@@ -50,6 +50,8 @@ GPU_AUTO_PRECISION = "bf16"
 QUANTIZED_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64}
 # AdaLoRA's rank allocator keeps three fp32 averages per adapter parameter (importance, its EMA, its uncertainty).
 ADALORA_STATE_BYTES = 3 * 4
+# train.ema_decay keeps an fp32 average of every adapter parameter beside it (sdlora/train/ema.py).
+EMA_BYTES = 4
 
 
 
@@ -60,7 +62,7 @@ class Estimate:
     unet: float  # frozen UNet weights
     encoders: float  # VAE and text encoders that stay on the device while training
     offloaded: float  # VAE / text encoders that leave the device once their outputs are cached
-    adapter: float  # LoRA weights, gradients, optimizer state (and AdaLoRA's allocator)
+    adapter: float  # LoRA weights, gradients, optimizer state (and AdaLoRA's allocator, the EMA)
     activations: float  # tensors saved for backward (UNet, and text encoders when trained)
     vae_encode: float  # VAE encoder temporaries: while caching (one image), or every step without a cache
     cached: bool  # latents are cached before training
@@ -242,7 +244,8 @@ def estimate(cfg: Config, traced: _Traced | None = None) -> Estimate:
     # The VAE encoder's live temporaries: about its largest activation three times over (input, output, norm).
     vae_encode = 3 * traced.vae_peak_output * (1 if d.cache_latents != "none" else b)
     allocator = ADALORA_STATE_BYTES if lo.method == "adalora" else 0
-    adapter = traced.lora_params * (OPTIMIZER_BYTES[t.optimizer] + allocator)
+    ema = EMA_BYTES if t.ema_decay else 0
+    adapter = traced.lora_params * (OPTIMIZER_BYTES[t.optimizer] + allocator + ema)
     if t.optimizer == "adamw8bit":  # the small tensors keep AdamW's 32-bit state
         small = traced.lora_params - traced.lora_params_8bit
         adapter += small * (OPTIMIZER_BYTES["adamw"] - OPTIMIZER_BYTES["adamw8bit"])
