@@ -563,6 +563,9 @@ def _check_ranges(cfg: Config) -> list[str]:
          "train.multires_noise_iterations: must be >= 0, multires_noise_discount in (0, 1]"),
         (0 <= t.ema_decay < 1, "train.ema_decay: must be in [0, 1) (0 = off)"),
         (t.ema_update_every >= 1, "train.ema_update_every: must be at least 1"),
+        (not (t.ema_decay and lo.method == "adalora"),
+         "train.ema_decay: AdaLoRA prunes ranks by zeroing their weights, which an average would bring back; use one "
+         "of them"),
         (_non_negative(s.cfg), "sample.cfg: must be a finite number >= 0"),
         (_non_negative(t.loraplus_lr_ratio), "train.loraplus_lr_ratio: must be >= 0"),
         (t.validate_every_n_steps >= 0, "train.validate_every_n_steps: must be >= 0"),

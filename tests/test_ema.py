@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.config import load_config
+from sdlora.errors import ConfigError
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import plan
 from sdlora.train.ema import AdapterEMA
@@ -55,3 +56,8 @@ def test_the_planner_counts_the_average(sd15_path):
     cfg, with_ema = load_config(None, base), load_config(None, [*base, "train.ema_decay=0.99"])
     traced = plan.trace(cfg)
     assert plan.estimate(with_ema, traced).adapter - plan.estimate(cfg, traced).adapter == traced.lora_params * 4
+
+
+def test_adalora_with_ema_is_refused():
+    with pytest.raises(ConfigError, match="train.ema_decay: AdaLoRA prunes ranks"):
+        load_config(None, ["train.ema_decay=0.9", "lora.method=adalora"])
