@@ -145,8 +145,10 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     # "lora"; "dora" (weight-decomposed: a learned magnitude per output channel, arXiv 2402.09353); "adalora"
-    # (adaptive ranks: starts at adalora_init_rank and prunes to an average of `rank`, arXiv 2303.10512).
-    method: Literal["lora", "dora", "adalora"] = "lora"
+    # (adaptive ranks: starts at adalora_init_rank and prunes to an average of `rank`, arXiv 2303.10512); "loha"
+    # (LyCORIS' Hadamard product of two rank-`rank` products, arXiv 2108.06098) or "lokr" (LyCORIS' Kronecker
+    # product of a small full matrix and a rank-`rank` one, arXiv 2212.10650), exported in LyCORIS' layout.
+    method: Literal["lora", "dora", "adalora", "loha", "lokr"] = "lora"
     # With method = "adalora": the target average rank.
     rank: int = 16
     # Scale = alpha / rank (alpha / sqrt(rank) with use_rslora). alpha = rank gives scale 1.
@@ -165,6 +167,15 @@ class LoraConfig:
     adalora_final_steps: int = 0  # 0 = 20 % of train.max_train_steps
     adalora_update_every: int = 1  # reallocate ranks every N steps
     adalora_orth_reg: float = 0.5  # weight of the orthogonality penalty on the A/B factors
+    # LoHa / LoKr (peft's LoHaConfig / LoKrConfig): while training, each step drops each output row of a module's
+    # delta with probability rank_dropout and the whole module with probability module_dropout.
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    # LoKr: the small Kronecker factor's side is at most this (-1: the two factors as near square as possible).
+    decompose_factor: int = -1
+    # LoHa / LoKr on convolutions larger than 1x1 (lora.targets = "all"): a Tucker core per factor (peft's
+    # use_effective_conv2d, LyCORIS' use_tucker) instead of flattening the kernel into the input side.
+    effective_conv: bool = False
     train_unet: bool = True
     train_text_encoder: bool = True
 
@@ -542,6 +553,21 @@ def _check_ranges(cfg: Config) -> list[str]:
          "lora.adalora_warmup_steps + adalora_final_steps: must be fewer than train.max_train_steps (ranks are "
          "pruned in the steps between)"),
         (_non_negative(lo.adalora_orth_reg), "lora.adalora_orth_reg: must be a finite number >= 0"),
+        (0 <= lo.rank_dropout < 1 and 0 <= lo.module_dropout < 1,
+         "lora.rank_dropout/module_dropout: must be in [0, 1)"),
+        (lo.decompose_factor == -1 or lo.decompose_factor >= 1, "lora.decompose_factor: -1 or at least 1"),
+        (lo.method not in ("loha", "lokr") or (lo.init == "default" and not lo.use_rslora and not lo.dropout),
+         f"lora.method: \"{lo.method}\" has its own initialisation and scale alpha / rank, and drops rows or modules "
+         "(lora.rank_dropout, module_dropout); keep lora.init = \"default\", use_rslora = false, dropout = 0"),
+        (lo.method not in ("loha", "lokr") or m.quantize_base != "nf4",
+         f"model.quantize_base: peft has no {lo.method} layer for bitsandbytes' 4-bit layers; use \"fp8\" or "
+         "\"none\""),
+        (lo.method not in ("loha", "lokr") or not t.loraplus_lr_ratio,
+         f"train.loraplus_lr_ratio: LoRA+ speeds up LoRA's B matrices, which lora.method = \"{lo.method}\" has "
+         "not; set it to 0"),
+        (lo.method not in ("loha", "lokr") or "peft" not in cfg.export.formats,
+         f"export.formats: diffusers' LoRA format has no {lo.method}; keep [\"kohya\"], whose LyCORIS keys "
+         "ComfyUI, A1111/Forge and sdlora load"),
         (t.max_train_steps >= 1, "train.max_train_steps: must be at least 1"),
         (t.batch_size >= 1, "train.batch_size: must be at least 1"),
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be at least 1"),

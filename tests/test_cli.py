@@ -120,7 +120,7 @@ def test_an_error_is_one_line_whatever_other_libraries_print_and_verbose_shows_t
     ({"down_blocks.0.resnets.0.conv1.weight": (4, 4, 3, 3)}, "looks like a diffusers UNet alone"),
     ({"a.weight": (2,), "b.weight": (2,)}, "looks like 2 tensors of no known kind (first keys: a.weight, b.weight)"),
     ({"lora_unet_x.lora_down.weight": (2, 4)}, "LoRA tensors without their pairs"),
-    ({"lora_unet_x.hada_w1_a": (2, 4)}, "a LoHa (LyCORIS) network"),
+    ({"lora_unet_x.hada_w1_a": (2, 4)}, "LoHa tensors without their pairs"),
 ])
 def test_inspect_exits_1_with_one_line_on_a_file_without_lora_modules(tmp_path, capsys, keys, what):
     path = tmp_path / "file.safetensors"

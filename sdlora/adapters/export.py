@@ -27,6 +27,7 @@ from sdlora.adapters.files import (
     unsupported_network_type,
 )
 from sdlora.adapters.lora import LoraWeights, effective_scale
+from sdlora.adapters.lycoris import LycorisWeights
 from sdlora.atomic import save_safetensors
 from sdlora.config import Config
 from sdlora.errors import LoraFileError
@@ -102,7 +103,7 @@ def kohya_module_name(component: str, path: str, arch: str, layout: UnetLayout |
 
 
 def to_kohya_state_dict(
-    layers: Mapping[str, Mapping[str, LoraWeights]],
+    layers: Mapping[str, Mapping[str, LoraWeights | LycorisWeights]],
     arch: str,
     dtype: torch.dtype = torch.float16,
     unet_config: Mapping[str, Any] | None = None,
@@ -120,6 +121,7 @@ def to_kohya_state_dict(
     Returns:
         {"<name>.lora_down.weight": [r, in(, kh, kw)], "<name>.lora_up.weight": [out, r(, 1, 1)],
         "<name>.alpha": scalar}; conv LoRA stays 4-D, which kohya and diffusers require for 1x1 proj_in/out too.
+        LoHa / LoKr modules give `<name>.<LyCORIS part>` (e.g. `.hada_w1_a`, `.lokr_w2_b`) and `<name>.alpha`.
 
     Raises:
         ValueError: unknown arch/component, a module without an LDM name (SDXL), mismatched ranks, or two modules
@@ -141,22 +143,27 @@ def to_kohya_state_dict(
 
 
 def kohya_module_tensors(
-    name: str, weights: LoraWeights, dtype: torch.dtype = torch.float16, label: str | None = None
+    name: str, weights: LoraWeights | LycorisWeights, dtype: torch.dtype = torch.float16, label: str | None = None
 ) -> dict[str, torch.Tensor]:
     """The three kohya tensors of one module: `<name>.lora_down.weight`, `.lora_up.weight` (CPU, `dtype`) and
-    `.alpha` (0-dim fp32, kohya's convention).
+    `.alpha` (0-dim fp32, kohya's convention); a LoHa / LoKr module's LyCORIS tensors, `<name>.<part>`, and alpha.
 
     Raises:
         ValueError: down and up do not fit (ranks or dimensions differ); the message starts with `label` (default
             `name`).
     """
+    alpha = {f"{name}.alpha": torch.tensor(float(weights.alpha), dtype=torch.float32)}
+    if isinstance(weights, LycorisWeights):
+        # The names LyCORIS writes and ComfyUI / A1111 read (files.LYCORIS_PARTS), under the kohya module name.
+        return {**{f"{name}.{part}": t.detach().to("cpu", dtype).contiguous() for part, t in weights.parts.items()},
+                **alpha}
     down, up = weights.down, weights.up
     if down.shape[0] != up.shape[1] or down.dim() != up.dim():
         raise ValueError(f"{label or name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit")
     tensors = {
         f"{name}.lora_down.weight": down.detach().to("cpu", dtype).contiguous(),
         f"{name}.lora_up.weight": up.detach().to("cpu", dtype).contiguous(),
-        f"{name}.alpha": torch.tensor(float(weights.alpha), dtype=torch.float32),
+        **alpha,
     }
     if weights.magnitude is not None:
         # LyCORIS' output-axis layout [out, 1(, 1, 1)], which ComfyUI detects by dora_scale.shape[0] == out.
@@ -335,6 +342,9 @@ def load_lora_layers(
 # Metadata
 # --------------------------------------------------------------------------------------------------------------
 
+# lora.targets -> LyCORIS' preset of the same modules (lycoris/config.py PRESET): "full" adds the ResNet convs.
+_LYCORIS_PRESETS = {"attn": "attn-only", "attn_mlp": "attn-mlp", "all": "full"}
+
 # ss_optimizer holds the optimizer class path, as kohya writes it.
 _OPTIMIZER_NAMES = {
     "adamw": "torch.optim.adamw.AdamW",
@@ -408,13 +418,24 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
     if lo.targets == "all":
         # kohya's LoCon arguments: the ResNet/sampler convs are trained with this rank/alpha.
         network_args.update(conv_dim=dim, conv_alpha=dim_alpha)
+    network_module = "networks.lora"
+    if lo.method in ("loha", "lokr"):
+        # As LyCORIS' kohya network (lycoris.kohya) records a run: its module, and network_args as the strings of
+        # `--network_args` (lycoris/kohya.py reads these names). Every module's alpha is its rank, the scale being
+        # in the factors (lycoris.lycoris_weights); sdlora_alpha keeps the trained alpha.
+        network_module, dim_alpha = "lycoris.kohya", dim
+        network_args = {"algo": lo.method, "preset": _LYCORIS_PRESETS[lo.targets], "conv_dim": dim,
+                        "conv_alpha": dim, "use_tucker": str(lo.effective_conv), "rank_dropout": str(lo.rank_dropout),
+                        "module_dropout": str(lo.module_dropout), "sdlora_alpha": metadata_number(lo.alpha)}
+        if lo.method == "lokr":
+            network_args["factor"] = str(lo.decompose_factor)
 
     date = info.date or datetime.datetime.fromtimestamp(
         float(info.training_finished_at), tz=datetime.timezone.utc
     ).isoformat(timespec="seconds")
 
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": dim,
         "ss_network_alpha": dim_alpha,
         "ss_network_args": json.dumps(network_args),
@@ -548,7 +569,7 @@ def _is_absolute_path(value: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 def save_kohya_lora(
-    layers: Mapping[str, Mapping[str, LoraWeights]],
+    layers: Mapping[str, Mapping[str, LoraWeights | LycorisWeights]],
     arch: str,
     path: str | Path,
     metadata: Mapping[str, str],
@@ -609,18 +630,24 @@ def save_kohya_state_dict(tensors: Mapping[str, torch.Tensor], path: str | Path,
 
 
 def to_peft_state_dict(
-    layers: Mapping[str, Mapping[str, LoraWeights]], dtype: torch.dtype = torch.float16
+    layers: Mapping[str, Mapping[str, LoraWeights | LycorisWeights]], dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
     """LoRA layers in diffusers' format: `<component>.<module path>.lora_A.weight` / `lora_B.weight`.
 
     The format has no per-module alpha (diffusers then uses alpha = rank, scale 1), so alpha / rank is folded
     into lora_B: the delta B @ A is unchanged.
+
+    Raises:
+        ValueError: a LoHa / LoKr module, which the format cannot hold (the config refuses export.formats "peft"
+            for them).
     """
     out = {}
     for component, modules in layers.items():
         if component not in COMPONENTS:
             raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
         for path, weights in modules.items():
+            if isinstance(weights, LycorisWeights):
+                raise ValueError(f"{component} {path}: diffusers' LoRA format has no {weights.algo} modules")
             if component != "unet":
                 # The diffusers-made files (transformers 4) have text_model.; diffusers strips it when needed.
                 path = text_encoder_path(path)
@@ -639,7 +666,8 @@ def to_peft_state_dict(
 
 
 def save_peft_lora(
-    layers: Mapping[str, Mapping[str, LoraWeights]], path_dir: str | Path, dtype: torch.dtype = torch.float16
+    layers: Mapping[str, Mapping[str, LoraWeights | LycorisWeights]], path_dir: str | Path,
+    dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write `<path_dir>/pytorch_lora_weights.safetensors` in diffusers' format (`pipe.load_lora_weights(dir)`).
 

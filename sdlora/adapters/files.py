@@ -20,7 +20,15 @@ from sdlora.errors import LoraFileError
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
-
+# The LyCORIS algorithms sdlora trains and loads (`adapters.lycoris`) -> the tensor names of one module, as LyCORIS
+# writes them (lycoris/modules/loha.py, lokr.py), ComfyUI (comfy/weight_adapter/loha.py, lokr.py) and A1111/Forge
+# (extensions-builtin/Lora/network_hada.py, network_lokr.py) read them and peft names its layers' parameters.
+# Each module has `.alpha` too, as a LoRA module does.
+LYCORIS_PARTS = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+LYCORIS_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
 
 # Parameter suffixes -> (down | up | alpha). Order matters: longest first.
 _KEY_SUFFIXES = (
@@ -38,18 +46,19 @@ _KEY_SUFFIXES = (
     (".dora_scale", "dora_scale"),  # DoRA magnitude, LyCORIS/kohya: [out, 1(, 1, 1)] or, per input, [1, in(, 1, 1)]
     (".lora_magnitude_vector", "magnitude"),  # DoRA magnitude, peft: [out] ([1, out, 1, 1] for convolutions)
     (".lora_magnitude_vector.weight", "magnitude"),
+    *((f".{part}", part) for parts in LYCORIS_PARTS.values() for part in parts),
 )
 # LyCORIS and other non-LoRA network types, recognised by their parameter names (as LyCORIS writes them and
-# ComfyUI's load_lora reads them).
-_UNSUPPORTED_TYPES = (
-    (re.compile(r"[._]hada_"), "LoHa (LyCORIS)"),
-    (re.compile(r"[._]lokr_"), "LoKr (LyCORIS)"),
-    (re.compile(r"\.oft_|\.boft_|oft_blocks|oft_diag"), "OFT/BOFT (LyCORIS)"),
-    (re.compile(r"\.diff(_b)?$"), "full weight difference (LyCORIS 'full')"),
-    (re.compile(r"\.[wb]_norm$"), "norm-layer fine-tune (LyCORIS 'norm')"),
-    (re.compile(r"\.lora_mid\."), "LoCon with Tucker decomposition (lora_mid)"),
-    (re.compile(r"\.[ab][12]\.weight$"), "GLoRA (LyCORIS)"),
-    (re.compile(r"\.on_input$"), "(IA)^3 (LyCORIS)"),
+# ComfyUI's load_lora reads them), with the LYCORIS_PARTS algorithm for the ones sdlora loads (None: not read).
+_OTHER_TYPES = (
+    (re.compile(r"[._]hada_"), "LoHa (LyCORIS)", "loha"),
+    (re.compile(r"[._]lokr_"), "LoKr (LyCORIS)", "lokr"),
+    (re.compile(r"\.oft_|\.boft_|oft_blocks|oft_diag"), "OFT/BOFT (LyCORIS)", None),
+    (re.compile(r"\.diff(_b)?$"), "full weight difference (LyCORIS 'full')", None),
+    (re.compile(r"\.[wb]_norm$"), "norm-layer fine-tune (LyCORIS 'norm')", None),
+    (re.compile(r"\.lora_mid\."), "LoCon with Tucker decomposition (lora_mid)", None),
+    (re.compile(r"\.[ab][12]\.weight$"), "GLoRA (LyCORIS)", None),
+    (re.compile(r"\.on_input$"), "(IA)^3 (LyCORIS)", None),
 )
 _OLD_TE_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
@@ -100,21 +109,56 @@ def group_lora_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str,
     return dict(modules), unknown
 
 
-def unsupported_network_type(keys: Iterable[str]) -> tuple[str, str] | None:
-    """(type name, example key) if any key belongs to a LyCORIS network type this package cannot import."""
+def unsupported_network_type(keys: Iterable[str], lycoris: bool = False) -> tuple[str, str] | None:
+    """(type name, example key) if any key belongs to a network type other than LoRA; with `lycoris`, other than
+    LoRA and the LyCORIS algorithms of LYCORIS_PARTS."""
     for key in keys:
-        for pattern, name in _UNSUPPORTED_TYPES:
-            if pattern.search(key):
+        for pattern, name, algo in _OTHER_TYPES:
+            if pattern.search(key) and not (lycoris and algo):
                 return name, key
     return None
 
 
-def refuse_other_networks(path: str | Path, keys: Iterable[str]) -> None:
-    """Raise LoraFileError (naming the file, the network type and a key) for a LyCORIS network that is no LoRA."""
-    unsupported = unsupported_network_type(keys)
+def refuse_other_networks(path: str | Path, keys: Iterable[str], lycoris: bool = False) -> None:
+    """Raise LoraFileError (naming the file, the network type and a key) for a network that is no LoRA: any, for
+    the commands that read LoRA factors; with `lycoris` (loading into a model: generate, the app, grid,
+    merge-into-base, inspect) only the types that are no LoHa/LoKr either."""
+    unsupported = unsupported_network_type(keys, lycoris)
     if unsupported:
-        raise LoraFileError(f"{path}: a {unsupported[0]} network (e.g. key {unsupported[1]!r}), not a LoRA; sdlora "
-                            "reads LoRA files only")
+        name, key = unsupported
+        if lycoris:
+            raise LoraFileError(f"{path}: a {name} network (e.g. key {key!r}), which sdlora does not read; it reads "
+                                "LoRA (also LoCon, DoRA), LoHa and LoKr files")
+        raise LoraFileError(f"{path}: a {name} network (e.g. key {key!r}), not a LoRA; this reads LoRA files only "
+                            "(LoHa and LoKr files load in generate, the app, grid and merge-into-base)")
+
+
+def lycoris_algo(parts: Iterable[str]) -> str | None:
+    """The LYCORIS_PARTS algorithm ("loha", "lokr") of one module's tensor kinds (from `split_lora_key`), or None."""
+    return next((algo for algo, names in LYCORIS_PARTS.items() if any(p in names for p in parts)), None)
+
+
+def lycoris_missing(algo: str, parts: Iterable[str]) -> str | None:
+    """What one LoHa / LoKr module lacks to make a weight (as A1111's network_hada.py / network_lokr.py require),
+    e.g. "hada_w2_b", or None when complete."""
+    have = set(parts)
+    if algo == "loha":
+        needed = [p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if p not in have]
+        return ", ".join(needed) or None
+    needed = [f"lokr_{w} or lokr_{w}_a/_b" for w in ("w1", "w2")
+              if f"lokr_{w}" not in have and not {f"lokr_{w}_a", f"lokr_{w}_b"} <= have]
+    return ", ".join(needed) or None
+
+
+def lycoris_rank(parts: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank that ComfyUI (comfy/weight_adapter) and A1111 (network_hada.py, network_lokr.py) read from one
+    LoHa/LoKr module's tensors and divide its alpha by: LoHa's hada_w1_b rows; LoKr's lokr_w2_b rows, else
+    lokr_w1_b's; None for a LoKr whose two Kronecker factors are both full matrices, which loaders scale by 1
+    whatever its alpha."""
+    for part in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if part in parts:
+            return parts[part].shape[0]
+    return None
 
 
 def bytes_hashes(data: bytes) -> dict[str, str]:
@@ -231,14 +275,15 @@ def detect_arch(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         return "sdxl"
     widths = {1024: "sd2", 768: "sd1", 2048: "sdxl"}
+    inputs = ("down", "hada_w1_b")  # [rank, in features] of a Linear: LoRA's down, LoHa's first factor
     for key in keys:
         split = split_lora_key(key)
-        if split and split[1] == "down" and re.search(r"attn2[._]to_[kv]$", split[0]) and sd[key].dim() >= 2:
+        if split and split[1] in inputs and re.search(r"attn2[._]to_[kv]$", split[0]) and sd[key].dim() >= 2:
             if sd[key].shape[1] in widths:
                 return widths[sd[key].shape[1]]
     for key in keys:
         split = split_lora_key(key)
-        if split and split[1] == "down" and split[0].startswith(("lora_te_", "text_encoder.")) and sd[key].dim() == 2:
+        if split and split[1] in inputs and split[0].startswith(("lora_te_", "text_encoder.")) and sd[key].dim() == 2:
             if sd[key].shape[1] in (768, 1024):
                 return widths[sd[key].shape[1]]
     metadata = metadata or {}
@@ -260,21 +305,26 @@ def detect_arch(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
 def inspect_lora(path: str | Path) -> str:
     """A human-readable report on a LoRA file: format, architecture, modules, ranks/alphas per block, metadata.
 
+    LoHa and LoKr modules (LyCORIS) are listed with their algorithm and the rank loaders read (`lycoris_rank`).
     Warns about NaN/Inf tensors, all-zero up weights (the LoRA does nothing there), keys of no known kind and a
-    stored `sshs_model_hash` that does not match the file.
+    stored `sshs_model_hash` that does not match the file (LyCORIS' own `0x` hash is named, not checked).
 
     Raises:
-        LoraFileError: see `read_lora_file`; and a file that holds no LoRA module (a checkpoint, a VAE, a LyCORIS
-            network), in one line saying what it looks like.
+        LoraFileError: see `read_lora_file`; and a file that holds no LoRA module (a checkpoint, a VAE, another
+            LyCORIS network), in one line saying what it looks like.
     """
     path = Path(path)
     sd, metadata = read_lora_file(path)
-    refuse_other_networks(path, sd)
+    refuse_other_networks(path, sd, lycoris=True)
     modules, unknown = group_lora_keys(sd)
-    if not any("down" in parts and "up" in parts for parts in modules.values()):
+    algos = {module: lycoris_algo(parts) for module, parts in modules.items()}
+    complete = {m: not lycoris_missing(a, modules[m]) if a else "down" in modules[m] and "up" in modules[m]
+                for m, a in algos.items()}
+    if not any(complete.values()):
         from sdlora.models.single_file import describe_tensors
 
-        what = f"LoRA tensors without their pairs, e.g. {next(iter(modules))}" if modules else describe_tensors(sd)
+        kinds = "/".join(sorted({LYCORIS_NAMES[a] if a else "LoRA" for a in algos.values()}))
+        what = f"{kinds} tensors without their pairs, e.g. {next(iter(modules))}" if modules else describe_tensors(sd)
         raise LoraFileError(f"{path}: holds no LoRA module (lora_down/lora_up or lora_A/lora_B pairs); it looks "
                             f"like {what}")
     warnings: list[str] = []
@@ -282,7 +332,11 @@ def inspect_lora(path: str | Path) -> str:
         arch = detect_arch(sd, metadata)
     except LoraFileError:
         arch = "unknown"
-    if all(k.startswith(KOHYA_PREFIXES) for k in sd):
+    lycoris = sorted({LYCORIS_NAMES[a] for a in algos.values() if a})
+    if lycoris:
+        lora = any(a is None and "down" in modules[m] for m, a in algos.items())
+        fmt = f"LyCORIS {' + '.join(lycoris + (['LoRA'] if lora else []))} (kohya module names)"
+    elif all(k.startswith(KOHYA_PREFIXES) for k in sd):
         dora = any(k.endswith(".dora_scale") for k in sd)
         fmt = "kohya (lora_down/lora_up)" + (" with DoRA dora_scale" if dora else "")
     else:
@@ -296,10 +350,19 @@ def inspect_lora(path: str | Path) -> str:
     if unknown:
         warnings.append(f"{len(unknown)} keys are not LoRA weights, e.g. {unknown[0]!r}")
 
-    # (component, block) -> Counter of (rank, alpha)
+    # (component, block) -> Counter of (rank, alpha); rank None for a LoKr module without a low-rank factor
     groups: dict[tuple[str, str], Counter] = defaultdict(Counter)
     zero_up = []
     for module, parts in modules.items():
+        algo = algos[module]
+        if algo:
+            missing = lycoris_missing(algo, parts)
+            if missing:
+                warnings.append(f"{module} has no {missing}")
+            else:
+                alpha = float(parts["alpha"].item()) if "alpha" in parts else None
+                groups[_component_and_block(module)][(lycoris_rank(parts), alpha)] += 1
+            continue
         down, up = parts.get("down"), parts.get("up")
         if down is None or up is None:
             warnings.append(f"{module} has no {'up' if up is None else 'down'} weight")
@@ -351,10 +414,15 @@ def _component_and_block(module: str) -> tuple[str, str]:
 
 def _ranks_text(counter: Counter) -> str:
     """A block's (rank, alpha) -> count: each pair, or for ranks that vary per module (AdaLoRA, resize_lora.py's
-    dynamic methods) their range, mean and alpha/rank, which a list of a dozen pairs would bury."""
-    if len(counter) <= 4:
-        return ", ".join(f"rank {r} alpha {_fmt(a)}" + (f" (x{n})" if len(counter) > 1 else "")
-                         for (r, a), n in sorted(counter.items()))
+    dynamic methods) their range, mean and alpha/rank, which a list of a dozen pairs would bury.
+
+    A rank None is a LoKr module whose Kronecker factors are both full ("full", alpha unused); an alpha None a
+    LyCORIS module without one (scale 1)."""
+    if len(counter) <= 4 or any(r is None or a is None for r, a in counter):
+        return ", ".join(("full" if r is None else f"rank {r}")
+                         + ("" if r is None or a is None else f" alpha {_fmt(a)}")
+                         + (f" (x{n})" if len(counter) > 1 else "")
+                         for (r, a), n in sorted(counter.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0)))
     mean = sum(r * n for (r, _), n in counter.items()) / sum(counter.values())
     alphas, scales = {a for _, a in counter}, {round(a / r, 6) for r, a in counter if r}
     if len(alphas) == 1:
@@ -417,6 +485,10 @@ def _metadata_lines(path: Path, metadata: Mapping[str, str], warnings: list[str]
     except ValueError as e:
         warnings.append(str(e))
     stored = metadata.get("sshs_model_hash")
-    if stored and stored != file_hashes(path)["sshs_model_hash"]:
+    if stored and stored.startswith("0x"):
+        # LyCORIS' hash (lycoris/utils precalculate_safetensors_hashes): sha256 over each tensor's bytes in the
+        # order of its network's state_dict, which the file does not keep, so it cannot be recomputed from it.
+        lines.append("  (model hash 0x...: LyCORIS' own, over its tensors in training order; not checked)")
+    elif stored and stored != file_hashes(path)["sshs_model_hash"]:
         warnings.append("sshs_model_hash does not match the file's tensors (edited after export?)")
     return lines

@@ -3,7 +3,8 @@ and the recipe, the memory planner and the benchmark call only that, as peft reg
 `read_init_lora` checks that a method can continue a LoRA file.
 
 A method is one class in METHODS with the `Adapters` interface: plain LoRA, DoRA and PiSSA are peft's layers and
-nothing else (`lora.LoraAdapters`); AdaLoRA keeps peft's tuner for the whole run (`adalora.AdaLora`).
+nothing else (`lora.LoraAdapters`); AdaLoRA keeps peft's tuner for the whole run (`adalora.AdaLora`); LoHa and LoKr
+are peft's LyCORIS layers, exported in LyCORIS' layout (`lycoris.LycorisAdapters`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sdlora.adapters.adalora import AdaLora
 from sdlora.adapters.export import lora_weights_from_tensors
 from sdlora.adapters.files import group_lora_keys, read_lora_file, refuse_other_networks
 from sdlora.adapters.lora import LoraAdapters, LoraWeights
+from sdlora.adapters.lycoris import LycorisAdapters, LycorisWeights
 from sdlora.config import LoraConfig
 from sdlora.errors import LoraFileError, TrainingError
 
@@ -34,8 +36,8 @@ class Adapters(Protocol):
                start: Mapping[str, LoraWeights] | None = None) -> list[str]:
         """Freeze `model` and add trainable fp32 adapters (from `start`'s weights where given); their module names."""
 
-    def layers(self, component: str, model: torch.nn.Module) -> dict[str, LoraWeights]:
-        """The adapted modules of `model` as ordinary LoRA factors: what the exported file holds."""
+    def layers(self, component: str, model: torch.nn.Module) -> Mapping[str, LoraWeights | LycorisWeights]:
+        """The adapted modules of `model` as the exported file holds them: LoRA factors, or LyCORIS tensors."""
 
     def penalty(self) -> torch.Tensor | float:
         """A term added to the loss before backward (not logged)."""
@@ -53,8 +55,8 @@ class Adapters(Protocol):
         """What the log says about the adapters at the end of training ("" for nothing); may write into `out`."""
 
 
-METHODS: dict[str, type[LoraAdapters] | type[AdaLora]] = {"lora": LoraAdapters, "dora": LoraAdapters,
-                                                         "adalora": AdaLora}
+METHODS: dict[str, type[LoraAdapters] | type[AdaLora] | type[LycorisAdapters]] = {
+    "lora": LoraAdapters, "dora": LoraAdapters, "adalora": AdaLora, "loha": LycorisAdapters, "lokr": LycorisAdapters}
 
 
 def adapters_for(cfg: LoraConfig, total_steps: int) -> Adapters:
@@ -74,8 +76,9 @@ def read_init_lora(path: str | Path, cfg: LoraConfig) -> dict[str, torch.Tensor]
     if cfg.init == "pissa":
         raise TrainingError("lora.init = \"pissa\" starts from the base weights' own singular vectors; it cannot "
                             "continue an existing LoRA file (use init = \"default\")")
-    if cfg.method == "adalora":
-        raise TrainingError("lora.method = \"adalora\" learns its ranks from the start; it cannot continue an "
+    if cfg.method in ("adalora", "loha", "lokr"):
+        what = "learns its ranks" if cfg.method == "adalora" else "trains its own factors"
+        raise TrainingError(f"lora.method = \"{cfg.method}\" {what} from the start; it cannot continue an "
                             "existing LoRA file (use method = \"lora\")")
     tensors, _ = read_lora_file(path)
     refuse_other_networks(path, tensors)

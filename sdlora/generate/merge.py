@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 def merge_into_base(base_model: str, loras: Sequence[tuple[str | Path, float]], out: str | Path,
                     dtype: torch.dtype = torch.float16, strict: bool = False) -> Path:
-    """Write the base model with LoRAs fused into its weights: W + sum_i weight_i * (alpha_i / r_i) * up_i @ down_i.
+    """Write the base model with LoRAs fused into its weights: W + sum_i weight_i * (alpha_i / r_i) * up_i @ down_i
+    (a LoHa / LoKr file: weight_i times its delta).
 
     The LoRAs are loaded into a diffusers pipeline exactly as `sdlora generate` loads them (`LoraCache`), then
     diffusers' `fuse_lora` merges them (peft's merge) and `unload_lora_weights` drops the adapter layers.

@@ -307,6 +307,8 @@ class LoraCache:
     Switching weights is `pipe.set_adapters` (a scale per adapter and component), so moving a slider costs
     nothing and never touches the base model. A file that changes on disk (retrained) is loaded again.
     When every weight is 0 the adapters are disabled altogether, so the image is the base model's, bit for bit.
+    LoHa and LoKr files (LyCORIS) load as peft adapters too (`adapters.lycoris.load_lycoris`), so the same calls
+    switch, weigh and blend them with LoRA files; a file with several kinds of module gets an adapter per kind.
     A module of a file that matches nothing in the model is left out with a note (`notes`), or with `strict`
     refused: never dropped silently, whichever way the file is loaded.
     """
@@ -315,35 +317,44 @@ class LoraCache:
         self.pipe = pipe
         self.strict = strict
         self.notes: dict[Path, str] = {}  # file -> what was left out of it when it was loaded
-        self._adapters: dict[Path, tuple[str, tuple[int, int]]] = {}  # file -> (adapter name, (mtime_ns, size))
+        # file -> (its adapter names, (mtime_ns, size))
+        self._adapters: dict[Path, tuple[tuple[str, ...], tuple[int, int]]] = {}
         self._count = 0
         self.load_seconds: dict[Path, float] = {}  # the last load time of each file
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+        # LyCORIS adapter -> (algorithm, {component: {module: {part: tensor}}}, file), to load it again (_lift)
+        self._lycoris: dict[str, tuple[str, dict[str, dict[str, dict[str, torch.Tensor]]], str]] = {}
 
-    def load(self, path: str | Path) -> str:
-        """Load a LoRA file (once) and return its adapter name.
+    def load(self, path: str | Path) -> tuple[str, ...]:
+        """Load a LoRA, LoHa or LoKr file (once) and return its adapter names: one per kind of module it holds.
 
         Raises:
-            LoraFileError: not a safetensors LoRA (missing, truncated, a pickle), another network type (LoHa,
-                LoKr, ...), another architecture than the pipeline's, keys/shapes that do not fit the model, or
-                with `strict` modules that match nothing in it. The pipeline is left as it was.
+            LoraFileError: not a safetensors LoRA (missing, truncated, a pickle), another network type (OFT, a full
+                weight difference, ...), another architecture than the pipeline's, keys/shapes that do not fit the
+                model, or with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
         from sdlora.adapters.export import match_lora_keys
-        from sdlora.adapters.files import detect_arch, read_lora_file, refuse_other_networks, split_lora_key
-
+        from sdlora.adapters.files import (
+            detect_arch,
+            lycoris_algo,
+            read_lora_file,
+            refuse_other_networks,
+            split_lora_key,
+        )
         path = Path(path).resolve()
         stat = path.stat() if path.is_file() else None
         stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
         if path in self._adapters:
-            name, loaded_stamp = self._adapters[path]
+            names, loaded_stamp = self._adapters[path]
             if loaded_stamp == stamp:
-                return name
-            self._delete(name)
+                return names
+            for name in names:
+                self._delete(name)
             del self._adapters[path]
             self.notes.pop(path, None)
         started = time.perf_counter()
         tensors, metadata = read_lora_file(path)
-        refuse_other_networks(path, tensors)
+        refuse_other_networks(path, tensors, lycoris=True)
         if not any(split_lora_key(key) for key in tensors):
             raise LoraFileError(f"{path}: holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B keys)")
         arch = getattr(self.pipe, "sdlora_arch", None)
@@ -358,23 +369,37 @@ class LoraCache:
                         for part in self.pipe._lora_loadable_modules if getattr(self.pipe, part, None) is not None}
         matched, unmatched = match_lora_keys(tensors, module_names)
         self._strays(path, unmatched, len(matched))
-        tensors = {key: tensors[key] for keys in matched.values() for key in keys.values()}
+        # LyCORIS modules: {algorithm: {component: {module: {part: tensor}}}}, each algorithm an adapter of its own.
+        lycoris: dict[str, dict[str, dict[str, dict[str, torch.Tensor]]]] = {}
+        for (component, module), keys in matched.items():
+            algo = lycoris_algo(keys)
+            if algo:
+                parts = {kind: tensors[key] for kind, key in keys.items()}
+                lycoris.setdefault(algo, {}).setdefault(component, {})[module] = parts
+        tensors = {key: tensors[key] for keys in matched.values() if not lycoris_algo(keys) for key in keys.values()}
         if _misread_by_diffusers(tensors):
             tensors = _as_peft(tensors, module_names, path)
         self._count += 1
         name = f"sdlora{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)[:40]}"
+        names = ((name,) if tensors else ()) + tuple(f"{name}_{algo}" for algo in lycoris)
         try:
-            with _quiet_diffusers():
-                self.pipe.load_lora_weights(tensors, adapter_name=name)
+            if tensors:
+                with self._lift(), _quiet_diffusers():
+                    self.pipe.load_lora_weights(tensors, adapter_name=name)
+            for algo, components in lycoris.items():
+                self._lycoris[f"{name}_{algo}"] = (algo, components, str(path))
+                self._load_lycoris(f"{name}_{algo}")
             # What diffusers' own conversion or peft dropped on the way counts as stray too.
-            adapted = self._adapted(name)
+            adapted = self._adapted(names)
             dropped = [next(iter(keys.values())) for target, keys in matched.items() if target not in adapted]
             note = self._strays(path, unmatched + dropped, len(matched) - len(dropped))
         except LoraFileError:
-            self._delete(name)
+            for adapter in names:
+                self._delete(adapter)
             raise
         except Exception as e:  # diffusers/peft raise ValueError, RuntimeError (shapes), KeyError, ...
-            self._delete(name)
+            for adapter in names:
+                self._delete(adapter)
             if type(e).__name__ == "NoMatchingPeftModuleError":
                 reason = "none of its module names exist in this base model"
             else:
@@ -382,10 +407,10 @@ class LoraCache:
             raise LoraFileError(f"{path}: does not fit this base model ({reason})") from None
         if note:
             self.notes[path] = note
-        self._adapters[path] = (name, stamp)
+        self._adapters[path] = (names, stamp)
         self.load_seconds[path] = time.perf_counter() - started
         logger.info(f"loaded {path.name} in {self.load_seconds[path]:.2f} s")
-        return name
+        return names
 
     def _strays(self, path: Path, unmatched: list[str], matched: int) -> str | None:
         """The note on a file's modules that match nothing in the model (`unmatched` keys), if any.
@@ -405,10 +430,42 @@ class LoraCache:
                                 "only in part")
         return f"{path.name}: {stray_message(unmatched, matched)}; they are left out (--strict refuses such files)"
 
-    def _adapted(self, adapter: str) -> set[tuple[str, str]]:
-        """(component, module name) of every module that holds a LoRA layer of this adapter."""
-        return {(part, n) for part in self.pipe._lora_loadable_modules if getattr(self.pipe, part, None) is not None
-                for n, module in getattr(self.pipe, part).named_modules() if adapter in getattr(module, "lora_A", {})}
+    @contextlib.contextmanager
+    def _lift(self):
+        """The LyCORIS adapters taken off the pipeline's models while the block runs and loaded again after it
+        (`adapters.lycoris.remove_lycoris` says why)."""
+        from sdlora.adapters.lycoris import remove_lycoris
+
+        for model in self._models().values():
+            remove_lycoris(model)
+        try:
+            yield
+        finally:
+            for adapter in self._lycoris:
+                self._load_lycoris(adapter)
+
+    def _load_lycoris(self, adapter: str) -> None:
+        from sdlora.adapters.lycoris import load_lycoris
+
+        algo, components, label = self._lycoris[adapter]
+        models = self._models()
+        with _quiet_diffusers():
+            for component, modules in components.items():
+                load_lycoris(models[component], adapter, algo, modules, label)
+
+    def _models(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's models that take adapters: {"unet": ..., "text_encoder": ...[, "text_encoder_2": ...]}."""
+        return {part: getattr(self.pipe, part) for part in self.pipe._lora_loadable_modules
+                if getattr(self.pipe, part, None) is not None}
+
+    def _adapted(self, adapters: tuple[str, ...]) -> set[tuple[str, str]]:
+        """(component, module name) of every module that holds a peft layer (LoRA, LoHa, LoKr) of these adapters;
+        a layer wrapped by another adapter's (`name.base_layer`) counts for the module `name`."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return {(part, re.sub(r"(\.base_layer)+$", "", n)) for part, model in self._models().items()
+                for n, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+                and any(a in getattr(module, kind) for kind in module.adapter_layer_names for a in adapters)}
 
     def model_hash(self, path: str | Path) -> str:
         """The file's `sshs_model_hash` (A1111's "Lora hashes" use its first 12 hex), computed once per file."""
@@ -429,11 +486,12 @@ class LoraCache:
         """
         weights: dict[Path, list] = {}
         for spec in loras:
-            name = self.load(spec.path)
+            names = self.load(spec.path)
             te = spec.unet_weight if spec.te_weight is None else spec.te_weight
-            _, unet_total, te_total = weights.get(Path(spec.path).resolve(), (name, 0.0, 0.0))
-            weights[Path(spec.path).resolve()] = [name, unet_total + spec.unet_weight, te_total + te]
-        active = [weights[path] for path in sorted(weights, key=str) if weights[path][1:] != [0.0, 0.0]]
+            _, unet_total, te_total = weights.get(Path(spec.path).resolve(), (names, 0.0, 0.0))
+            weights[Path(spec.path).resolve()] = [names, unet_total + spec.unet_weight, te_total + te]
+        active = [(name, u, te) for path in sorted(weights, key=str) if weights[path][1:] != [0.0, 0.0]
+                  for names, u, te in [weights[path]] for name in names]
         if not self._adapters:
             return
         if not active:
@@ -449,6 +507,7 @@ class LoraCache:
 
     def _delete(self, name: str) -> None:
         """Remove an adapter, also a half-loaded one, leaving the rest of the pipeline as it was."""
+        self._lycoris.pop(name, None)
         for part in self.pipe._lora_loadable_modules:
             model = getattr(self.pipe, part, None)
             if model is None or name not in getattr(model, "peft_config", {}):

@@ -988,7 +988,7 @@ def build_app(settings: AppSettings):
                             train_lr = gr.Number(start[3], label="Learning rate", elem_id="train-lr")
                             train_steps = gr.Number(start[4], precision=0, minimum=1, label="Steps",
                                                     elem_id="train-steps")
-                            train_method = gr.Dropdown(["lora", "dora", "adalora"], value=start[5],
+                            train_method = gr.Dropdown(["lora", "dora", "adalora", "loha", "lokr"], value=start[5],
                                                        label="Method (see the README's adapter methods)",
                                                        elem_id="train-method")
                         with gr.Accordion("Keep what the base model knows (prior preservation)", open=False):
