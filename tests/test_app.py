@@ -510,3 +510,90 @@ def test_lora_pictures_samples_beside_the_file_else_the_first_image_made_with_it
         assert image.getpixel((0, 0)) == (0, 0, 255)
     finally:
         shutil.rmtree(samples)
+
+
+def _advanced(local, **changes) -> list:
+    """The Train tab's advanced fields as a preset fills them, with `changes` (keys as in ADVANCED_KEYS, dots as __)."""
+    from sdlora.ui.app import ADVANCED_KEYS, preset_advanced
+
+    values = dict(zip(ADVANCED_KEYS, preset_advanced(local, "mini.toml")))
+    values.update({key.replace("__", "."): value for key, value in changes.items()})
+    return [values[key] for key in ADVANCED_KEYS]
+
+
+def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sdlora_train_runs(tmp_path):
+    from sdlora.errors import ConfigError
+    from sdlora.ui.app import preset_advanced, preset_choices, preset_values, run_train, save_preset, train_config
+
+    local = _train_settings(tmp_path)
+    fields = ["mini.toml", "imgs", "saved", "zkstyle", 4, 1e-3, 1]
+    advanced = _advanced(local, lora__targets="attn_mlp", lora__train_text_encoder=False, lora__init="gaussian",
+                         train__loraplus_lr_ratio=4.0, sample__prompts="zkstyle, a boat --d 3\n\n a tent ",
+                         train__save_every_n_steps=1.0)  # a whole float, as gr.Number sends it
+    cfg = train_config(local, *fields, advanced=advanced)
+    assert (cfg.lora.targets, cfg.lora.train_text_encoder, cfg.lora.init, cfg.train.loraplus_lr_ratio) == (
+        "attn_mlp", False, "gaussian", 4.0)
+    assert cfg.sample.prompts == ["zkstyle, a boat --d 3", "a tent"] and cfg.train.save_every_n_steps == 1
+    # A bad value is refused with the CLI's own line (the same config code), through the app's error path.
+    for key, bad, override in (("train__batch_size", 0.0, "train.batch_size=0"),
+                               ("data__resolution", 64.5, "data.resolution=64.5")):
+        with pytest.raises(ConfigError) as cli:
+            load_config(None, [override])
+        with pytest.raises(gr.Error) as app:
+            run_train(Engine(local), *fields, advanced=_advanced(local, **{key: bad}))
+        assert app.value.message == str(cli.value)
+    info, presets = save_preset(local, "mine", *fields, advanced=advanced)
+    path = local.configs_dir / "mine.toml"
+    assert presets == ["mine.toml", "mini.toml"] == preset_choices(local) and str(path) in info
+    assert load_config(path) == cfg  # the preset is the config the tab made
+    assert preset_values(local, "mine.toml")[:5] == ("imgs", "zkstyle", 4, 1e-3, 1)  # the folder as the tab names it
+    assert preset_advanced(local, "mine.toml") == tuple(
+        "zkstyle, a boat --d 3\na tent" if isinstance(v, str) and "boat" in v else v for v in advanced)
+    for name, message in (("mine", "exists"), ("../evil", "preset name"), ("", "preset name")):
+        with pytest.raises(gr.Error, match=message):
+            save_preset(local, name, *fields, advanced=advanced)
+    assert main(["train", str(path)]) == 0  # `sdlora train` runs it, into the LoRA folder
+    lora = local.lora_dir / "saved" / "saved.safetensors"
+    assert lora.is_file() and not any(k.startswith("lora_te") for k in load_file(str(lora)))  # no text encoder
+    assert len(list((local.lora_dir / "saved" / "samples").glob("*.png"))) == 2
+
+
+def test_resume_a_stopped_run_from_the_app(tmp_path):
+    from sdlora.ui.app import resumable_runs, run_resume, run_train, stop_train
+
+    local = _train_settings(tmp_path, "log_every_n_steps = 1\n")
+    engine = Engine(local)
+    calls = []
+
+    def progress(value, desc=""):
+        calls.append(value)
+        if value == (2, 4) and not engine.stop.is_set():
+            stop_train(engine)
+
+    assert resumable_runs(local) == []
+    info, _, _ = run_train(engine, "mini.toml", "imgs", "halted", "zkstyle", 4, 1e-3, 4, progress=progress)
+    assert "stopped at step 2 of 4" in info and resumable_runs(local) == [("halted: step 2 of 4", "halted")]
+    calls.clear()
+    info, plot, _ = run_resume(engine, "halted", progress=lambda value, desc="": calls.append(value))
+    assert info.startswith("resumed halted, trained in") and calls == [0, (3, 4), (4, 4)]  # on from step 3
+    assert plot is not None and (local.lora_dir / "halted" / "halted.safetensors").is_file()
+    for run in ("../halted", "missing", ""):
+        with pytest.raises(gr.Error, match="not a run with a checkpoint"):
+            run_resume(engine, run)
+
+
+def test_captions_of_kohya_repeat_folders(tmp_path):
+    from sdlora.ui.app import load_captions, save_captions
+
+    local = _train_settings(tmp_path)
+    for folder in ("10_cat", "3_dog"):
+        (tmp_path / "kohya" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "kohya" / folder / "a.png")
+    (tmp_path / "kohya" / "10_cat" / "a.txt").write_text("a cat\n")
+    rows = load_captions(local, "kohya")
+    assert rows == [["10_cat/a.png", "a cat"], ["3_dog/a.png", ""]]
+    assert "saved 1 " in save_captions(local, "kohya", [["10_cat/a.png", "a cat"], ["3_dog/a.png", "a dog"]])
+    assert (tmp_path / "kohya" / "3_dog" / "a.txt").read_text() == "a dog\n"
+    for name in ("10_cat/../../imgs/x.png", "other/a.png", "10_cat"):
+        with pytest.raises(gr.Error, match="not an image"):
+            save_captions(local, "kohya", [[name, "evil"]])

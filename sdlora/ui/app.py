@@ -613,23 +613,109 @@ def preset_values(settings: AppSettings, preset: str | None) -> tuple:
 
     cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
     d, t = cfg.data, cfg.train
-    return (d.dirs[0] if d.dirs else "", d.caption_prefix, cfg.lora.rank, t.learning_rate, t.max_train_steps,
-            cfg.lora.method, d.reg_dirs[0] if d.reg_dirs else "", d.class_word, bool(d.class_images_per_image),
-            bool(t.preservation_weight))
+    return (_data_name(settings, d.dirs[0]) if d.dirs else "", d.caption_prefix, cfg.lora.rank, t.learning_rate,
+            t.max_train_steps, cfg.lora.method, d.reg_dirs[0] if d.reg_dirs else "", d.class_word,
+            bool(d.class_images_per_image), bool(t.preservation_weight))
+
+
+def _data_name(settings: AppSettings, folder: str) -> str:
+    """A preset's dataset folder as the Train tab names it: relative to data_dir when it lies inside (presets saved
+    from the app hold absolute paths, so that `sdlora train` finds them from any working directory)."""
+    path = Path(folder)
+    if path.is_absolute():
+        with contextlib.suppress(ValueError):
+            return path.resolve().relative_to(Path(settings.data_dir).resolve()).as_posix()
+    return folder
+
+
+# The Train tab's advanced fields, in order: the config key each one sets (everything else comes from the preset).
+ADVANCED_KEYS = ("lora.targets", "lora.train_text_encoder", "train.text_encoder_lr", "data.resolution",
+                 "train.batch_size", "lora.init", "model.quantize_base", "train.loraplus_lr_ratio", "sample.prompts",
+                 "sample.every_n_steps", "train.save_every_n_epochs", "train.save_every_n_steps")
+
+
+def key_choices(key: str) -> list[str]:
+    """The values a config key of a Literal type allows (the dropdowns offer exactly what the config accepts)."""
+    import typing
+
+    from sdlora.config import Config
+
+    table, _, name = key.partition(".")
+    hints = typing.get_type_hints(type(getattr(Config(), table)))
+    return list(typing.get_args(hints[name]))
+
+
+def preset_advanced(settings: AppSettings, preset: str | None) -> tuple:
+    """The values of ADVANCED_KEYS in a preset, as the Train tab's advanced fields show them (sample prompts one per
+    line)."""
+    from sdlora.config import load_config
+
+    cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
+    values = []
+    for key in ADVANCED_KEYS:
+        table, _, name = key.partition(".")
+        value = getattr(getattr(cfg, table), name)
+        values.append("\n".join(value) if key == "sample.prompts" else value)
+    return tuple(values)
+
+
+def advanced_changes(values) -> dict:
+    """The config changes of the advanced fields' values (in ADVANCED_KEYS order). Numbers come from the page as
+    floats: whole ones become ints and the rest stay as typed, so `validate` reports them as the CLI would."""
+    changes = {}
+    for key, value in zip(ADVANCED_KEYS, values, strict=True):
+        if key == "sample.prompts":
+            value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        elif key == "train.text_encoder_lr":
+            value = None if value in (None, "") else float(value)  # empty: the learning rate
+        elif isinstance(value, float) and value.is_integer() and key != "train.loraplus_lr_ratio":
+            value = int(value)
+        changes[key] = value
+    return changes
 
 
 def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
     try:
-        return preset_values(settings, preset)
+        return (*preset_values(settings, preset), *preset_advanced(settings, preset))
     except Exception:  # a broken preset shows its error when used; the page still opens
-        return ("", "", 16, 1e-4, 1000, "lora", "", "", False, False)
+        return ("", "", 16, 1e-4, 1000, "lora", "", "", False, False, *preset_advanced(settings, None))
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # LoRA and preset names: a file name anywhere
+
+
+def train_config(settings: AppSettings, preset, dataset, name, trigger, rank, learning_rate, steps, method="lora",
+                 reg_folder="", class_word="", class_images=False, preservation=False, *, advanced=None):
+    """The config the Train tab's fields make of a preset (the arguments of `run_train`), validated by
+    `config.derive` as the CLI's are; training writes to lora_dir/<name>/.
+
+    Raises:
+        ConfigError, PathError, GenerationError: a bad value, in one line.
+    """
+    from sdlora.config import derive, load_config
+
+    if not NAME.fullmatch(name or ""):
+        raise GenerationError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (at most 64)")
+    data = _dataset_folder(settings, dataset)
+    out = resolve_inside(settings.lora_dir, name)
+    return derive(load_config(resolve_inside(settings.configs_dir, preset) if preset else None), {
+        "data.dirs": [data.as_posix()], "data.caption_prefix": trigger or "", "lora.rank": int(rank),
+        "lora.alpha": float(int(rank)), "train.learning_rate": float(learning_rate),
+        "train.max_train_steps": int(steps), "lora.method": method, "train.output_dir": out.as_posix(),
+        "train.output_name": name,
+        "data.reg_dirs": [_dataset_folder(settings, reg_folder).as_posix()] if reg_folder else [],
+        "data.class_word": class_word or "", "data.class_images_per_image": 1 if class_images else 0,
+        "train.preservation_weight": 1.0 if preservation else 0.0,
+        **(advanced_changes(advanced) if advanced is not None else {}),
+    })
 
 
 def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rate, steps, method="lora",
-              reg_folder="", class_word="", class_images=False, preservation=False, progress=None):
+              reg_folder="", class_word="", class_images=False, preservation=False, progress=None, advanced=None):
     """Train tab: train a LoRA from a preset into lora_dir/<name>/<name>.safetensors.
 
-    The preset supplies everything but the fields of the tab; `alpha` follows the rank (scale 1). Keeping the base
+    The preset supplies everything but the fields of the tab (`advanced`: the values of ADVANCED_KEYS, None = the
+    preset's); `alpha` follows the rank (scale 1). Keeping the base
     model: `reg_folder` (inside data_dir) holds regularization images, `class_images` has the base model draw them
     (one per training image, from the captions with the trigger replaced by `class_word`), `preservation` turns on
     base-prediction preservation at weight 1. `progress` is
@@ -637,67 +723,119 @@ def run_train(engine: Engine, preset, dataset, name, trigger, rank, learning_rat
     ends the run after the current step, which still saves the LoRA and a checkpoint. Returns (info line, loss
     curve as a PIL image or None, [(sample image, caption)] of the latest samples the preset rendered).
     """
-    from sdlora.config import derive, load_config
     from sdlora.train.plan import fit, gpu_memory_gb
-    from sdlora.train.recipe import train
 
-    settings = engine.settings
     with engine.lock, _user_errors():
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
-            raise GenerationError(f"LoRA name {name!r}: use letters, digits, '_', '-', '.' (at most 64)")
-        data = _dataset_folder(settings, dataset)
-        out = resolve_inside(settings.lora_dir, name)
+        cfg = train_config(engine.settings, preset, dataset, name, trigger, rank, learning_rate, steps, method,
+                           reg_folder, class_word, class_images, preservation, advanced=advanced)
+        out = Path(cfg.train.output_dir)
         if (out / f"{name}.safetensors").exists():
             raise PathError(f"{out / name}.safetensors exists; choose another name")
-        cfg = derive(load_config(resolve_inside(settings.configs_dir, preset) if preset else None), {
-            "data.dirs": [data.as_posix()], "data.caption_prefix": trigger or "", "lora.rank": int(rank),
-            "lora.alpha": float(int(rank)), "train.learning_rate": float(learning_rate),
-            "train.max_train_steps": int(steps), "lora.method": method, "train.output_dir": out.as_posix(),
-            "train.output_name": name,
-            "data.reg_dirs": [_dataset_folder(settings, reg_folder).as_posix()] if reg_folder else [],
-            "data.class_word": class_word or "", "data.class_images_per_image": 1 if class_images else 0,
-            "train.preservation_weight": 1.0 if preservation else 0.0,
-        })
         changes: list[str] = []
         vram = gpu_memory_gb()
         if vram is not None:  # the preset is fitted to this card (the run's config.toml records how)
             cfg, changes, _ = fit(cfg, vram)
-        engine.release()
-        started = time.perf_counter()
-        if progress is not None:
-            progress(0, desc="loading the model")
-        losses: list[tuple[int, float]] = []
-        last = {"step": 0, "max_steps": int(steps)}
-
-        def on_step(info: dict) -> bool:
-            last.update(info)
-            if info.get("loss") is not None:  # the mean since the last log step
-                losses.append((info["step"], float(info["loss"])))
-            if progress is not None:
-                loss = f" · loss {losses[-1][1]:.4f}" if losses else ""
-                progress((info["step"], info["max_steps"]), desc=f"step {info['step']}/{info['max_steps']}{loss}")
-            return not engine.stop.is_set()
-
-        engine.stop.clear()
-        engine.training = True
-        try:
-            path = train(cfg, on_step=on_step)
-        finally:
-            engine.training = False
-            stopped = engine.stop.is_set()
-            engine.stop.clear()
-        plot = loss_plot(losses, out / "loss.png") if losses else None
-        samples = latest_samples(out / "samples")
-    seconds = time.perf_counter() - started
-    step, max_steps = last["step"], last["max_steps"]
-    if stopped and step < max_steps:
-        info = (f"stopped at step {step} of {max_steps} after {seconds:.0f} s: {path}, checkpoint "
-                f"{out / f'checkpoint-{step}'}")
-    else:
-        info = f"trained in {seconds:.0f} s: {path}"
+        info, plot, samples = _training(engine, cfg, progress)
     if changes:
         info += f"; fitted to the GPU's {vram:.1f} GB: " + "; ".join(changes)
     return f"{info} (press Refresh lists to use it)", plot, samples
+
+
+def _training(engine: Engine, cfg, progress, resume: str | None = None) -> tuple[str, Image.Image | None, list]:
+    """Train `cfg` (from its start, or from the checkpoint `resume`) with the Train tab's live progress and Stop;
+    the caller holds the engine's lock. Returns (info line, loss curve, latest samples)."""
+    from sdlora.train.recipe import train
+
+    out = Path(cfg.train.output_dir)
+    engine.release()
+    started = time.perf_counter()
+    if progress is not None:
+        progress(0, desc="loading the model")
+    losses: list[tuple[int, float]] = []
+    last = {"step": 0, "max_steps": cfg.train.max_train_steps}
+
+    def on_step(info: dict) -> bool:
+        last.update(info)
+        if info.get("loss") is not None:  # the mean since the last log step
+            losses.append((info["step"], float(info["loss"])))
+        if progress is not None:
+            loss = f" · loss {losses[-1][1]:.4f}" if losses else ""
+            progress((info["step"], info["max_steps"]), desc=f"step {info['step']}/{info['max_steps']}{loss}")
+        return not engine.stop.is_set()
+
+    engine.stop.clear()
+    engine.training = True
+    try:
+        path = train(cfg, resume=resume, on_step=on_step)
+    finally:
+        engine.training = False
+        stopped = engine.stop.is_set()
+        engine.stop.clear()
+    plot = loss_plot(losses, out / "loss.png") if losses else None
+    samples = latest_samples(out / "samples")
+    seconds = time.perf_counter() - started
+    step, max_steps = last["step"], last["max_steps"]
+    if stopped and step < max_steps:
+        return (f"stopped at step {step} of {max_steps} after {seconds:.0f} s: {path}, checkpoint "
+                f"{out / f'checkpoint-{step}'}", plot, samples)
+    return f"trained in {seconds:.0f} s: {path}", plot, samples
+
+
+def save_preset(settings: AppSettings, preset_name, *fields, advanced=None) -> tuple[str, list[str]]:
+    """"Save as preset": the config the Train tab's fields make (`fields`: the arguments of `train_config` after
+    `settings`) written to configs_dir/<preset_name>.toml, atomically; `sdlora train --config` runs it and the Train
+    tab offers it. Returns (info line, the preset list)."""
+    from sdlora.atomic import write_text
+    from sdlora.config import dump_toml
+
+    with _user_errors():
+        name = (preset_name or "").strip().removesuffix(".toml")
+        if not NAME.fullmatch(name):
+            raise GenerationError(f"preset name {preset_name!r}: use letters, digits, '_', '-', '.' (at most 64)")
+        path = resolve_inside(settings.configs_dir, f"{name}.toml")
+        if path.exists():
+            raise PathError(f"{path} exists; choose another preset name")
+        text = dump_toml(train_config(settings, *fields, advanced=advanced))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, text)
+    return f"saved {path}; `sdlora train --config {path}` runs it", preset_choices(settings)
+
+
+def resumable_runs(settings: AppSettings) -> list[tuple[str, str]]:
+    """(label, run folder relative to lora_dir) of every run there with a config.toml and a complete checkpoint, the
+    label saying where it would go on: "halted: step 20 of 1000"."""
+    from sdlora.generate.grid import run_config
+    from sdlora.train.checkpoint import list_checkpoints
+
+    root = Path(settings.lora_dir)
+    runs = []
+    for config in sorted(root.rglob("config.toml")) if root.is_dir() else []:
+        folder = config.parent
+        parts = folder.relative_to(root).parts
+        if any(p.startswith(".") or re.fullmatch(r"checkpoint-\d+", p) for p in parts):
+            continue
+        checkpoints = list_checkpoints(folder)
+        if checkpoints and folder.resolve().is_relative_to(root.resolve()):
+            name = folder.relative_to(root).as_posix()
+            steps = run_config(folder).get("train", {}).get("max_train_steps", "?")
+            runs.append((f"{name}: step {checkpoints[-1].name.removeprefix('checkpoint-')} of {steps}", name))
+    return runs
+
+
+def run_resume(engine: Engine, run, progress=None):
+    """"Resume": continue a run in lora_dir from its newest checkpoint with its own config.toml (as `sdlora train
+    --resume`), with the same live progress, Stop and results as `run_train`."""
+    from sdlora.config import derive, load_config
+
+    settings = engine.settings
+    with engine.lock, _user_errors():
+        if run not in [value for _, value in resumable_runs(settings)]:
+            raise PathError(f"{run!r} is not a run with a checkpoint in {settings.lora_dir} (press Refresh lists)")
+        folder = resolve_inside(settings.lora_dir, run)
+        # The run goes on in the folder it was found in, even if it was moved there after it stopped.
+        cfg = derive(load_config(folder / "config.toml"), {"train.output_dir": folder.as_posix()})
+        info, plot, samples = _training(engine, cfg, progress, resume=folder.as_posix())
+    return f"resumed {run}, {info} (press Refresh lists to use it)", plot, samples
 
 
 def stop_train(engine: Engine) -> str:
@@ -764,10 +902,16 @@ def _dataset_folder(settings: AppSettings, dataset: str | None) -> Path:
     return data
 
 
-def _caption_images(folder: Path) -> list[Path]:
-    from sdlora.data.dataset import is_training_image
+def _caption_images(folder: Path) -> dict[str, Path]:
+    """{name relative to the dataset folder: image} of the images training reads there: the folder's own, or
+    those of its kohya repeat subfolders (`10_name/`) when it has them (the dataset reader's rule)."""
+    from sdlora.data.dataset import _expand_folder, is_training_image
 
-    return sorted(p for p in folder.iterdir() if is_training_image(p))
+    images = {}
+    for sub, _, _ in _expand_folder(folder, 1):
+        for path in sorted(p for p in sub.iterdir() if is_training_image(p)):
+            images[path.relative_to(folder).as_posix()] = path
+    return images
 
 
 def _read_caption(path: Path) -> str:
@@ -779,11 +923,11 @@ def _read_caption(path: Path) -> str:
 
 
 def load_captions(settings: AppSettings, dataset) -> list[list[str]]:
-    """"Load captions": [image file, caption] for every image directly in the dataset folder (its .txt sidecar;
-    missing or non-UTF-8 captions are empty)."""
+    """"Load captions": [image file, caption] for every image training reads in the dataset folder, those of
+    kohya repeat subfolders as `10_name/image.png` (its .txt sidecar; missing or non-UTF-8 captions are empty)."""
     with _user_errors():
         folder = _dataset_folder(settings, dataset)
-        rows = [[p.name, _read_caption(p.with_suffix(".txt"))] for p in _caption_images(folder)]
+        rows = [[name, _read_caption(p.with_suffix(".txt"))] for name, p in _caption_images(folder).items()]
     if not rows:
         import gradio as gr
 
@@ -792,24 +936,24 @@ def load_captions(settings: AppSettings, dataset) -> list[list[str]]:
 
 
 def save_captions(settings: AppSettings, dataset, table) -> str:
-    """"Save captions": write each changed caption to its image's .txt sidecar (atomically). Only images directly
-    in the dataset folder are written to; a name with a path separator, or that is no image there, refuses the
-    whole table. Returns an info line."""
+    """"Save captions": write each changed caption to its image's .txt sidecar (atomically). Only the images "Load
+    captions" lists get captions (a name that is none of them refuses the whole table). Returns an info line."""
     from sdlora.atomic import write_text
 
     with _user_errors():
         folder = _dataset_folder(settings, dataset)
         if hasattr(table, "values") and hasattr(table, "columns"):  # a pandas DataFrame
             table = table.values.tolist()
-        images = {p.name for p in _caption_images(folder)}
+        images = _caption_images(folder)
         writes = []
         for row in table or []:
             if not row or not any(str(v or "").strip() for v in row):
                 continue  # an empty row the table editor added
             file, caption = str(row[0] or ""), str(row[1] if len(row) > 1 and row[1] is not None else "")
-            if "/" in file or "\\" in file or file in (".", "..") or file not in images:
-                raise PathError(f"{file!r}: not an image in {dataset}; only images in the folder itself get captions")
-            sidecar = resolve_inside(folder, Path(file).with_suffix(".txt").name)
+            if file not in images:
+                raise PathError(f"{file!r}: not an image in {dataset}; only the images listed by Load captions get "
+                                "captions")
+            sidecar = resolve_inside(folder, Path(file).with_suffix(".txt").as_posix())
             caption = caption.strip()
             if caption != _read_caption(sidecar):
                 writes.append((sidecar, caption))
@@ -1002,9 +1146,54 @@ def build_app(settings: AppSettings):
                                                               elem_id="train-class-word")
                             train_preservation = gr.Checkbox(start[9], label="Base-prediction preservation (no "
                                                              "images; slower steps)", elem_id="train-preservation")
+                        adv = dict(zip(ADVANCED_KEYS, start[10:]))
+                        with gr.Accordion("Advanced (the rest comes from the preset)", open=False):
+                            with gr.Row():
+                                adv_targets = gr.Dropdown(key_choices("lora.targets"), value=adv["lora.targets"],
+                                                          label="Targets (attn, + MLP, + ResNet convs)",
+                                                          elem_id="adv-targets")
+                                adv_init = gr.Dropdown(key_choices("lora.init"), value=adv["lora.init"],
+                                                       label="Init", elem_id="adv-init")
+                                adv_quantize = gr.Dropdown(key_choices("model.quantize_base"),
+                                                           value=adv["model.quantize_base"],
+                                                           label="Quantized base (GPU)", elem_id="adv-quantize")
+                            with gr.Row(equal_height=True):
+                                adv_te = gr.Checkbox(adv["lora.train_text_encoder"], label="Train the text encoder",
+                                                     elem_id="adv-te")
+                                adv_te_lr = gr.Number(adv["train.text_encoder_lr"], label="Text encoder LR (empty: "
+                                                      "the learning rate)", elem_id="adv-te-lr")
+                                adv_loraplus = gr.Number(adv["train.loraplus_lr_ratio"], label="LoRA+ ratio (0: off)",
+                                                         elem_id="adv-loraplus")
+                            with gr.Row():
+                                adv_resolution = gr.Number(adv["data.resolution"], precision=0, label="Resolution",
+                                                           elem_id="adv-resolution")
+                                adv_batch = gr.Number(adv["train.batch_size"], precision=0, label="Batch size",
+                                                      elem_id="adv-batch")
+                                adv_save_epochs = gr.Number(adv["train.save_every_n_epochs"], precision=0,
+                                                            label="Save every N epochs (0: off)",
+                                                            elem_id="adv-save-epochs")
+                                adv_save_steps = gr.Number(adv["train.save_every_n_steps"], precision=0,
+                                                           label="Save every N steps (0: off)",
+                                                           elem_id="adv-save-steps")
+                            adv_prompts = gr.Textbox(adv["sample.prompts"], lines=3, label="Sample prompts (one per "
+                                                     "line; --w --h --d --s --l --n as kohya)", elem_id="adv-prompts")
+                            adv_sample_every = gr.Number(adv["sample.every_n_steps"], precision=0,
+                                                         label="Sample every N steps (0: at the end)",
+                                                         elem_id="adv-sample-every")
+                            with gr.Row(equal_height=True):
+                                preset_name = gr.Textbox(label=f"Preset name (saved in {settings.configs_dir}/)",
+                                                         elem_id="preset-name", scale=3)
+                                preset_save = gr.Button("Save as preset", elem_id="preset-save", scale=1)
+                        advanced = [adv_targets, adv_te, adv_te_lr, adv_resolution, adv_batch, adv_init,
+                                    adv_quantize, adv_loraplus, adv_prompts, adv_sample_every, adv_save_epochs,
+                                    adv_save_steps]  # in ADVANCED_KEYS order
                         with gr.Row():
                             train_go = gr.Button("Train", variant="primary", elem_id="train")
                             train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                        with gr.Row(equal_height=True):
+                            runs = gr.Dropdown(resumable_runs(settings), value=None, label="Stopped runs (with a "
+                                               f"checkpoint, in {settings.lora_dir})", elem_id="train-runs", scale=3)
+                            resume_go = gr.Button("Resume", elem_id="train-resume", scale=1)
                         with gr.Accordion("Captions of the dataset folder", open=False):
                             uploads = gr.File(file_count="multiple", type="filepath", label="Upload images and "
                                               ".txt captions into the dataset folder", elem_id="uploads")
@@ -1045,13 +1234,31 @@ def build_app(settings: AppSettings):
         grid_go.click(grid, [*common, grid_lora, grid_weights, y_axis, y_values, *slots, vae],
                       [grid_image, grid_info], api_name="grid", concurrency_id="model")
 
-        def train_job(*values, progress=gr.Progress()):
-            return run_train(engine, *values, progress=progress)
+        fields = [train_preset, train_data, train_name, train_trigger, train_rank, train_lr, train_steps, train_method,
+                  train_reg, train_class_word, train_class_images, train_preservation]
 
-        train_go.click(train_job, [train_preset, train_data, train_name, train_trigger, train_rank, train_lr,
-                                   train_steps, train_method, train_reg, train_class_word, train_class_images,
-                                   train_preservation], [train_info, train_loss, train_samples],
-                       api_name="train", concurrency_id="model")
+        def train_job(*values, progress=gr.Progress()):
+            return run_train(engine, *values[:len(fields)], progress=progress, advanced=values[len(fields):])
+
+        def list_runs():
+            return gr.Dropdown(choices=resumable_runs(settings))
+
+        # A stopped run can be resumed: the list follows every run.
+        train_go.click(train_job, [*fields, *advanced], [train_info, train_loss, train_samples],
+                       api_name="train", concurrency_id="model").then(list_runs, None, runs, api_visibility="private")
+
+        def resume_job(run, progress=gr.Progress()):
+            return run_resume(engine, run, progress=progress)
+
+        resume_go.click(resume_job, runs, [train_info, train_loss, train_samples], api_name="resume",
+                        concurrency_id="model").then(list_runs, None, runs, api_visibility="private")
+
+        def save_job(name, *values):
+            info_line, presets = save_preset(settings, name, *values[:len(fields)], advanced=values[len(fields):])
+            return info_line, gr.Dropdown(choices=presets)
+
+        preset_save.click(save_job, [preset_name, *fields, *advanced], [train_info, train_preset],
+                          api_name="save_preset", concurrency_id="captions")
         # Not queued: Stop must not wait behind the training it stops.
         train_stop.click(partial(stop_train, engine), None, train_stop_info, api_name="stop_train", queue=False)
         captions_load.click(partial(load_captions, settings), train_data, captions, api_name="load_captions",
@@ -1060,9 +1267,9 @@ def build_app(settings: AppSettings):
                             api_name="save_captions", concurrency_id="captions")
         upload_go.click(partial(add_uploads, settings), [train_data, uploads], [captions, captions_info],
                         api_name="upload", concurrency_id="captions")
-        train_preset.input(lambda p: preset_values(settings, p), train_preset,
+        train_preset.input(lambda p: (*preset_values(settings, p), *preset_advanced(settings, p)), train_preset,
                            [train_data, train_trigger, train_rank, train_lr, train_steps, train_method, train_reg,
-                            train_class_word, train_class_images, train_preservation],
+                            train_class_word, train_class_images, train_preservation, *advanced],
                            api_visibility="private")
         png.upload(partial(read_png_parameters, settings), png,
                    [model, prompt, negative, sampler, steps, cfg, width, height, seed, batch_size, vae, *slots[0::3],
@@ -1091,13 +1298,13 @@ def build_app(settings: AppSettings):
             *current, model_name = current
             models, files = model_choices(settings), lora_choices(settings)
             updates = [gr.Dropdown(choices=models), gr.Dropdown(choices=vae_choices(settings)),
-                       lora_table(settings, model_name)]
+                       lora_table(settings, model_name), gr.Dropdown(choices=resumable_runs(settings))]
             for value in current:
                 updates.append(gr.Dropdown(choices=files, value=value if value in files else None))
             return updates
 
-        refresh.click(refresh_lists, [*names, grid_lora, browse, model], [model, vae, lora_list, *names, grid_lora,
-                                                                         browse], api_name="refresh")
+        refresh.click(refresh_lists, [*names, grid_lora, browse, model],
+                      [model, vae, lora_list, runs, *names, grid_lora, browse], api_name="refresh")
     return demo
 
 
