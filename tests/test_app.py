@@ -242,8 +242,8 @@ def test_running_app_through_gradio_client(settings):
     demo = launch(settings, port=_free_port(), block=False)
     try:
         assert demo.server_name == "127.0.0.1"  # local only unless --listen / --share
-        jobs = [fn for fn in demo.fns.values() if fn.api_name in ("generate", "grid", "train")]
-        assert len(jobs) == 3 and {fn.concurrency_id for fn in jobs} == {"model"}  # one queue for model work ...
+        jobs = [fn for fn in demo.fns.values() if fn.api_name in ("generate", "grid", "train", "resume")]
+        assert len(jobs) == 4 and {fn.concurrency_id for fn in jobs} == {"model"}  # one queue for model work ...
         assert demo._queue.default_concurrency_limit == 1  # ... running one job at a time
         (stop,) = [fn for fn in demo.fns.values() if fn.api_name == "stop_train"]
         assert not stop.queue and stop.concurrency_id != "model"  # Stop does not wait behind the training
@@ -452,7 +452,8 @@ def test_lora_browser_facts_families_and_switching_on(engine, settings):
 
     info = describe_lora(settings, ALPHA)
     assert (info.family, info.method, info.rank, info.trained) == ("SD 1.x", "LoRA", "4", "epoch 2, step 2")
-    assert info.size == (settings.lora_dir / ALPHA).stat().st_size and info.triggers[-1] == "alpha"  # output name
+    assert info.size == (settings.lora_dir / ALPHA).stat().st_size
+    assert info.triggers[0] == "zkstyle" and info.triggers[-1] == "alpha"  # the top caption tag ... the output name
     # An SDXL LoRA (its te1/te2 keys say so) with a trigger phrase and caption tags.
     xl = settings.lora_dir / "xl.safetensors"
     save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(8, 32),
