@@ -140,6 +140,11 @@ def test_batch_size_numbers_seeds_as_a1111_and_the_png_gives_the_batch_back(engi
         assert first.tobytes() == second.tobytes()
     with pytest.raises(gr.Error, match="batch size 65"):
         run_generate(engine, *COMMON, 7, 1, *slots(), batch_size=65)
+    out = settings.out_dir.parent / "cli-batch"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "zkstyle, a boat", "--steps", "2", "--width", "64",
+                 "--height", "64", "--seed", "9", "--batch-size", "2", "--out", str(out)]) == 0
+    with Image.open(out / "00002-10.png") as cli_png, Image.open(gallery[3][0]) as app_png:  # the same batch
+        assert cli_png.tobytes() == app_png.tobytes() and cli_png.info["parameters"] == app_png.info["parameters"]
 
 
 def test_read_parameters_of_a_plain_png_changes_nothing(settings, tmp_path):
