@@ -38,6 +38,10 @@ ROWS = [
     ("LoRA+ (B lr x16)", ["train.loraplus_lr_ratio=16.0"]),
     ("DoRA", ["lora.method=dora"]),
     ("AdaLoRA (16 -> 8 avg)", ["lora.method=adalora", "lora.adalora_init_rank=16"]),
+    # LyCORIS, at LoRA's file size (rank 8: 274,432 values): LoHa's two rank-4 products hold exactly as many, LoKr's
+    # Kronecker factors (the small one 2 x 2, the other rank 16) 262,496; alpha = rank, scale 1 as LoRA's.
+    ("LoHa", ["lora.method=loha", "lora.rank=4", "lora.alpha=4.0"]),
+    ("LoKr", ["lora.method=lokr", "lora.decompose_factor=2", "lora.rank=16", "lora.alpha=16.0"]),
     ("QLoRA-style, nf4 base", ["model.quantize_base=nf4"]),
     # fp8 storage needs gradient checkpointing (see sdlora/models/quantize.py).
     ("QLoRA-style, fp8 base", ["model.quantize_base=fp8", "train.gradient_checkpointing=true"]),
@@ -45,7 +49,7 @@ ROWS = [
     # without the trigger), class images the base model draws itself, and base-prediction preservation.
     ("LoRA + reg images", [f'data.reg_dirs=["{REG_IMAGES}"]']),
     ("LoRA + auto class images", ["data.class_images_per_image=1"]),
-    ("LoRA + base-prediction preservation", ["train.preservation_weight=1.0"]),
+    ("LoRA + base-prediction preservation", ["train.preservation_weight=0.1"]),
     # Training options of issue 21 on the plain LoRA.
     ("LoRA + EMA 0.99", ["train.ema_decay=0.99"]),
     ("LoRA, logit-normal timesteps", ["train.timestep_sampling=logit_normal"]),
