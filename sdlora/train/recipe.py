@@ -1,6 +1,7 @@
-"""The LoRA training recipe. `train(cfg)` sets up in named phases (accelerator, data, models and adapters, caches,
-optimizer and schedules, restore) and then loops; each step is forward/backward, a guarded optimizer step, and what
-`due_after` says is due after it (log, save, validate, sample).
+"""The LoRA training recipe. `train(cfg)` sets up in named phases (accelerator, data, class images, models and
+adapters, caches, optimizer and schedules, restore) and then loops; each step is forward/backward (with the
+preservation term when asked), a guarded optimizer step, and what `due_after` says is due after it (log, save,
+validate, sample, stop early).
 
 Every random choice in a step (noise, timesteps, augmentation, dropout) is derived from (seed, step) or
 (seed, epoch, position), never from RNG state carried between steps; that is what makes a resumed run
@@ -381,8 +382,7 @@ def _announce(run: Run, data: Data, models: Models, opt: Optimization) -> None:
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accelerator.num_processes / t.gradient_accumulation_steps))
     logger.info(
         "***** Running training *****\n"
-        f"  images: {len(data.records)} ({sum(r.repeats for r in data.records)} with repeats), buckets: "
-        f"{bucket_summary(data.records)}\n"
+        f"  images: {_counts(data.records)}, buckets: {bucket_summary(data.records)}\n"
         f"  batch size per device: {t.batch_size}, processes: {accelerator.num_processes}, "
         f"accumulation: {t.gradient_accumulation_steps}\n"
         f"  steps: {t.max_train_steps} (~{steps_per_epoch} per epoch), mixed precision: {t.mixed_precision}, "
@@ -689,6 +689,17 @@ def _finish(run: Run, models: Models, step_seconds: list[float], history: list[d
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _counts(records: list[ImageRecord]) -> str:
+    """"20 (40 with repeats)", and the regularization images the same way when there are any."""
+    parts = []
+    for reg in (False, True):
+        chosen = [r for r in records if r.is_reg == reg]
+        if chosen:
+            parts.append(f"{len(chosen)} ({sum(r.repeats for r in chosen)} with repeats)"
+                         + (" regularization" if reg else ""))
+    return " + ".join(parts)
 
 
 def _dataset_dirs(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
