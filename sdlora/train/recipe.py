@@ -1,7 +1,7 @@
 """The LoRA training recipe. `train(cfg)` sets up in named phases (accelerator, data, class images, models and
 adapters, caches, optimizer and schedules, restore) and then loops; each step is forward/backward (with the
 preservation term when asked), a guarded optimizer step, and what `due_after` says is due after it (log, save,
-validate, sample, stop early).
+validate, sample); early stopping can end the loop after a validation.
 
 Every random choice in a step (noise, timesteps, augmentation, dropout) is derived from (seed, step) or
 (seed, epoch, position), never from RNG state carried between steps; that is what makes a resumed run
