@@ -236,6 +236,29 @@ def test_generator_and_merge_load_a_file_blended_with_a_lora(trained, tmp_path, 
     assert np.abs(_image(merged) - blended).max() <= 1
 
 
+def test_sdxl_file_loads_into_every_component_at_its_weight(trained, tmp_path):
+    base, layers = trained("tiny-sdxl", "lora.method=lokr", "lora.rank=2", "lora.decompose_factor=4")
+    path = save_kohya_lora(layers, "sdxl", tmp_path / "xl.safetensors", {}, torch.float32, dict(base.unet.config))
+    pipe = load_pipeline("tiny-sdxl")
+    cache = LoraCache(pipe)
+    cache.activate([LoraSpec(path, 0.5)])
+    assert cache.notes == {} and set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    loaded, trained_layers = _peft_layers_of(pipe), _peft_layers(base)
+    assert {c: set(m) for c, m in loaded.items()} == {c: set(m) for c, m in trained_layers.items()}
+    for component, modules in loaded.items():
+        for name, layer in modules.items():
+            (adapter,) = layer.active_adapters
+            want = 0.5 * trained_layers[component][name].get_delta_weight(ADAPTER).detach()
+            torch.testing.assert_close(layer.get_delta_weight(adapter), want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _peft_layers_of(pipe) -> dict[str, dict[str, torch.nn.Module]]:
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return {c: {n: m for n, m in getattr(pipe, c).named_modules() if isinstance(m, LycorisLayer)}
+            for c in pipe.get_list_adapters()}
+
+
 def test_others_files_load_with_any_factor_layout(tmp_path):
     """A file as LyCORIS writes it with other settings than ours: LoKr with both factors low-rank (decompose_both)
     or none (full matrices, alpha unused), LoHa without alpha, LoRA modules beside them (a per-module algo map), a
