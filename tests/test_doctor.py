@@ -178,6 +178,9 @@ def test_caption_prefix_counts_towards_the_token_limit(tmp_path, tokenizer):
     assert [f.path.name for f in diagnose(DataConfig(dirs=[str(tmp_path)], **SMALL), tokenizer).findings] == ["a.txt"]
     prefixed = diagnose(DataConfig(dirs=[str(tmp_path)], caption_prefix="zkstyle", **SMALL), tokenizer)
     assert sorted(f.path.name for f in prefixed.findings) == ["a.txt", "b.txt"]
+    longer = diagnose(DataConfig(dirs=[str(tmp_path)], max_token_length=150, **SMALL), tokenizer)  # 2 chunks read
+    assert longer.findings == []
+    assert "or raise data.max_token_length" in str(prefixed.findings[0])
 
 
 def test_format_report_is_one_line_per_finding(messy):

@@ -42,7 +42,7 @@ from sdlora.data.dataset import (
     trigger_of,
 )
 from sdlora.errors import DatasetError
-from sdlora.models.clip_tokenizer import CLIP_TOKENS, load_clip_tokenizer
+from sdlora.models.clip_tokenizer import load_clip_tokenizer
 
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 
@@ -108,7 +108,7 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
         small (warning; info under 1.25x): upscaled to its bucket by how much, or shrunk to a smaller bucket.
         aspect (warning): more than 4:1, with the share its bucket crops away.
         caption-missing, caption-empty (warning): the image trains on an empty caption (or only the prefix).
-        caption-long (warning): over 75 CLIP tokens after the prefix; the rest is truncated.
+        caption-long (warning): over `cfg.max_token_length` CLIP tokens after the prefix; the rest is truncated.
         duplicate, near-duplicate (warning): same bytes (sha256), or 8x8 DCT pHash within 4 bits and close colours.
         converted (info): CMYK, 16-bit, palette, grayscale or alpha (composited on white) become 8-bit RGB.
         exif-rotated (info): EXIF orientation is applied, so the image trains as viewers show it.
@@ -312,11 +312,13 @@ def _caption_findings(records: list[ImageRecord], cfg: DataConfig, tokenizer) ->
                 findings.append(Finding("warning", "caption-missing", record.path,
                                         f"no caption ({names} or a metadata.jsonl entry); it trains on an empty "
                                         f"caption{prefix}"))
-        if len(tokens) > CLIP_TOKENS:
-            cut = tokenizer.decode(tokens[CLIP_TOKENS:CLIP_TOKENS + 8])
+        limit = cfg.max_token_length
+        if len(tokens) > limit:
+            cut = tokenizer.decode(tokens[limit:limit + 8])
+            longer = " or raise data.max_token_length (150, 225)" if limit < 225 else ""
             findings.append(Finding("warning", "caption-long", sidecar or record.path,
-                                    f"caption is {len(tokens)} CLIP tokens; training keeps the first {CLIP_TOKENS} "
-                                    f"and cuts the rest, from {cut!r}; shorten it"))
+                                    f"caption is {len(tokens)} CLIP tokens; training keeps the first {limit} and cuts "
+                                    f"the rest, from {cut!r}; shorten it{longer}"))
     return findings
 
 
