@@ -205,27 +205,12 @@ def _adapter_weight(layers: torch.nn.ModuleDict) -> torch.Tensor:
     return cast(torch.Tensor, layers[ADAPTER].weight)
 
 
-class LoraAdapters:
-    """LoRA, DoRA or PiSSA on the trained components of one run (see `adapters.methods.Adapters`): peft's layers,
-    nothing to do between steps, and for PiSSA the initial factors the export needs."""
+class StepFreeAdapters:
+    """The part of `adapters.methods.Adapters` for methods that are peft's layers and nothing else: no loss term, no
+    work between steps, no state beside the weights."""
 
     needs_each_flag = False
     extra_states: tuple[str, ...] = ()
-
-    def __init__(self, cfg: LoraConfig, total_steps: int):
-        self.cfg = cfg
-        self.pissa_start: dict[str, dict[str, LoraWeights]] = {}  # component -> PiSSA's initial factors
-
-    def inject(self, model: torch.nn.Module, component: str,
-               start: Mapping[str, LoraWeights] | None = None) -> list[str]:
-        names = inject_lora(model, component, self.cfg, start)
-        if self.cfg.init == "pissa":
-            self.pissa_start[component] = lora_layers(model)
-        return names
-
-    def layers(self, component: str, model: torch.nn.Module) -> dict[str, LoraWeights]:
-        layers = lora_layers(model)
-        return pissa_as_lora(layers, self.pissa_start[component]) if component in self.pissa_start else layers
 
     def penalty(self) -> float:
         return 0.0
@@ -241,6 +226,26 @@ class LoraAdapters:
 
     def report(self, out) -> str:
         return ""
+
+
+class LoraAdapters(StepFreeAdapters):
+    """LoRA, DoRA or PiSSA on the trained components of one run (see `adapters.methods.Adapters`): peft's layers,
+    nothing to do between steps, and for PiSSA the initial factors the export needs."""
+
+    def __init__(self, cfg: LoraConfig, total_steps: int):
+        self.cfg = cfg
+        self.pissa_start: dict[str, dict[str, LoraWeights]] = {}  # component -> PiSSA's initial factors
+
+    def inject(self, model: torch.nn.Module, component: str,
+               start: Mapping[str, LoraWeights] | None = None) -> list[str]:
+        names = inject_lora(model, component, self.cfg, start)
+        if self.cfg.init == "pissa":
+            self.pissa_start[component] = lora_layers(model)
+        return names
+
+    def layers(self, component: str, model: torch.nn.Module) -> dict[str, LoraWeights]:
+        layers = lora_layers(model)
+        return pissa_as_lora(layers, self.pissa_start[component]) if component in self.pissa_start else layers
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

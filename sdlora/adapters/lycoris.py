@@ -23,7 +23,7 @@ from peft.tuners.lokr.layer import make_weight_cp
 from peft.tuners.lycoris_utils import LycorisLayer
 
 from sdlora.adapters.files import LYCORIS_NAMES, LYCORIS_PARTS, lycoris_missing, lycoris_rank
-from sdlora.adapters.lora import ADAPTER, LoraWeights, target_module_names
+from sdlora.adapters.lora import ADAPTER, LoraWeights, StepFreeAdapters, target_module_names
 from sdlora.config import LoraConfig
 from sdlora.errors import LoraFileError
 
@@ -68,12 +68,9 @@ def lycoris_weights(layer: LoHaLayer | LoKrLayer, algo: str, adapter: str = ADAP
     return LycorisWeights(algo, parts, float(lycoris_rank(parts) or layer.r[adapter]))
 
 
-class LycorisAdapters:
+class LycorisAdapters(StepFreeAdapters):
     """LoHa or LoKr (lora.method) on the trained components of one run (see `adapters.methods.Adapters`): peft's
     layers on the modules plain LoRA adapts, nothing to do between steps."""
-
-    needs_each_flag = False
-    extra_states: tuple[str, ...] = ()
 
     def __init__(self, cfg: LoraConfig, total_steps: int):
         self.cfg = cfg
@@ -108,21 +105,6 @@ class LycorisAdapters:
         algo = self.cfg.method
         return {name: lycoris_weights(module, algo) for name, module in model.named_modules()
                 if isinstance(module, _LAYERS[algo]) and ADAPTER in module._available_adapters}
-
-    def penalty(self) -> float:
-        return 0.0
-
-    def after_step(self, step: int, finite: bool) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, states: dict) -> None:
-        pass
-
-    def report(self, out) -> str:
-        return ""
 
 
 def load_lycoris(model: torch.nn.Module, adapter: str, algo: str,
