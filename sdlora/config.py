@@ -204,6 +204,9 @@ class TrainConfig:
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = 0
+    # cosine_with_restarts: the number of hard restarts (kohya's lr_scheduler_num_cycles); polynomial: its power.
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
     # LoRA+ (arXiv 2402.12354): the up (B) matrices learn this many times faster; 0 disables.
     loraplus_lr_ratio: float = 0.0
     # "auto": bf16 on a GPU that has it (Ampere and newer), fp16 on an older GPU, fp32 ("no") on a CPU.
@@ -571,6 +574,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         (t.max_train_steps >= 1, "train.max_train_steps: must be at least 1"),
         (t.batch_size >= 1, "train.batch_size: must be at least 1"),
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be at least 1"),
+        (t.lr_scheduler_num_cycles >= 1, "train.lr_scheduler_num_cycles: must be at least 1"),
+        (_positive(t.lr_scheduler_power), "train.lr_scheduler_power: must be a finite number > 0"),
         (_positive(t.learning_rate), "train.learning_rate: must be a finite number > 0"),
         (t.unet_lr is None or _non_negative(t.unet_lr), "train.unet_lr: must be a finite number >= 0"),
         (t.text_encoder_lr is None or _non_negative(t.text_encoder_lr),

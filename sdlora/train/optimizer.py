@@ -11,6 +11,16 @@ from sdlora.config import TrainConfig
 from sdlora.errors import TrainingError
 
 
+def make_lr_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' schedule `train.lr_scheduler` over the run, with its warm-up, restarts (cosine_with_restarts) or
+    power (polynomial)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                         num_training_steps=t.max_train_steps, num_cycles=t.lr_scheduler_num_cycles,
+                         power=t.lr_scheduler_power)
+
+
 def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: bool) -> torch.optim.Optimizer:
     """The optimizer over the adapters; `fused` (AdamW on a GPU) also lets the loop skip NaN steps without a sync.
 

@@ -52,7 +52,7 @@ from sdlora.train.class_images import draw_class_images, plan_class_images
 from sdlora.train.deferred import SkippedSteps, StepClock, skips_on_device, speed_stats
 from sdlora.train.ema import AdapterEMA
 from sdlora.train.loss import compute_loss
-from sdlora.train.optimizer import make_optimizer
+from sdlora.train.optimizer import make_lr_scheduler, make_optimizer
 from sdlora.train.plan import check_fits, offloads
 from sdlora.train.preservation import adapters_off, preservation_loss, preservation_prompts
 from sdlora.train.validation import (
@@ -332,13 +332,11 @@ def _setup_caches(run: Run, data: Data, models: Models) -> Caches:
 def _setup_optimizer(run: Run, models: Models) -> Optimization:
     """The optimizer over the adapters, the LR schedule, the noise schedule; accelerate wraps the trained models."""
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     cfg, t = run.cfg, run.cfg.train
     optimizer = make_optimizer(t, {name: models.modules[name] for name in models.trained},
                                fused=run.device.type == "cuda")
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_train_steps)
+    lr_scheduler = make_lr_scheduler(t, optimizer)
     prediction_type = cfg.model.prediction_type or models.base.prediction_type
     noise_scheduler = DDPMScheduler.from_config(
         models.base.scheduler_config, prediction_type=prediction_type, rescale_betas_zero_snr=t.zero_terminal_snr
