@@ -197,7 +197,10 @@ class TrainConfig:
     # UNet / text encoder learning rates; unset means learning_rate.
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    # "adamw_schedulefree": schedule-free AdamW (arXiv 2405.15682, `pip install 'sdlora[schedulefree]'`): no LR
+    # schedule (lr_scheduler stays "constant"; lr_warmup_steps warms up inside the optimizer), and the files,
+    # samples and validation use the average it keeps.
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree"] = "adamw"
     weight_decay: float = 1e-2
     # diffusers scheduler names.
     lr_scheduler: Literal[
@@ -593,6 +596,10 @@ def _check_ranges(cfg: Config) -> list[str]:
         (t.multires_noise_iterations >= 0 and 0 < t.multires_noise_discount <= 1,
          "train.multires_noise_iterations: must be >= 0, multires_noise_discount in (0, 1]"),
         (0 <= t.ema_decay < 1, "train.ema_decay: must be in [0, 1) (0 = off)"),
+        (t.optimizer != "adamw_schedulefree" or t.lr_scheduler == "constant",
+         "train.lr_scheduler: schedule-free AdamW needs none; keep \"constant\" (lr_warmup_steps still warms up)"),
+        (not (t.optimizer == "adamw_schedulefree" and t.ema_decay),
+         "train.ema_decay: schedule-free AdamW already averages its iterates; use one of the two"),
         (t.ema_update_every >= 1, "train.ema_update_every: must be at least 1"),
         (not (t.ema_decay and lo.method == "adalora"),
          "train.ema_decay: AdaLoRA prunes ranks by zeroing their weights, which an average would bring back; use one "

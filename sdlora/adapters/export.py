@@ -351,6 +351,7 @@ _OPTIMIZER_NAMES = {
     "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
     "prodigy": "prodigyopt.prodigy.Prodigy",
     "adafactor": "transformers.optimization.Adafactor",
+    "adamw_schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
 }
 
 

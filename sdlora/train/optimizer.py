@@ -1,7 +1,11 @@
-"""The optimizer over a run's adapters: AdamW (fused on a GPU), 8-bit AdamW, Prodigy or Adafactor, with LoRA+'s
-learning rates for the up matrices and a learning rate per model."""
+"""The optimizer over a run's adapters: AdamW (fused on a GPU), 8-bit AdamW, Prodigy, Adafactor or schedule-free
+AdamW, with LoRA+'s learning rates for the up matrices and a learning rate per model; the LR schedule."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol, cast
 
 import torch
 
@@ -16,9 +20,39 @@ def make_lr_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch
     power (polynomial)."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+    warmup = 0 if t.optimizer == "adamw_schedulefree" else t.lr_warmup_steps  # schedule-free warms up itself
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup,
                          num_training_steps=t.max_train_steps, num_cycles=t.lr_scheduler_num_cycles,
                          power=t.lr_scheduler_power)
+
+
+class _ScheduleFree(Protocol):
+    param_groups: list[dict]
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer: torch.optim.Optimizer | _ScheduleFree) -> Iterator[None]:
+    """Schedule-free AdamW's weights to evaluate and save (its average x) in the parameters, and afterwards the
+    training weights exactly as they were: its own train() would bring them back only up to rounding, and a resumed
+    run, which never left training mode, would then differ. Other optimizers: nothing to do."""
+    if "train_mode" not in optimizer.param_groups[0]:  # not schedule-free
+        yield
+        return
+    optimizer = cast(_ScheduleFree, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for p, k in zip(params, kept):
+                p.copy_(k)
 
 
 def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: bool) -> torch.optim.Optimizer:
@@ -39,6 +73,15 @@ def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: b
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused or None,
                                  foreach=None if fused else True)
+    if t.optimizer == "adamw_schedulefree":
+        try:
+            import schedulefree
+        except ImportError:
+            raise TrainingError("train.optimizer = \"adamw_schedulefree\" needs schedulefree: "
+                                "pip install 'sdlora[schedulefree]'") from None
+        optimizer = schedulefree.AdamWScheduleFree(groups, weight_decay=t.weight_decay, warmup_steps=t.lr_warmup_steps)
+        optimizer.train()  # it starts in evaluation mode
+        return optimizer
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 

@@ -37,7 +37,8 @@ GB = 1e9
 OVERHEAD = 0.15  # share added for what the trace cannot see (see the module docstring)
 CUDA_CONTEXT_GB = 0.5  # the CUDA context and kernels live outside PyTorch's allocator
 # Bytes per trainable parameter: fp32 weight + fp32 grad + optimizer state.
-OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 4 + 4, "prodigy": 4 + 4 + 16}
+OPTIMIZER_BYTES = {"adamw": 4 + 4 + 8, "adamw8bit": 4 + 4 + 2, "adafactor": 4 + 4 + 4, "prodigy": 4 + 4 + 16,
+                   "adamw_schedulefree": 4 + 4 + 8}  # its z sequence and second moment
 # bitsandbytes keeps 32-bit state for tensors smaller than this (its optimizers' min_8bit_size): a rank-4 LoRA
 # factor of a 320- or 768-wide layer is one of them.
 BNB_MIN_8BIT_SIZE = 4096

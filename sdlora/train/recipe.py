@@ -52,7 +52,7 @@ from sdlora.train.class_images import draw_class_images, plan_class_images
 from sdlora.train.deferred import SkippedSteps, StepClock, skips_on_device, speed_stats
 from sdlora.train.ema import AdapterEMA
 from sdlora.train.loss import compute_loss
-from sdlora.train.optimizer import make_lr_scheduler, make_optimizer
+from sdlora.train.optimizer import evaluation_weights, make_lr_scheduler, make_optimizer
 from sdlora.train.plan import check_fits, offloads
 from sdlora.train.preservation import adapters_off, preservation_loss, preservation_prompts
 from sdlora.train.validation import (
@@ -149,8 +149,9 @@ class Optimization:
     ema: AdapterEMA | None  # train.ema_decay's average of the adapter weights
 
     def averaged(self) -> contextlib.AbstractContextManager:
-        """The weights files, samples and validation see: the EMA's when there is one."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        """The weights files, samples and validation see: the EMA's when there is one, schedule-free AdamW's
+        average with that optimizer (the config allows one of the two)."""
+        return self.ema.applied() if self.ema is not None else evaluation_weights(self.optimizer.optimizer)
 
 
 @dataclass
