@@ -267,7 +267,7 @@ def test_preservation_doubles_the_activations_as_the_memory_planner_counts(sd15_
     def with_preservation():
         prompts = states.flip(0)  # the preservation prompts' states: other tensors than the captions'
         return denoising() + preservation_loss(unet, scheduler, latents, (prompts, None), (prompts, None), None,
-                                               torch.Generator().manual_seed(3), torch.float32, [unet])
+                                               torch.Generator().manual_seed(3), torch.float32, [unet], cfg.train)
 
     assert _saved_bytes(with_preservation, unet) / _saved_bytes(denoising, unet) == pytest.approx(2.0, rel=0.01)
     traced = plan.trace(load_config(None, ['model.base_model="tiny-sd15"']))

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from sdlora.config import Config
+from sdlora.config import Config, TrainConfig
 from sdlora.data.dataset import trigger_of, without_trigger
+from sdlora.train.loss import sample_timesteps
 
 
 @contextlib.contextmanager
@@ -46,17 +47,17 @@ def preservation_prompts(captions: list[str], step: int, cfg: Config) -> list[st
 def preservation_loss(unet: torch.nn.Module, noise_scheduler, latents: torch.Tensor,
                       adapted: tuple[torch.Tensor, torch.Tensor | None], base: tuple[torch.Tensor, torch.Tensor | None],
                       time_ids: torch.Tensor | None, generator: torch.Generator, weight_dtype: torch.dtype,
-                      trained: list[torch.nn.Module]) -> torch.Tensor:
+                      trained: list[torch.nn.Module], t: TrainConfig) -> torch.Tensor:
     """The mean squared distance between the adapted UNet's prediction and the base's (the adapters of `trained`
-    off) on `latents` noised at fresh random timesteps.
+    off) on `latents` noised at fresh timesteps, drawn as training draws them (train.timestep_sampling and range).
 
     Args:
         adapted, base: (cross-attention states, SDXL pooled embeds) of the preservation prompts as the adapted and
             the base text encoders give them (the same when the encoders are not trained).
     """
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device=generator.device).to(latents.device)
+    timesteps = sample_timesteps(t, noise_scheduler.config.num_train_timesteps, latents.shape[0],
+                                 generator).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
 
     def predict(states: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:

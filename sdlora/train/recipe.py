@@ -572,7 +572,7 @@ def _preservation(run: Run, models: Models, caches: Caches, opt: Optimization, b
         with torch.set_grad_enabled(any(name != "unet" for name in models.trained)):
             adapted = encode_prompt(models.base.arch, encoders, ids)
     return cfg.train.preservation_weight * preservation_loss(unet, opt.noise_scheduler, latents, adapted, base,
-                                                             time_ids, generator, run.weight_dtype, trained)
+                                                             time_ids, generator, run.weight_dtype, trained, cfg.train)
 
 
 def _guarded_step(run: Run, models: Models, opt: Optimization, params: list[torch.nn.Parameter],
