@@ -148,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
                                      "data.trigger_word, else data.caption_prefix)")
     p.set_defaults(func=_cmd_doctor)
 
+    p = sub.add_parser("import-kohya", help="translate a kohya sd-scripts / kohya_ss config into an sdlora config",
+                       description="Read a kohya training config (sd-scripts --config_file TOML or the kohya_ss "
+                                   "GUI's JSON) and its dataset config, write the sdlora TOML and list what maps and "
+                                   "what does not.")
+    p.add_argument("config", help="the kohya training config (.toml or .json)")
+    p.add_argument("--dataset-config", help="kohya's --dataset_config TOML ([[datasets]] / [[datasets.subsets]])")
+    p.add_argument("--out", required=True, help="the sdlora config to write (TOML; `sdlora train` runs it)")
+    p.set_defaults(func=_cmd_import_kohya)
+
     p = sub.add_parser("merge-into-base", help="fuse LoRAs into a base model and write the merged model",
                        description="Write BASE + weight * LoRA delta for each LoRA, as a diffusers folder or (OUT "
                                    "ending in .safetensors) a single-file checkpoint for A1111/ComfyUI.")
@@ -449,6 +458,19 @@ def _cmd_extract(args, extra) -> int:
                                torch_dtype(args.dtype))
     print(report.summary(verbose=args.verbose))
     print(f"LoRA written to {args.out}")
+    return 0
+
+
+def _cmd_import_kohya(args, extra) -> int:
+    from sdlora.atomic import write_text
+    from sdlora.config import dump_toml
+    from sdlora.ui.kohya_import import read_kohya_file, translate
+
+    dataset = read_kohya_file(args.dataset_config) if args.dataset_config else None
+    result = translate(read_kohya_file(args.config), dataset)
+    write_text(Path(args.out), dump_toml(result.config))
+    print(result.report())
+    print(f"sdlora config written to {args.out}; train with: sdlora train {args.out}")
     return 0
 
 

@@ -1,0 +1,145 @@
+"""`sdlora import-kohya`: kohya's training and dataset configs (shaped as sd-scripts' docs and the kohya_ss GUI write
+them) translate to sdlora configs that load and train, and what does not map is listed."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from sdlora.cli import main
+from sdlora.config import load_config
+from sdlora.errors import ConfigError
+from sdlora.train.recipe import train
+from sdlora.ui.kohya_import import translate
+
+# sd-scripts' --config_file: its arguments, grouped in tables of any name.
+TRAINING_TOML = '''
+[model_arguments]
+pretrained_model_name_or_path = "tiny-sd15"
+v2 = false
+
+[additional_network_arguments]
+network_module = "networks.lora"
+network_dim = 4
+network_alpha = 2
+network_train_unet_only = false
+
+[optimizer_arguments]
+optimizer_type = "AdamW"
+learning_rate = 1e-3
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 2
+lr_warmup_steps = 1
+
+[training_arguments]
+output_dir = "{out}"
+output_name = "from_kohya"
+save_precision = "fp16"
+save_every_n_epochs = 0
+max_train_steps = 3
+train_batch_size = 2
+mixed_precision = "no"
+seed = 7
+clip_skip = 2
+max_token_length = 150
+prior_loss_weight = 0.5
+huber_schedule = "snr"
+max_train_epochs = 10
+xformers = true
+'''
+
+# sd-scripts' docs/config_README: [general], a DreamBooth dataset with two subsets and a reg subset.
+DATASET_TOML = '''
+[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+keep_tokens = 1
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+
+  [[datasets.subsets]]
+  image_dir = "{data}"
+  num_repeats = 2
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = "{reg}"
+  num_repeats = 2
+  class_tokens = "drawing"
+'''
+
+# What the kohya_ss GUI saves (numbers often as strings).
+GUI_JSON = {
+    "LoRA_type": "LyCORIS/LoHa", "pretrained_model_name_or_path": "tiny-sd15", "train_data_dir": "imgs",
+    "reg_data_dir": "", "output_dir": "out", "output_name": "gui", "network_dim": 8, "network_alpha": 4,
+    "optimizer": "AdamW8bit", "learning_rate": 0.0001, "max_resolution": "512,512", "train_batch_size": 1,
+    "clip_skip": "1", "keep_tokens": "0", "cache_latents": True, "cache_latents_to_disk": True, "epoch": 20,
+    "lr_scheduler": "constant", "mixed_precision": "bf16", "save_precision": "bf16", "flip_aug": False,
+    "color_aug": True, "bucket_no_upscale": True, "max_train_steps": "", "stop_text_encoder_training": 0,
+}
+
+
+def test_training_and_dataset_configs_translate_and_train(dataset, tmp_path, capsys):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for src in sorted(dataset.glob("*.png"))[:2]:
+        (reg / src.name).write_bytes(src.read_bytes())
+        (reg / src.with_suffix(".txt").name).write_text("a plain picture", encoding="utf-8")
+    training = tmp_path / "kohya.toml"
+    training.write_text(TRAINING_TOML.format(out=(tmp_path / "run").as_posix()))
+    data = tmp_path / "dataset.toml"
+    data.write_text(DATASET_TOML.format(data=dataset.as_posix(), reg=reg.as_posix()))
+    out = tmp_path / "sdlora.toml"
+    assert main(["import-kohya", str(training), "--dataset-config", str(data), "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "network_dim = 4 -> lora.rank = 4" in report
+    assert "max_train_epochs / epoch = 10: sdlora counts train.max_train_steps" in report
+    assert "xformers = True: sdlora has no such setting" in report
+    assert "class_tokens = 'drawing'" in report
+    cfg = load_config(out)
+    assert cfg.data.dirs == [dataset.as_posix()] and cfg.data.reg_dirs == [reg.as_posix()]
+    assert (cfg.data.repeats, cfg.data.shuffle_caption, cfg.data.keep_tokens, cfg.data.resolution) == (2, True, 1, 64)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.method, cfg.lora.targets) == (4, 2.0, "lora", "attn_mlp")
+    assert (cfg.train.lr_scheduler_num_cycles, cfg.train.prior_loss_weight, cfg.model.clip_skip) == (2, 0.5, 2)
+    assert cfg.data.max_token_length == 150 and cfg.train.batch_size == 2 and cfg.export.dtype == "fp16"
+    path = train(cfg)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_num_reg_images"] == "4" and meta["ss_seed"] == "7"
+
+
+def test_the_kohya_ss_gui_json_translates():
+    result = translate(GUI_JSON)
+    cfg = result.config
+    assert (cfg.lora.method, cfg.lora.rank, cfg.train.optimizer, cfg.data.cache_latents) == (
+        "loha", 8, "adamw8bit", "disk")
+    assert cfg.data.resolution == 512 and cfg.data.max_upscale == 1.0 and cfg.export.dtype == "bf16"
+    assert cfg.model.clip_skip == 1 and cfg.data.dirs == ["imgs"] and cfg.data.reg_dirs == []
+    assert any(line.startswith("color_aug = True: sdlora has no such setting") for line in result.unmapped)
+    assert not any("stop_text_encoder_training" in line for line in result.unmapped)  # 0: nothing lost
+
+
+def test_what_cannot_map_is_reported_or_refused():
+    result = translate({"resolution": "512,768", "optimizer_type": "Lion", "network_module": "networks.oft"})
+    assert any("not square" in line for line in result.unmapped)
+    assert any("'Lion' has no sdlora counterpart" in line for line in result.unmapped)
+    assert any("networks.oft" in line for line in result.unmapped)
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        translate({"learning_rate": -1})
+
+
+def test_subsets_with_different_options_are_reported(tmp_path):
+    dataset = {"datasets": [{"subsets": [{"image_dir": "a", "num_repeats": 1, "flip_aug": True},
+                                         {"image_dir": "b", "num_repeats": 3, "flip_aug": False}]}]}
+    result = translate({}, dataset)
+    assert result.config.data.dirs == ["a", "b"]
+    assert any(line.startswith("flip_aug: differs between subsets") for line in result.unmapped)
+    assert any(line.startswith("num_repeats: differs between subsets ([1, 3])") for line in result.unmapped)
+    assert json.loads(json.dumps(result.mapped))  # plain strings
