@@ -2,7 +2,6 @@
 them) translate to sdlora configs that load and train, and what does not map is listed."""
 
 import json
-from pathlib import Path
 
 import pytest
 from safetensors import safe_open
