@@ -467,10 +467,10 @@ def test_lora_browser_facts_families_and_switching_on(engine, settings):
                         "ss_tag_frequency": json.dumps({"5_xl": {"xlstyle": 9, "a red car": 4, "night": 6}})})
     try:
         rows = {row[0]: row for row in lora_table(settings, "tiny-sd15")}
-        assert rows[ALPHA][1:5] == ["SD 1.x", "LoRA", "4", f"{info.size / 2**20:.1f} MB"]
-        assert rows[ALPHA][-1] == "yes" and rows["xl.safetensors"][-1] == "no (SDXL)"
-        assert rows["xl.safetensors"][6] == "xlstyle, night, a red car"  # the phrase, then tags by frequency
-        assert {r[0]: r[-1] for r in lora_table(settings, "tiny-sdxl")}[ALPHA] == "no (SD 1.x)"
+        assert rows[ALPHA][1:6] == ["SD 1.x", "yes", "LoRA", "4", f"{info.size / 2**20:.1f} MB"]
+        assert rows["xl.safetensors"][2] == "no (SDXL)"
+        assert rows["xl.safetensors"][7] == "xlstyle, night, a red car"  # the phrase, then tags by frequency
+        assert {r[0]: r[2] for r in lora_table(settings, "tiny-sdxl")}[ALPHA] == "no (SD 1.x)"
         # Another family cannot be switched on: its slot box is locked, "switch on" refuses with the fix.
         assert slot_switch(settings, "tiny-sd15", "xl.safetensors").interactive is False
         assert slot_switch(settings, "tiny-sdxl", "xl.safetensors").interactive is True

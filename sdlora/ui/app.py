@@ -151,7 +151,7 @@ def lora_choices(settings: AppSettings) -> list[str]:
 # The LoRA browser: what each file is, and whether it fits the base model
 # --------------------------------------------------------------------------------------------------------------
 
-LORA_COLUMNS = ["LoRA", "family", "method", "rank", "size", "trained", "trigger words", "for this model"]
+LORA_COLUMNS = ["LoRA", "family", "for this model", "method", "rank", "size", "trained", "trigger words"]
 
 
 @dataclass
@@ -242,8 +242,8 @@ def lora_table(settings: AppSettings, model: str | None) -> list[list[str]]:
     for name in lora_choices(settings):
         info = describe_lora(settings, name)
         fits = "yes" if not lora_fits(info, family) else ("unreadable" if info.problem else f"no ({info.family})")
-        rows.append([name, info.family, info.method or "?", info.rank, f"{info.size / 2**20:.1f} MB", info.trained,
-                     ", ".join(info.triggers[:4]), fits])
+        rows.append([name, info.family, fits, info.method or "?", info.rank, f"{info.size / 2**20:.1f} MB",
+                     info.trained, ", ".join(info.triggers[:4])])
     return rows
 
 
@@ -1286,6 +1286,10 @@ def build_app(settings: AppSettings):
         model.change(partial(lora_table, settings), model, lora_list, api_visibility="private")
         def pick_row(evt: gr.SelectData):
             return evt.row_value[0]
+
+        # gradio hands the selection to a parameter annotated gr.SelectData; this module's annotations are strings
+        # (from __future__ import annotations) that gradio cannot resolve to the class imported in this function.
+        pick_row.__annotations__["evt"] = gr.SelectData
 
         lora_list.select(pick_row, None, browse, api_visibility="private")
         browse.change(partial(lora_details, settings), [model, browse], [browse_image, browse_info, browse_words,
