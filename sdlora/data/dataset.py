@@ -116,7 +116,7 @@ def scan(cfg: DataConfig, base_dir: Path | None = None) -> Scan:
     roots = [(base / d).resolve() for d in cfg.dirs]
     for root in roots:
         try:
-            folders = _expand_folder(root, cfg.repeats)
+            folders = expand_folder(root, cfg.repeats)
         except DatasetError as e:
             result.findings.append(Finding("error", "dataset", None, str(e)))
             continue
@@ -155,7 +155,7 @@ def scan_dataset(cfg: DataConfig, base_dir: Path | None = None) -> list[ImageRec
     return result.records
 
 
-def _expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, str | None]]:
+def expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, str | None]]:
     """The folders to read for one `data.dirs` entry, each with its repeats and class text (None if none)."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: image folder not found; fix data.dirs")

@@ -905,10 +905,10 @@ def _dataset_folder(settings: AppSettings, dataset: str | None) -> Path:
 def _caption_images(folder: Path) -> dict[str, Path]:
     """{name relative to the dataset folder: image} of the images training reads there: the folder's own, or
     those of its kohya repeat subfolders (`10_name/`) when it has them (the dataset reader's rule)."""
-    from sdlora.data.dataset import _expand_folder, is_training_image
+    from sdlora.data.dataset import expand_folder, is_training_image
 
     images = {}
-    for sub, _, _ in _expand_folder(folder, 1):
+    for sub, _, _ in expand_folder(folder, 1):
         for path in sorted(p for p in sub.iterdir() if is_training_image(p)):
             images[path.relative_to(folder).as_posix()] = path
     return images
