@@ -535,14 +535,21 @@ def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sd
     fields = ["mini.toml", "imgs", "saved", "zkstyle", 4, 1e-3, 1]
     advanced = _advanced(local, lora__targets="attn_mlp", lora__train_text_encoder=False, lora__init="gaussian",
                          train__loraplus_lr_ratio=4.0, sample__prompts="zkstyle, a boat --d 3\n\n a tent ",
-                         train__save_every_n_steps=1.0)  # a whole float, as gr.Number sends it
+                         train__save_every_n_steps=1.0,  # a whole float, as gr.Number sends it
+                         train__ema_decay=0.9, model__clip_skip=2.0, train__min_timestep=100.0,
+                         train__max_timestep=900.0)
     cfg = train_config(local, *fields, advanced=advanced)
     assert (cfg.lora.targets, cfg.lora.train_text_encoder, cfg.lora.init, cfg.train.loraplus_lr_ratio) == (
         "attn_mlp", False, "gaussian", 4.0)
+    assert (cfg.train.ema_decay, cfg.model.clip_skip, cfg.train.min_timestep, cfg.train.max_timestep) == (
+        0.9, 2, 100, 900)
+    unset = train_config(local, *fields, advanced=_advanced(local, model__clip_skip=None, train__max_timestep=None))
+    assert unset.model.clip_skip is None and unset.train.max_timestep is None
     assert cfg.sample.prompts == ["zkstyle, a boat --d 3", "a tent"] and cfg.train.save_every_n_steps == 1
     # A bad value is refused with the CLI's own line (the same config code), through the app's error path.
     for key, bad, override in (("train__batch_size", 0.0, "train.batch_size=0"),
-                               ("data__resolution", 64.5, "data.resolution=64.5")):
+                               ("data__resolution", 64.5, "data.resolution=64.5"),
+                               ("train__ema_decay", 1.0, "train.ema_decay=1.0")):
         with pytest.raises(ConfigError) as cli:
             load_config(None, [override])
         with pytest.raises(gr.Error) as app:

@@ -631,7 +631,10 @@ def _data_name(settings: AppSettings, folder: str) -> str:
 # The Train tab's advanced fields, in order: the config key each one sets (everything else comes from the preset).
 ADVANCED_KEYS = ("lora.targets", "lora.train_text_encoder", "train.text_encoder_lr", "data.resolution",
                  "train.batch_size", "lora.init", "model.quantize_base", "train.loraplus_lr_ratio", "sample.prompts",
-                 "sample.every_n_steps", "train.save_every_n_epochs", "train.save_every_n_steps")
+                 "sample.every_n_steps", "train.save_every_n_epochs", "train.save_every_n_steps", "train.ema_decay",
+                 "model.clip_skip", "train.min_timestep", "train.max_timestep")
+# Advanced fields whose empty value means "unset" (the config's None).
+_UNSET_WHEN_EMPTY = ("train.text_encoder_lr", "model.clip_skip", "train.max_timestep")
 
 
 def key_choices(key: str) -> list[str]:
@@ -666,9 +669,12 @@ def advanced_changes(values) -> dict:
     for key, value in zip(ADVANCED_KEYS, values, strict=True):
         if key == "sample.prompts":
             value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        elif key in _UNSET_WHEN_EMPTY and value in (None, ""):
+            value = None  # empty: the learning rate, no clip skip, the schedule's end
         elif key == "train.text_encoder_lr":
-            value = None if value in (None, "") else float(value)  # empty: the learning rate
-        elif isinstance(value, float) and value.is_integer() and key != "train.loraplus_lr_ratio":
+            value = float(value)
+        elif isinstance(value, float) and value.is_integer() and key not in ("train.loraplus_lr_ratio",
+                                                                             "train.ema_decay"):
             value = int(value)
         changes[key] = value
     return changes
@@ -1180,13 +1186,24 @@ def build_app(settings: AppSettings):
                             adv_sample_every = gr.Number(adv["sample.every_n_steps"], precision=0,
                                                          label="Sample every N steps (0: at the end)",
                                                          elem_id="adv-sample-every")
+                            with gr.Row():
+                                adv_ema = gr.Number(adv["train.ema_decay"], label="EMA decay (0: off; ~0.999 for "
+                                                    "long runs)", elem_id="adv-ema")
+                                adv_clip_skip = gr.Number(adv["model.clip_skip"], precision=0, label="Clip skip "
+                                                          "(SD1/SD2; empty: none, 2: anime models)",
+                                                          elem_id="adv-clip-skip")
+                                adv_min_t = gr.Number(adv["train.min_timestep"], precision=0,
+                                                      label="Min timestep", elem_id="adv-min-t")
+                                adv_max_t = gr.Number(adv["train.max_timestep"], precision=0,
+                                                      label="Max timestep (empty: 1000)", elem_id="adv-max-t")
                             with gr.Row(equal_height=True):
                                 preset_name = gr.Textbox(label=f"Preset name (saved in {settings.configs_dir}/)",
                                                          elem_id="preset-name", scale=3)
                                 preset_save = gr.Button("Save as preset", elem_id="preset-save", scale=1)
                         advanced = [adv_targets, adv_te, adv_te_lr, adv_resolution, adv_batch, adv_init,
                                     adv_quantize, adv_loraplus, adv_prompts, adv_sample_every, adv_save_epochs,
-                                    adv_save_steps]  # in ADVANCED_KEYS order
+                                    adv_save_steps, adv_ema, adv_clip_skip, adv_min_t,
+                                    adv_max_t]  # in ADVANCED_KEYS order
                         with gr.Row():
                             train_go = gr.Button("Train", variant="primary", elem_id="train")
                             train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
