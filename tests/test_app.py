@@ -543,8 +543,10 @@ def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sd
         "attn_mlp", False, "gaussian", 4.0)
     assert (cfg.train.ema_decay, cfg.model.clip_skip, cfg.train.min_timestep, cfg.train.max_timestep) == (
         0.9, 2, 100, 900)
-    unset = train_config(local, *fields, advanced=_advanced(local, model__clip_skip=None, train__max_timestep=None))
-    assert unset.model.clip_skip is None and unset.train.max_timestep is None
+    for empty in (None, 0, 0.0):  # an emptied number field comes from the page as 0
+        unset = train_config(local, *fields, advanced=_advanced(
+            local, model__clip_skip=empty, train__max_timestep=empty, train__text_encoder_lr=empty))
+        assert (unset.model.clip_skip, unset.train.max_timestep, unset.train.text_encoder_lr) == (None, None, None)
     assert cfg.sample.prompts == ["zkstyle, a boat --d 3", "a tent"] and cfg.train.save_every_n_steps == 1
     # A bad value is refused with the CLI's own line (the same config code), through the app's error path.
     for key, bad, override in (("train__batch_size", 0.0, "train.batch_size=0"),

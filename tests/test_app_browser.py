@@ -25,21 +25,28 @@ if not CHROMIUM.is_file():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing (pip install playwright)")
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from sdlora.ui.app import AppSettings, launch
+def _serve(settings):
+    """The app on a free local port for the module's tests, closed after them."""
+    from sdlora.ui.app import launch
 
-    root = tmp_path_factory.mktemp("browser")
-    shutil.copytree(trained_loras(tmp_path_factory), root / "loras")
-    # The LoRAs were trained on tiny-sd15; the app would start on toy-sd15.
-    settings = AppSettings(models_dir=root / "models", lora_dir=root / "loras", out_dir=root / "out",
-                           model="tiny-sd15")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = launch(settings, port=port, block=False)
     yield demo, settings
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from sdlora.ui.app import AppSettings
+
+    root = tmp_path_factory.mktemp("browser")
+    shutil.copytree(trained_loras(tmp_path_factory), root / "loras")
+    # The LoRAs were trained on tiny-sd15; the app would start on toy-sd15.
+    settings = AppSettings(models_dir=root / "models", lora_dir=root / "loras", out_dir=root / "out",
+                           model="tiny-sd15")
+    yield from _serve(settings)
 
 
 def test_generate_in_the_browser(app):
@@ -146,7 +153,7 @@ def train_app(tmp_path_factory):
     """The app over a data folder, a preset and a run stopped at step 2 of 4 (with its checkpoint)."""
     from test_app import _train_settings
 
-    from sdlora.ui.app import Engine, launch, run_train, stop_train
+    from sdlora.ui.app import Engine, run_train, stop_train
 
     root = tmp_path_factory.mktemp("browser-train")
     settings = _train_settings(root)
@@ -158,12 +165,7 @@ def train_app(tmp_path_factory):
 
     assert "stopped at step 2" in run_train(engine, "mini.toml", "imgs", "halted", "", 4, 1e-3, 4,
                                             progress=progress)[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = launch(settings, port=port, block=False)
-    yield demo, settings
-    demo.close()
+    yield from _serve(settings)
 
 
 def test_resume_in_the_browser(train_app):
@@ -221,3 +223,5 @@ def test_preset_round_trip_in_the_browser(train_app):
             browser.close()
     cfg = load_config(settings.configs_dir / "roundtrip.toml")
     assert (cfg.lora.targets, cfg.train.batch_size, cfg.sample.prompts) == ("attn_mlp", 1, ["zkstyle, a boat --d 3"])
+    # Fields left empty stay unset, as the preset had them (the page sends emptied numbers as 0 or null).
+    assert (cfg.train.text_encoder_lr, cfg.model.clip_skip, cfg.train.max_timestep) == (None, None, None)

@@ -633,7 +633,8 @@ ADVANCED_KEYS = ("lora.targets", "lora.train_text_encoder", "train.text_encoder_
                  "train.batch_size", "lora.init", "model.quantize_base", "train.loraplus_lr_ratio", "sample.prompts",
                  "sample.every_n_steps", "train.save_every_n_epochs", "train.save_every_n_steps", "train.ema_decay",
                  "model.clip_skip", "train.min_timestep", "train.max_timestep")
-# Advanced fields whose empty value means "unset" (the config's None).
+# Advanced fields whose empty value means "unset" (the config's None). The page sends an emptied number field as 0,
+# so 0 means unset too (the text encoder is switched off by its own checkbox, not by a zero learning rate).
 _UNSET_WHEN_EMPTY = ("train.text_encoder_lr", "model.clip_skip", "train.max_timestep")
 
 
@@ -669,7 +670,7 @@ def advanced_changes(values) -> dict:
     for key, value in zip(ADVANCED_KEYS, values, strict=True):
         if key == "sample.prompts":
             value = [line.strip() for line in (value or "").splitlines() if line.strip()]
-        elif key in _UNSET_WHEN_EMPTY and value in (None, ""):
+        elif key in _UNSET_WHEN_EMPTY and value in (None, "", 0):
             value = None  # empty: the learning rate, no clip skip, the schedule's end
         elif key == "train.text_encoder_lr":
             value = float(value)
@@ -1166,8 +1167,8 @@ def build_app(settings: AppSettings):
                             with gr.Row(equal_height=True):
                                 adv_te = gr.Checkbox(adv["lora.train_text_encoder"], label="Train the text encoder",
                                                      elem_id="adv-te")
-                                adv_te_lr = gr.Number(adv["train.text_encoder_lr"], label="Text encoder LR (empty: "
-                                                      "the learning rate)", elem_id="adv-te-lr")
+                                adv_te_lr = gr.Number(adv["train.text_encoder_lr"], label="Text encoder LR (empty "
+                                                      "or 0: the learning rate)", elem_id="adv-te-lr")
                                 adv_loraplus = gr.Number(adv["train.loraplus_lr_ratio"], label="LoRA+ ratio (0: off)",
                                                          elem_id="adv-loraplus")
                             with gr.Row():
@@ -1190,12 +1191,13 @@ def build_app(settings: AppSettings):
                                 adv_ema = gr.Number(adv["train.ema_decay"], label="EMA decay (0: off; ~0.999 for "
                                                     "long runs)", elem_id="adv-ema")
                                 adv_clip_skip = gr.Number(adv["model.clip_skip"], precision=0, label="Clip skip "
-                                                          "(SD1/SD2; empty: none, 2: anime models)",
+                                                          "(SD1/SD2; empty or 0: none, 2: anime models)",
                                                           elem_id="adv-clip-skip")
                                 adv_min_t = gr.Number(adv["train.min_timestep"], precision=0,
                                                       label="Min timestep", elem_id="adv-min-t")
                                 adv_max_t = gr.Number(adv["train.max_timestep"], precision=0,
-                                                      label="Max timestep (empty: 1000)", elem_id="adv-max-t")
+                                                      label="Max timestep (empty or 0: 1000)",
+                                                      elem_id="adv-max-t")
                             with gr.Row(equal_height=True):
                                 preset_name = gr.Textbox(label=f"Preset name (saved in {settings.configs_dir}/)",
                                                          elem_id="preset-name", scale=3)
