@@ -5,6 +5,7 @@ app-preset.png beside it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
@@ -84,6 +85,21 @@ ARTIFACTS = SCREENSHOT.parent
 
 def _browser(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+@contextlib.contextmanager
+def _train_tab(url: str, height: int, timeout_ms: int):
+    """A page of the app at `url` on its Train tab, in a headless Chromium closed afterwards."""
+    with sync_api.sync_playwright() as playwright:
+        browser = _browser(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": height})
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
+            page.get_by_role("tab", name="Train").click()
+            yield page
+        finally:
+            browser.close()
 
 
 def _choose(page, elem_id: str, option: str) -> None:
@@ -170,21 +186,13 @@ def train_app(tmp_path_factory):
 
 def test_resume_in_the_browser(train_app):
     demo, settings = train_app
-    with sync_api.sync_playwright() as playwright:
-        browser = _browser(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1300})
-            page.set_default_timeout(120_000)
-            page.goto(demo.local_url)
-            page.get_by_role("tab", name="Train").click()
-            _choose(page, "train-runs", "halted: step 2 of 4")
-            page.locator("#train-resume").click()
-            page.locator("#train-info").get_by_text("resumed halted, trained in").first.wait_for()
-            page.locator("#train-loss img").wait_for(state="visible")
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "app-resume.png"), full_page=True)
-        finally:
-            browser.close()
+    with _train_tab(demo.local_url, 1300, 120_000) as page:
+        _choose(page, "train-runs", "halted: step 2 of 4")
+        page.locator("#train-resume").click()
+        page.locator("#train-info").get_by_text("resumed halted, trained in").first.wait_for()
+        page.locator("#train-loss img").wait_for(state="visible")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-resume.png"), full_page=True)
     assert (settings.lora_dir / "halted" / "halted.safetensors").is_file()
 
 
@@ -192,35 +200,27 @@ def test_preset_round_trip_in_the_browser(train_app):
     from sdlora.config import load_config
 
     demo, settings = train_app
-    with sync_api.sync_playwright() as playwright:
-        browser = _browser(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1600})
-            page.set_default_timeout(60_000)
-            page.goto(demo.local_url)
-            page.get_by_role("tab", name="Train").click()
-            page.get_by_text("Advanced (the rest comes from the preset)").click()
-            _choose(page, "adv-targets", "attn_mlp")
-            page.locator("#adv-prompts textarea").fill("zkstyle, a boat --d 3")
-            page.locator("#adv-batch input").fill("0")
-            page.locator("#adv-batch input").press("Tab")
-            page.locator("#preset-name textarea").fill("roundtrip")
-            page.locator("#preset-save").click()  # a bad value: the CLI's line, nothing written
-            _toast(page, "train.batch_size: must be at least 1").wait_for()
-            assert not (settings.configs_dir / "roundtrip.toml").exists()
-            page.locator("#adv-batch input").fill("1")
-            page.locator("#adv-batch input").press("Tab")
-            page.locator("#preset-save").click()
-            page.locator("#train-info").get_by_text("saved").first.wait_for()
-            _choose(page, "train-preset", "mini.toml")  # the preset's values again ...
-            page.wait_for_function("document.querySelector('#adv-targets input').value === 'attn'")
-            _choose(page, "train-preset", "roundtrip.toml")  # ... and the saved ones back
-            page.wait_for_function("document.querySelector('#adv-targets input').value === 'attn_mlp'")
-            assert page.locator("#adv-prompts textarea").input_value() == "zkstyle, a boat --d 3"
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "app-preset.png"), full_page=True)
-        finally:
-            browser.close()
+    with _train_tab(demo.local_url, 1600, 60_000) as page:
+        page.get_by_text("Advanced (the rest comes from the preset)").click()
+        _choose(page, "adv-targets", "attn_mlp")
+        page.locator("#adv-prompts textarea").fill("zkstyle, a boat --d 3")
+        page.locator("#adv-batch input").fill("0")
+        page.locator("#adv-batch input").press("Tab")
+        page.locator("#preset-name textarea").fill("roundtrip")
+        page.locator("#preset-save").click()  # a bad value: the CLI's line, nothing written
+        _toast(page, "train.batch_size: must be at least 1").wait_for()
+        assert not (settings.configs_dir / "roundtrip.toml").exists()
+        page.locator("#adv-batch input").fill("1")
+        page.locator("#adv-batch input").press("Tab")
+        page.locator("#preset-save").click()
+        page.locator("#train-info").get_by_text("saved").first.wait_for()
+        _choose(page, "train-preset", "mini.toml")  # the preset's values again ...
+        page.wait_for_function("document.querySelector('#adv-targets input').value === 'attn'")
+        _choose(page, "train-preset", "roundtrip.toml")  # ... and the saved ones back
+        page.wait_for_function("document.querySelector('#adv-targets input').value === 'attn_mlp'")
+        assert page.locator("#adv-prompts textarea").input_value() == "zkstyle, a boat --d 3"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-preset.png"), full_page=True)
     cfg = load_config(settings.configs_dir / "roundtrip.toml")
     assert (cfg.lora.targets, cfg.train.batch_size, cfg.sample.prompts) == ("attn_mlp", 1, ["zkstyle, a boat --d 3"])
     # Fields left empty stay unset, as the preset had them (the page sends emptied numbers as 0 or null).

@@ -20,8 +20,7 @@ def make_lr_scheduler(t: TrainConfig, optimizer: torch.optim.Optimizer) -> torch
     power (polynomial)."""
     from diffusers.optimization import get_scheduler
 
-    warmup = 0 if t.optimizer == "adamw_schedulefree" else t.lr_warmup_steps  # schedule-free warms up itself
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup,
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                          num_training_steps=t.max_train_steps, num_cycles=t.lr_scheduler_num_cycles,
                          power=t.lr_scheduler_power)
 

@@ -146,6 +146,7 @@ class Optimization:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     noise_scheduler: object  # diffusers' DDPMScheduler
     prediction_type: str
+    params: list[torch.nn.Parameter]  # the trained ones: what is clipped, stepped and averaged
     ema: AdapterEMA | None  # train.ema_decay's average of the adapter weights
 
     def averaged(self) -> contextlib.AbstractContextManager:
@@ -313,12 +314,10 @@ def _setup_caches(run: Run, data: Data, models: Models) -> Caches:
     if cfg.data.cache_latents != "none":
         with run.accelerator.main_process_first():
             latents = build_latent_cache(data.records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
-    text = None
-    if cfg.data.cache_text_encoder_outputs:  # the encoders are frozen: preservation prompts are cached too
-        captions = build_text_cache(base, data.records, cfg.data)
-        prompts = cfg.train.preservation_prompts or preservation_prompts(list(captions), 0, cfg)
-        text = {**captions, **build_text_cache(base, [], cfg.data, prompts)} if cfg.train.preservation_weight \
-            else captions
+    text = build_text_cache(base, data.records, cfg.data) if cfg.data.cache_text_encoder_outputs else None
+    if text is not None and cfg.train.preservation_weight:  # frozen encoders: the preservation prompts too
+        prompts = cfg.train.preservation_prompts or preservation_prompts(list(text), 0, cfg)
+        text |= build_text_cache(base, [], cfg.data, prompts)
     models.modules["unet"].to(run.device)
     _speed_up_unet(base.unet, cfg.train)
     offload_vae, offload_te = offloads(cfg)
@@ -346,7 +345,7 @@ def _setup_optimizer(run: Run, models: Models) -> Optimization:
     models.modules.update(zip(models.trained, prepared[:-1]))
     params = [p for name in models.trained for p in models.modules[name].parameters() if p.requires_grad]
     ema = AdapterEMA(params, t) if t.ema_decay else None
-    return Optimization(prepared[-1], lr_scheduler, noise_scheduler, prediction_type, ema)
+    return Optimization(prepared[-1], lr_scheduler, noise_scheduler, prediction_type, params, ema)
 
 
 def _restore(run: Run, models: Models, opt: Optimization, resume: str | None) -> Position:
@@ -410,7 +409,6 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
         clock.settle()
         skipped.settle()
 
-    params = [p for name in models.trained for p in models.modules[name].parameters() if p.requires_grad]
     for name in models.trained:
         models.modules[name].train()
     if caches.validation and position.step == 0:
@@ -428,7 +426,7 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                 group = range(start, min(start + t.gradient_accumulation_steps, len(batches)))
                 clock.start()
                 step_loss = _forward_backward(run, models, caches, opt, loader, group, position.step)
-                nonfinite, flag = _guarded_step(run, models, opt, params, step_loss, position.step, on_device)
+                nonfinite, flag = _guarded_step(run, models, opt, step_loss, position.step, on_device)
                 clock.stop()
                 opt.optimizer.zero_grad(set_to_none=True)
                 opt.lr_scheduler.step()
@@ -575,12 +573,12 @@ def _preservation(run: Run, models: Models, caches: Caches, opt: Optimization, b
                                                              time_ids, generator, run.weight_dtype, trained, cfg.train)
 
 
-def _guarded_step(run: Run, models: Models, opt: Optimization, params: list[torch.nn.Parameter],
-                  step_loss: torch.Tensor, step: int, on_device: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _guarded_step(run: Run, models: Models, opt: Optimization, step_loss: torch.Tensor, step: int,
+                  on_device: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients and take the optimizer step, unless the loss or a gradient is NaN/Inf: an AdamW update with
     NaN would ruin the adapter for good. Returns (non-finite on the device, the flag `SkippedSteps` reads)."""
     accelerator = run.accelerator
-    grad_norm = accelerator.clip_grad_norm_(params, run.cfg.train.max_grad_norm or math.inf)
+    grad_norm = accelerator.clip_grad_norm_(opt.params, run.cfg.train.max_grad_norm or math.inf)
     nonfinite = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
     if on_device:
         if accelerator.scaler is None:  # under fp16 the GradScaler passes its own flag
