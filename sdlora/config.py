@@ -13,7 +13,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
@@ -55,6 +55,62 @@ FileDtype = Literal["fp16", "bf16", "fp32"]  # export.dtype and --dtype: what Lo
 Targets = Literal["attn", "attn_mlp", "all"]
 
 
+@dataclass(frozen=True)
+class KohyaBlocks:
+    """kohya's UNet blocks of one model family, in the order of lora.block_dims (sd-scripts networks/lora.py:
+    LoRANetwork.NUM_OF_BLOCKS / SDXL_NUM_OF_BLOCKS, get_block_index). A block is named after its LDM block, which
+    `models.ldm_names.kohya_block` finds for a module: INnn = input_blocks.nn, OUTnn = output_blocks.nn."""
+
+    down: tuple[str, ...]  # lora.down_lr_weight's blocks, shallow -> deep
+    mid: tuple[str, ...]  # lora.mid_lr_weight's
+    up: tuple[str, ...]  # lora.up_lr_weight's, deep -> shallow
+    ends: tuple[str, ...] = ()  # SDXL: BASE (time/label embedding) before, OUT (final conv) after; LR weight 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.ends[:1] + self.down + self.mid + self.up + self.ends[1:]
+
+
+def _numbered(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i:02d}" for i in range(n))
+
+
+# kohya treats SD 2.x as SD 1.x (its is_sdxl is False for both): 25 blocks; SDXL has 23.
+KOHYA_BLOCKS = {"sd1": KohyaBlocks(_numbered("IN", 12), ("MID",), _numbered("OUT", 12)),
+                "sdxl": KohyaBlocks(_numbered("IN", 9), _numbered("MID", 3), _numbered("OUT", 9), ("BASE", "OUT"))}
+
+
+def kohya_blocks(arch: str) -> KohyaBlocks:
+    """kohya's blocks of a model of `arch` ("sd1", "sd2" or "sdxl")."""
+    return KOHYA_BLOCKS["sdxl" if arch == "sdxl" else "sd1"]
+
+
+# kohya's presets for lora.down_lr_weight / up_lr_weight (get_block_lr_weight): the weight of the i-th of n blocks
+# in the list's order; "name+x" adds x to each.
+LR_WEIGHT_PRESETS: dict[str, Callable[[int, int], float]] = {
+    "cosine": lambda i, n: math.sin(math.pi * (n - 1 - i) / (n - 1) / 2),
+    "sine": lambda i, n: math.sin(math.pi * i / (n - 1) / 2),
+    "linear": lambda i, n: i / (n - 1),
+    "reverse_linear": lambda i, n: (n - 1 - i) / (n - 1),
+    "zeros": lambda i, n: 0.0,
+}
+
+
+def lr_weight_values(value: list[float] | str, n: int) -> list[float]:
+    """lora.down_lr_weight / up_lr_weight as the weights of n blocks: the list itself, or the preset's weights.
+
+    Raises:
+        ValueError: not a preset, or its "+x" is not a finite number.
+    """
+    if isinstance(value, list):
+        return [float(w) for w in value]
+    name, plus, offset = value.partition("+")
+    base = float(offset) if plus else 0.0
+    if name not in LR_WEIGHT_PRESETS or not math.isfinite(base):
+        raise ValueError(value)
+    return [LR_WEIGHT_PRESETS[name](i, n) + base for i in range(n)]
+
+
 def torch_dtype(precision: str):
     """The torch dtype of a precision name in PRECISIONS."""
     import torch
@@ -84,17 +140,44 @@ class ModelConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """One `[[data.subsets]]` table: an image folder with its own options (kohya's `[[datasets.subsets]]`); an unset
+    option (None) is the data.* value."""
+
+    dir: str = ""
+    # true: a regularization folder, as data.reg_dirs (no data.caption_prefix unless the subset sets its own).
+    is_reg: bool = False
+    # One side length, or a list: each image trains at every listed resolution.
+    resolution: int | list[int] | None = None
+    repeats: int | None = None
+    caption_extensions: list[str] | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = None
+    caption_dropout: float | None = None
+    tag_dropout: float | None = None
+    flip_aug: bool | None = None
+    random_crop: bool | None = None
+
+
+@dataclass
 class DataConfig:
-    # Image folders. A folder named "<N>_<name>" repeats its images N times per epoch (kohya convention).
+    # Image folders. A folder named "<N>_<name>" repeats its images N times per epoch (kohya convention). A [data]
+    # table with subsets and no dirs reads only its subsets.
     dirs: list[str] = field(default_factory=lambda: ["sample_images"])
-    # Training side length in pixels; buckets keep about resolution**2 pixels.
-    resolution: int = 512
+    # Folders with their own options ([[data.subsets]] tables), trained beside data.dirs.
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    # Training side length in pixels; buckets keep about resolution**2 pixels. A list ([512, 768]) trains each image
+    # at every listed resolution, in buckets of that resolution.
+    resolution: int | list[int] = 512
     # Sidecar caption files tried in this order (img.png + img.txt); metadata.jsonl is read too.
     caption_extensions: list[str] = field(default_factory=lambda: [".txt", ".caption"])
     # Repeats for folders without an "<N>_" prefix.
     repeats: int = 1
-    # Prepended to every caption, e.g. your trigger word "zkstyle".
+    # Prepended to every caption, e.g. your trigger word "zkstyle"; caption_suffix is appended.
     caption_prefix: str = ""
+    caption_suffix: str = ""
     # Shuffle comma-separated tags, keeping the first keep_tokens tags in place.
     shuffle_caption: bool = False
     keep_tokens: int = 0
@@ -141,6 +224,18 @@ class DataConfig:
     class_images_per_image: int = 0
     class_images_dir: str = ""
 
+    def resolutions(self) -> list[int]:
+        """Every resolution trained: data.resolution's and the subsets' own."""
+        found = as_resolutions(self.resolution)
+        for subset in self.subsets:
+            found += as_resolutions(subset.resolution) if subset.resolution is not None else []
+        return sorted(set(found))
+
+
+def as_resolutions(resolution: int | list[int]) -> list[int]:
+    """A resolution setting (one side length or a list) as a list."""
+    return list(resolution) if isinstance(resolution, list) else [resolution]
+
 
 @dataclass
 class LoraConfig:
@@ -178,11 +273,34 @@ class LoraConfig:
     effective_conv: bool = False
     train_unet: bool = True
     train_text_encoder: bool = True
+    # kohya's per-block settings (sd-scripts' network_args of these names), UNet only; empty = the global value.
+    # A rank and alpha per block (KOHYA_BLOCKS: 25 for SD 1.x/2.x, 23 for SDXL) for the Linear and 1x1 modules
+    # (block_dims, block_alphas) and for the 3x3 convolutions of targets = "all" (conv_block_dims,
+    # conv_block_alphas); a block of dim 0 gets no adapter.
+    block_dims: list[int] = field(default_factory=list)
+    block_alphas: list[float] = field(default_factory=list)
+    conv_block_dims: list[int] = field(default_factory=list)
+    conv_block_alphas: list[float] = field(default_factory=list)
+    # The learning rate of each block's adapters is the UNet's times its weight: one per down / up block (SD 1.x/2.x
+    # 12, SDXL 9) or a preset of LR_WEIGHT_PRESETS ("sine", "cosine+0.5"), and per middle block (1 / 3). A weight
+    # not above block_lr_zero_threshold is 0, and a block at 0 gets no adapter.
+    down_lr_weight: list[float] | str = field(default_factory=list)
+    mid_lr_weight: list[float] = field(default_factory=list)
+    up_lr_weight: list[float] | str = field(default_factory=list)
+    block_lr_zero_threshold: float = 0.0
+
+    def block_settings(self) -> dict[str, list[int] | list[float] | str | float]:
+        """The per-block keys that are set, by name; {} = every module at the global rank, alpha and rate."""
+        return {key: getattr(self, key) for key in _BLOCK_KEYS if getattr(self, key)}
 
     def adalora_schedule(self, max_train_steps: int) -> tuple[int, int, int]:
         """(initial rank, warm-up steps, final steps) of AdaLoRA with the 0 = default values resolved."""
         return (self.adalora_init_rank or 2 * self.rank, self.adalora_warmup_steps or max_train_steps // 10,
                 self.adalora_final_steps or max_train_steps // 5)
+
+
+_BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+               "up_lr_weight", "block_lr_zero_threshold")
 
 
 @dataclass
@@ -274,6 +392,13 @@ class TrainConfig:
     report: bool = True
     # Log the mean loss every N steps.
     log_every_n_steps: int = 10
+    # Where the loss, learning rate, validation loss and samples go: "tensorboard" (<output_dir>/logs), "wandb"
+    # (Weights & Biases, `pip install 'sdlora[wandb]'`) or "all" (both).
+    log_with: Literal["tensorboard", "wandb", "all"] = "tensorboard"
+    # The wandb project (kohya's log_tracker_name: with "all", TensorBoard's folder under logs/ too) and run name
+    # ("" = wandb picks one).
+    wandb_project: str = "sdlora"
+    wandb_run_name: str = ""
     # Loss on these parts only: a mask image beside each image (img.png + img_mask.png), white = train.
     masked_loss: bool = False
     # The weight of regularization images' loss (data.reg_dirs, data.class_images_per_image), kohya's name.
@@ -287,6 +412,15 @@ class TrainConfig:
     # many validations in a row; the final LoRA is then the best validated one. 0 = off; needs validation images.
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
+    # Pivotal tuning: new words (e.g. ["zkw"]) added to the tokenizers, their embeddings trained beside the LoRA
+    # (the rest of the text encoders frozen) at embedding_lr (unset = learning_rate), each new_token_vectors
+    # vectors long and starting from the embedding of new_token_init ("" = the vocabulary's mean). Put the words
+    # in the captions (data.caption_prefix); the LoRA file bundles them as A1111 reads, and
+    # <output_dir>/embeddings/ holds each as a standalone embedding for ComfyUI and diffusers.
+    new_tokens: list[str] = field(default_factory=list)
+    new_token_vectors: int = 1
+    new_token_init: str = ""
+    embedding_lr: float | None = None
 
 
 @dataclass
@@ -317,6 +451,10 @@ class ExportConfig:
     description: str = ""
     author: str = ""
     trigger_phrase: str = ""
+    # With train.new_tokens: the embeddings inside the LoRA file too (A1111/Forge load them with it). ComfyUI logs
+    # each such key as "not loaded" and diffusers' load_lora_weights does not read them; both load the standalone
+    # files in <output_dir>/embeddings/ instead.
+    bundle_embeddings: bool = True
 
 
 @dataclass
@@ -348,6 +486,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     errors: list[str] = []
     for item in overrides:
         _apply_override(raw, item, errors)
+    data = raw.get("data")
+    if isinstance(data, dict) and "subsets" in data and "dirs" not in data:
+        data["dirs"] = []  # the subsets name the folders; the default folder would join them unasked
     cfg = _build(Config, raw, "", errors)
     where = f"{path}: " if path is not None else ""
     if errors:
@@ -365,19 +506,28 @@ def validate(cfg: Config, where: str = "") -> Config:
     Raises:
         ConfigError: every problem, each with its full key.
     """
-    errors = []
-    for table in dataclasses.fields(Config):
-        values = getattr(cfg, table.name)
-        hints = typing.get_type_hints(type(values))
-        for f in dataclasses.fields(values):
-            problem = _type_problem(getattr(values, f.name), hints[f.name])
-            if problem:
-                errors.append(f"{table.name}.{f.name}: {problem}")
+    errors = [problem for table in dataclasses.fields(Config)
+              for problem in _field_problems(getattr(cfg, table.name), f"{table.name}.")]
     if not errors:
         errors = _check_ranges(cfg)
     if errors:
         raise ConfigError(where + "; ".join(errors))
     return cfg
+
+
+def _field_problems(values: Any, prefix: str) -> list[str]:
+    """The type problems of a table's fields, and of the tables in its lists ([[data.subsets]])."""
+    problems = []
+    hints = typing.get_type_hints(type(values))
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        problem = _type_problem(value, hints[f.name])
+        if problem:
+            problems.append(f"{prefix}{f.name}: {problem}")
+        elif isinstance(value, list):
+            problems += [p for i, item in enumerate(value) if dataclasses.is_dataclass(item)
+                         for p in _field_problems(item, f"{prefix}{f.name}[{i}].")]
+    return problems
 
 
 def derive(cfg: Config, changes: dict[str, Any]) -> Config:
@@ -409,13 +559,23 @@ def dump_toml(cfg: Config) -> str:
     lines = []
     for table, values in config_to_dict(cfg).items():
         lines.append(f"[{table}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        arrays = {key: value for key, value in values.items() if _is_table_list(value)}
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in arrays]
         lines.append("")
+        for key, items in arrays.items():  # [[data.subsets]]: after the table's own keys, as TOML requires
+            for item in items:
+                lines += [f"[[{table}.{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()] + [""]
     return "\n".join(lines)
 
 
-def _drop_none(d: dict) -> dict:
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return [_drop_none(v) for v in value] if isinstance(value, list) else value
 
 
 def _toml_value(value: Any) -> str:
@@ -460,8 +620,15 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
         if name not in raw:
             continue
         hint = hints[name]
+        item_hint = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", errors)
+        elif isinstance(item_hint, type) and dataclasses.is_dataclass(item_hint):  # [[data.subsets]]
+            if not isinstance(raw[name], list):
+                errors.append(f"{prefix}{name}: expected [[{prefix}{name}]] tables, got {raw[name]!r}")
+                continue
+            kwargs[name] = [_build(item_hint, item, f"{prefix}{name}[{i}].", errors)
+                            for i, item in enumerate(raw[name])]
         else:
             problem = _type_problem(raw[name], hint)
             if problem:
@@ -478,8 +645,10 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if origin is Literal:
         return None if value in args else f"{value!r} is not one of {', '.join(repr(a) for a in args)}"
     if origin in (Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        return _type_problem(value, options[0]) if value is not None else None
+        if value is None:
+            return None if type(None) in args else "a value is required"
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return " or ".join(map(str, problems)) if all(problems) else None
     if origin is list:
         if not isinstance(value, list):
             return f"expected a list, got {type(value).__name__} {value!r}"
@@ -498,22 +667,19 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None if ok else f"expected {hint.__name__}, got {type(value).__name__} {value!r}"
 
 
+# Characters wandb refuses in a project name; with train.log_with = "all" the name is a folder too.
+_NOT_IN_PROJECT = "/\\#?%:"
+
+
 def _check_ranges(cfg: Config) -> list[str]:
     m, d, lo, t, s = cfg.model, cfg.data, cfg.lora, cfg.train, cfg.sample
     checks = [
-        (d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution: must be a multiple of 8, at least 64"),
         (d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step: must be a positive multiple of 8"),
-        (d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket,
-         "data.min_bucket_reso <= data.resolution <= data.max_bucket_reso must hold"),
-        (d.repeats >= 1, "data.repeats: must be at least 1"),
-        (d.keep_tokens >= 0, "data.keep_tokens: must be >= 0"),
-        (0 <= d.caption_dropout <= 1 and 0 <= d.tag_dropout <= 1,
-         "data.caption_dropout/tag_dropout: must be in [0, 1]"),
         (d.max_upscale >= 1, "data.max_upscale: must be >= 1"),
         (d.num_workers >= 0, "data.num_workers: must be >= 0"),
         (0 <= d.validation_split < 1, "data.validation_split: must be in [0, 1)"),
         (not (d.validation_split and d.validation_dirs), "data.validation_split/validation_dirs: use one of them"),
-        (bool(d.dirs), "data.dirs: give at least one image folder"),
+        (bool(d.dirs or d.subsets), "data.dirs: give at least one image folder (or [[data.subsets]])"),
         (d.class_images_per_image >= 0, "data.class_images_per_image: must be >= 0 (0 = off)"),
         (not d.class_images_per_image or bool(d.trigger_word or d.caption_prefix),
          "data.class_images_per_image: class images are drawn from the captions without the trigger word; set "
@@ -524,16 +690,18 @@ def _check_ranges(cfg: Config) -> list[str]:
          "train.preservation_weight: preservation prompts are the captions without the trigger word; set "
          "data.trigger_word (or data.caption_prefix), or list train.preservation_prompts"),
         (t.early_stopping_patience >= 0, "train.early_stopping_patience: must be >= 0 (0 = off)"),
+        (1 <= t.new_token_vectors <= 16, "train.new_token_vectors: must be between 1 and 16"),
+        (len(set(t.new_tokens)) == len(t.new_tokens), "train.new_tokens: a word is listed twice"),
+        (t.embedding_lr is None or _positive(t.embedding_lr), "train.embedding_lr: must be a finite number > 0"),
+        (not (t.new_tokens and d.cache_text_encoder_outputs),
+         "data.cache_text_encoder_outputs: train.new_tokens trains embeddings, which changes the text encoders' "
+         "outputs; set it to false"),
         (_non_negative(t.early_stopping_min_delta), "train.early_stopping_min_delta: must be a finite number >= 0"),
         (not t.early_stopping_patience or bool(d.validation_split or d.validation_dirs),
          "train.early_stopping_patience: needs validation images (data.validation_split or data.validation_dirs)"),
         (not (d.cache_text_encoder_outputs and lo.train_text_encoder),
          "data.cache_text_encoder_outputs: needs lora.train_text_encoder = false (a trained encoder changes its "
          "outputs)"),
-        (not (d.cache_text_encoder_outputs and (d.shuffle_caption or d.caption_dropout or d.tag_dropout)),
-         "data.cache_text_encoder_outputs: cannot be combined with shuffle_caption/caption_dropout/tag_dropout"),
-        (not (d.cache_latents != "none" and d.random_crop),
-         "data.cache_latents: cannot be combined with data.random_crop (set cache_latents = \"none\")"),
         (m.clip_skip is None or m.clip_skip >= 1, "model.clip_skip: must be at least 1 (2 = the penultimate layer)"),
         (lo.rank >= 1, "lora.rank: must be at least 1"),
         (_positive(lo.alpha), "lora.alpha: must be a finite number > 0"),
@@ -559,6 +727,7 @@ def _check_ranges(cfg: Config) -> list[str]:
          "lora.adalora_warmup_steps + adalora_final_steps: must be fewer than train.max_train_steps (ranks are "
          "pruned in the steps between)"),
         (_non_negative(lo.adalora_orth_reg), "lora.adalora_orth_reg: must be a finite number >= 0"),
+        *[(False, problem) for problem in _block_problems(lo)],
         (0 <= lo.rank_dropout < 1 and 0 <= lo.module_dropout < 1,
          "lora.rank_dropout/module_dropout: must be in [0, 1)"),
         (lo.decompose_factor == -1 or lo.decompose_factor >= 1, "lora.decompose_factor: -1 or at least 1"),
@@ -609,6 +778,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         (t.validate_every_n_steps >= 0, "train.validate_every_n_steps: must be >= 0"),
         (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps: must be at least 1"),
         (t.log_every_n_steps >= 1, "train.log_every_n_steps: must be at least 1"),
+        (bool(t.wandb_project) and not set(t.wandb_project) & set(_NOT_IN_PROJECT),
+         f"train.wandb_project: must be a non-empty name without any of {_NOT_IN_PROJECT}"),
         (min(t.save_every_n_steps, t.save_every_n_epochs, t.save_last_k, t.checkpoint_every_n_steps) >= 0,
          "train.save_*/checkpoint_every_n_steps: must be >= 0"),
         (bool(t.output_name) and "/" not in t.output_name and "\\" not in t.output_name,
@@ -617,7 +788,86 @@ def _check_ranges(cfg: Config) -> list[str]:
         (s.width % 8 == 0 and s.height % 8 == 0, "sample.width/height: must be multiples of 8"),
         (s.steps >= 1, "sample.steps: must be at least 1"),
     ]
-    return [message for ok, message in checks if not ok]
+    return _data_problems(d) + [message for ok, message in checks if not ok]
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    """The checks of the options a [[data.subsets]] table can set, on data.* and on each subset's own values."""
+    problems = []
+    tables: list[tuple[str, Any]] = [("data.", d)] + [(f"data.subsets[{i}].", s) for i, s in enumerate(d.subsets)]
+    for prefix, t in tables:
+        resolutions = [] if t.resolution is None else as_resolutions(t.resolution)
+        checks = [
+            (t is d or bool(t.dir), "dir: give the subset's image folder, e.g. dir = \"train/10_mystyle\""),
+            (t.resolution is None or bool(resolutions) and len(set(resolutions)) == len(resolutions),
+             "resolution: give one side length or a list of different ones, e.g. [512, 768]"),
+            (all(r >= 64 and r % 8 == 0 for r in resolutions), "resolution: must be a multiple of 8, at least 64"),
+            (not d.enable_bucket or all(d.min_bucket_reso <= r <= d.max_bucket_reso for r in resolutions),
+             f"resolution: data.min_bucket_reso <= {prefix}resolution <= data.max_bucket_reso must hold"),
+            (t.repeats is None or t.repeats >= 1, "repeats: must be at least 1"),
+            (t is d or not (t.is_reg and t.caption_prefix),
+             "caption_prefix: regularization images get no prefix (it is the trigger word); write the words into "
+             "their captions"),
+            (t.keep_tokens is None or t.keep_tokens >= 0, "keep_tokens: must be >= 0"),
+            (all(x is None or 0 <= x <= 1 for x in (t.caption_dropout, t.tag_dropout)),
+             "caption_dropout/tag_dropout: must be in [0, 1]"),
+            (t is d or t.caption_extensions is None or all(e.startswith(".") for e in t.caption_extensions),
+             "caption_extensions: each must start with a dot, e.g. \".txt\""),
+            (not (d.cache_text_encoder_outputs and (t.shuffle_caption or t.caption_dropout or t.tag_dropout)),
+             "shuffle_caption/caption_dropout/tag_dropout: cannot be combined with data.cache_text_encoder_outputs "
+             "(captions must never change)"),
+            (not (d.cache_latents != "none" and t.random_crop),
+             "random_crop: cannot be combined with data.cache_latents (set cache_latents = \"none\")"),
+        ]
+        problems += [prefix + message for ok, message in checks if not ok]
+    return problems
+
+
+def _block_problems(lo: LoraConfig) -> list[str]:
+    """The checks of kohya's per-block keys (lora.block_dims ...): each list as long as one model family's blocks,
+    all for the same family, values in range, and nothing that would be set but not used."""
+    settings = lo.block_settings()
+    if not settings:
+        return []
+    if lo.method == "adalora":
+        return [f"lora.{next(iter(settings))}: AdaLoRA learns each module's rank itself; per-block settings need "
+                "lora.method = \"lora\", \"dora\", \"loha\" or \"lokr\""]
+    problems = []
+    families: dict[str, set[str]] = {}  # key -> the families whose block count its length is
+    for key, value in settings.items():
+        if isinstance(value, list):
+            parts = {"down_lr_weight": "down", "up_lr_weight": "up", "mid_lr_weight": "mid"}
+            lengths = {arch: len(getattr(blocks, parts[key]) if key in parts else blocks.names)
+                       for arch, blocks in KOHYA_BLOCKS.items()}
+            families[key] = {arch for arch, n in lengths.items() if n == len(value)}
+            if not families[key]:
+                problems.append(f"lora.{key}: {len(value)} values; give one per block: {lengths['sd1']} for SD "
+                                f"1.x/2.x, {lengths['sdxl']} for SDXL")
+            bad = [v for v in value if not (_positive(v) if key.endswith("alphas") else _non_negative(v))]
+            if bad:
+                problems.append(f"lora.{key}: {bad[0]!r} is out of range (alphas > 0, dims and weights >= 0)")
+        elif isinstance(value, str):
+            try:
+                lr_weight_values(value, 2)
+            except ValueError:
+                problems.append(f"lora.{key}: {value!r} is not one of {', '.join(LR_WEIGHT_PRESETS)} (optionally "
+                                "with \"+x\", e.g. \"sine+0.5\") or a list of weights")
+    known = [f for f in families.values() if f]
+    if known and not set.intersection(*known):
+        problems.append("lora." + "/".join(families) + ": the lists are sized for different models (SD 1.x/2.x: 25 "
+                        "blocks, 12 down/up, 1 mid; SDXL: 23, 9, 3)")
+    lr_weights = [key for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if key in settings]
+    conv = [key for key in ("conv_block_dims", "conv_block_alphas") if key in settings]
+    checks = [
+        (lo.train_unet,
+         f"lora.{next(iter(settings))}: per-block settings are the UNet's; needs lora.train_unet = true"),
+        (not conv or lo.targets == "all",
+         f"lora.{'/'.join(conv)}: the 3x3 convolutions are adapted with lora.targets = \"all\" only"),
+        (_non_negative(lo.block_lr_zero_threshold) and (bool(lr_weights) or not lo.block_lr_zero_threshold),
+         "lora.block_lr_zero_threshold: a finite number >= 0 that needs down_lr_weight, mid_lr_weight or "
+         "up_lr_weight"),
+    ]
+    return problems + [message for ok, message in checks if not ok]
 
 
 def _non_negative(x: float) -> bool:

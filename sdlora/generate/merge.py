@@ -69,7 +69,7 @@ def merge_into_base(base_model: str, loras: Sequence[tuple[str | Path, float]], 
     # Weight 0 must not reach LoraCache: it would disable the adapters, and fuse_lora merges disabled ones too.
     specs = [LoraSpec(path, weight) for path, weight in totals.items() if weight != 0]
     pipe = load_pipeline(base_model)  # CPU, fp32
-    cache = LoraCache(pipe, strict)
+    cache = LoraCache(pipe, strict, embeddings=False)  # a checkpoint holds no new words: see the note
     for spec in tqdm(specs, desc="loading LoRAs", unit="file"):
         cache.load(spec.path)
     for note in cache.notes.values():

@@ -311,11 +311,16 @@ class LoraCache:
     switch, weigh and blend them with LoRA files; a file with several kinds of module gets an adapter per kind.
     A module of a file that matches nothing in the model is left out with a note (`notes`), or with `strict`
     refused: never dropped silently, whichever way the file is loaded.
+    Embeddings bundled in a file (pivotal tuning, `bundle_emb.*`) load with it as A1111 loads them: their words
+    work in prompts while the file is loaded, whatever its weight; with `embeddings` False they are left out with a
+    note. Standalone embedding files load with `embed`.
     """
 
-    def __init__(self, pipe, strict: bool = False):
+    def __init__(self, pipe, strict: bool = False, embeddings: bool = True):
         self.pipe = pipe
         self.strict = strict
+        self.embeddings = embeddings
+        self._words: dict[Path, tuple[list[str], tuple[int, int]]] = {}  # file -> (its words, (mtime_ns, size))
         self.notes: dict[Path, str] = {}  # file -> what was left out of it when it was loaded
         # file -> (its adapter names, (mtime_ns, size))
         self._adapters: dict[Path, tuple[tuple[str, ...], tuple[int, int]]] = {}
@@ -333,6 +338,7 @@ class LoraCache:
                 weight difference, ...), another architecture than the pipeline's, keys/shapes that do not fit the
                 model, or with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
+        from sdlora.adapters.embeddings import BUNDLE_PREFIX, load_words, read_bundle
         from sdlora.adapters.export import match_lora_keys
         from sdlora.adapters.files import (
             detect_arch,
@@ -352,8 +358,11 @@ class LoraCache:
                 self._delete(name)
             del self._adapters[path]
             self.notes.pop(path, None)
+            self._unload_words(path)
         started = time.perf_counter()
         tensors, metadata = read_lora_file(path)
+        bundle = read_bundle(tensors, path)
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(BUNDLE_PREFIX)}
         refuse_other_networks(path, tensors, lycoris=True)
         if not any(split_lora_key(key) for key in tensors):
             raise LoraFileError(f"{path}: holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B keys)")
@@ -393,6 +402,12 @@ class LoraCache:
             adapted = self._adapted(names)
             dropped = [next(iter(keys.values())) for target, keys in matched.items() if target not in adapted]
             note = self._strays(path, unmatched + dropped, len(matched) - len(dropped))
+            if bundle and self.embeddings:
+                self._words[path] = (load_words(self.pipe, bundle, str(path)), stamp)
+            elif bundle:
+                left_out = (f"{path.name}: its bundled embeddings ({', '.join(bundle)}) are left out; load the "
+                            "standalone files from the run's embeddings/ folder")
+                note = f"{note}; {left_out}" if note else left_out
         except LoraFileError:
             for adapter in names:
                 self._delete(adapter)
@@ -411,6 +426,41 @@ class LoraCache:
         self.load_seconds[path] = time.perf_counter() - started
         logger.info(f"loaded {path.name} in {self.load_seconds[path]:.2f} s")
         return names
+
+    def embed(self, path: str | Path) -> list[str]:
+        """Load a standalone embedding file (once; again when it changes), its word its file name as A1111 and
+        ComfyUI name it; returns its words.
+
+        Raises:
+            LoraFileError: not a safetensors embedding file, its word is loaded already, or it is for another model
+                family.
+        """
+        from sdlora.adapters.embeddings import load_words, read_embedding_file
+        from sdlora.adapters.files import read_lora_file
+
+        path = Path(path).resolve()
+        tensors, _ = read_lora_file(path)
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if path in self._words:
+            if self._words[path][1] == stamp:
+                return self._words[path][0]
+            self._unload_words(path)
+        self._words[path] = (load_words(self.pipe, {path.stem: read_embedding_file(tensors, path)}, str(path)), stamp)
+        return self._words[path][0]
+
+    def _unload_words(self, path: Path) -> None:
+        """Take the words a file loaded out of the pipeline's tokenizers and text encoders again."""
+        words, _ = self._words.pop(path, ([], (0, 0)))
+        for word in words:
+            for component in ("text_encoder", "text_encoder_2"):
+                tokenizer = getattr(self.pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
+                if tokenizer is None or getattr(self.pipe, component, None) is None:
+                    continue
+                names = [name for name in tokenizer.added_tokens_encoder if name == word or
+                         re.fullmatch(rf"{re.escape(word)}_\d+", name)]
+                self.pipe.unload_textual_inversion(names, tokenizer=tokenizer,
+                                                   text_encoder=getattr(self.pipe, component))
 
     def _strays(self, path: Path, unmatched: list[str], matched: int) -> str | None:
         """The note on a file's modules that match nothing in the model (`unmatched` keys), if any.
@@ -555,9 +605,9 @@ def _quiet_diffusers():
 
 
 def list_lora_files(folder: str | Path) -> list[Path]:
-    """The LoRA files under `folder`, recursively, sorted: *.safetensors outside hidden folders and outside
-    training checkpoints (`checkpoint-N/` holds resumable state, not LoRA files); symlinks that lead out of
-    `folder` are skipped."""
+    """The LoRA files under `folder`, recursively, sorted: *.safetensors outside hidden folders, training
+    checkpoints (`checkpoint-N/` holds resumable state, not LoRA files) and a run's `embeddings/` (pivotal tuning's
+    standalone embeddings); symlinks that lead out of `folder` are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -565,7 +615,7 @@ def list_lora_files(folder: str | Path) -> list[Path]:
     found = []
     for path in folder.rglob("*.safetensors"):
         parts = path.relative_to(folder).parts
-        if any(p.startswith(".") or re.fullmatch(r"checkpoint-\d+", p) for p in parts):
+        if any(p.startswith(".") or re.fullmatch(r"checkpoint-\d+", p) for p in parts) or "embeddings" in parts[:-1]:
             continue
         if path.is_file() and path.resolve().is_relative_to(root):  # no symlinks out of the folder
             found.append(path)

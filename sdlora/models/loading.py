@@ -262,11 +262,25 @@ def token_chunks(tokenizer, text: str) -> list[list[int]]:
     truncation=True)` gives, so short prompts encode as before. A1111 chunks long prompts so, and these are the ids
     kohya's get_input_ids gives a long caption too (its rules for the chunk ends come out the same).
     """
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    ids = tokenizer(expand_vectors(text, tokenizer), add_special_tokens=False, truncation=False,
+                    verbose=False).input_ids
     size = tokenizer.model_max_length - 2
     chunks = [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
     pad = tokenizer.pad_token_id
     return [[tokenizer.bos_token_id, *c, tokenizer.eos_token_id] + [pad] * (size - len(c)) for c in chunks]
+
+
+def expand_vectors(text: str, tokenizer) -> str:
+    """`text` with each word of an embedding of several vectors (an added token `w` with `w_1`, ... beside it,
+    diffusers' convention) written out as all of them, as diffusers' pipelines do (`maybe_convert_prompt`)."""
+    added = tokenizer.added_tokens_encoder
+    if not any(f"{word}_1" in added for word in added):
+        return text
+    for token in set(tokenizer.tokenize(text)):
+        if f"{token}_1" in added:
+            vectors = next(i for i in range(1, len(added) + 1) if f"{token}_{i}" not in added)
+            text = text.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, vectors)]))
+    return text
 
 
 def tokenize(tokenizers: list, captions: list[str], max_token_length: int = 75) -> list[torch.Tensor]:
@@ -275,8 +289,8 @@ def tokenize(tokenizers: list, captions: list[str], max_token_length: int = 75) 
     one. `encode_prompt` encodes the chunks one by one and joins them."""
     if max_token_length == 75:
         return [
-            tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids
+            tok([expand_vectors(c, tok) for c in captions], padding="max_length", max_length=tok.model_max_length,
+                truncation=True, return_tensors="pt").input_ids
             for tok in tokenizers
         ]
     n = max_token_length // 75

@@ -1,5 +1,6 @@
 """The optimizer over a run's adapters: AdamW (fused on a GPU), 8-bit AdamW, Prodigy, Adafactor or schedule-free
-AdamW, with LoRA+'s learning rates for the up matrices and a learning rate per model; the LR schedule."""
+AdamW, with LoRA+'s learning rates for the up matrices, a learning rate per model and kohya's per UNet block; the LR
+schedule."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Protocol, cast
 import torch
 
 from sdlora import bnb_import
+from sdlora.adapters.blocks import parameter_lr_weights
+from sdlora.adapters.embeddings import is_embedding
 from sdlora.adapters.lora import is_up_weight, trainable_parameters
-from sdlora.config import TrainConfig
+from sdlora.config import LoraConfig, TrainConfig
 from sdlora.errors import TrainingError
 
 
@@ -54,8 +57,13 @@ def evaluation_weights(optimizer: torch.optim.Optimizer | _ScheduleFree) -> Iter
                 p.copy_(k)
 
 
-def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: bool,
+                   lora: LoraConfig | None = None) -> torch.optim.Optimizer:
     """The optimizer over the adapters; `fused` (AdamW on a GPU) also lets the loop skip NaN steps without a sync.
+
+    A parameter group per model ("unet", "text_encoder"), and with `lora`'s per-block learning rates one per UNet
+    block ("unet_IN04": the UNet's rate times the block's weight), each with its LoRA+ up matrices' beside ("_up").
+    The groups follow the models' parameter order, so that a resumed run's optimizer state fits them.
 
     On a CPU, fused AdamW is ~15x slower than foreach over LoRA's many small tensors (0.65 s vs 0.04 s a step for
     600 [64, 8] tensors on a 2-core CPU)."""
@@ -63,12 +71,23 @@ def make_optimizer(t: TrainConfig, trained: dict[str, torch.nn.Module], fused: b
     for name, module in trained.items():
         lr = (t.unet_lr if name == "unet" else t.text_encoder_lr) or t.learning_rate
         params = trainable_parameters(module)
-        down = [p for n, p in params.items() if not (t.loraplus_lr_ratio and is_up_weight(n))]
-        up = [p for n, p in params.items() if t.loraplus_lr_ratio and is_up_weight(n)]
-        groups.append({"params": down, "lr": lr, "name": f"{name}"})
-        if up:
-            # LoRA+ (arXiv 2402.12354): B learns faster than A for the same stability.
-            groups.append({"params": up, "lr": lr * t.loraplus_lr_ratio, "name": f"{name}_up"})
+        words = [params.pop(n) for n in list(params) if is_embedding(n)]
+        if words:
+            # Pivotal tuning's new words, without weight decay: it would pull them towards the zero vector, far
+            # from where the vocabulary's embeddings lie.
+            groups.append({"params": words, "lr": t.embedding_lr or t.learning_rate, "weight_decay": 0.0,
+                           "name": f"{name}_embeddings"})
+        blocks = parameter_lr_weights(lora, module) if lora is not None and name == "unet" else {}
+        for block, weight in dict.fromkeys(blocks.get(n, ("", 1.0)) for n in params):  # in parameter order
+            label = f"{name}_{block}" if block else name
+            part = {n: p for n, p in params.items() if blocks.get(n, ("", 1.0))[0] == block}
+            down = [p for n, p in part.items() if not (t.loraplus_lr_ratio and is_up_weight(n))]
+            up = [p for n, p in part.items() if t.loraplus_lr_ratio and is_up_weight(n)]
+            if down:  # none in a text encoder that trains only new words
+                groups.append({"params": down, "lr": lr * weight, "name": label})
+            if up:
+                # LoRA+ (arXiv 2402.12354): B learns faster than A for the same stability.
+                groups.append({"params": up, "lr": lr * weight * t.loraplus_lr_ratio, "name": f"{label}_up"})
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused or None,
                                  foreach=None if fused else True)

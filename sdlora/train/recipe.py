@@ -21,25 +21,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 
+from sdlora.adapters.embeddings import (
+    add_trainable_words,
+    bundle_tensors,
+    save_embeddings,
+    split_vectors,
+    trained_vectors,
+)
 from sdlora.adapters.export import (
     RunInfo,
     build_metadata,
     from_kohya_state_dict,
-    save_kohya_lora,
+    save_kohya_state_dict,
     save_peft_lora,
+    to_kohya_state_dict,
 )
 from sdlora.adapters.lora import count_parameters, trainable_parameters
 from sdlora.adapters.methods import Adapters, adapters_for, read_init_lora
-from sdlora.atomic import write_text
+from sdlora.atomic import atomic_dir, write_text
 from sdlora.config import Config, TrainConfig, config_to_dict, derive, dump_toml, torch_dtype
 from sdlora.data.cache import build_latent_cache, build_text_cache, encode_latents, from_text_cache
-from sdlora.data.dataset import ImageRecord, bucket_summary, epoch_batches, pair_regularization, tag_frequency
+from sdlora.data.dataset import (
+    ImageRecord,
+    bucket_summary,
+    epoch_batches,
+    kohya_datasets,
+    pair_regularization,
+    tag_frequency,
+)
 from sdlora.data.doctor import diagnose
 from sdlora.data.loader import epoch_loader
 from sdlora.errors import DatasetError, LoraFileError, PlanError, TrainingError
@@ -117,7 +134,8 @@ class Models:
 
     base: BaseModel
     modules: dict[str, torch.nn.Module]  # "unet" and the text encoders, by component name
-    trained: list[str]  # the components with adapters
+    adapted: list[str]  # the components with adapters
+    trained: list[str]  # those and the text encoders whose new words (train.new_tokens) train
     adapters: Adapters
     trainable_parameters: int
 
@@ -218,7 +236,7 @@ def _setup_accelerator(cfg: Config) -> Run:
     accelerator = Accelerator(
         cpu=cpu_ranks,
         mixed_precision=cfg.train.mixed_precision,
-        log_with="tensorboard",
+        log_with=_trackers(cfg.train),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     if torch.cuda.is_available():
@@ -278,17 +296,22 @@ def _setup_models(run: Run, data: Data) -> Models:
         module.requires_grad_(False).to("cpu" if name == "unet" else device, dtype)
     if cfg.model.quantize_base == "nf4":  # before injection: peft then wraps the 4-bit layers in its bnb LoRA layer
         quantize_nf4(base.unet, dtype, device)
-    trained = [n for n in modules
+    adapted = [n for n in modules
                if (n == "unet" and cfg.lora.train_unet) or (n != "unet" and cfg.lora.train_text_encoder)]
     adapters = adapters_for(cfg.lora, cfg.train.max_train_steps)
     try:  # the file of --init-lora mapped onto the model, each module at its own rank
         start = from_kohya_state_dict(data.start, {name: [n for n, _ in m.named_modules()] for name, m in
                                                    modules.items()}) if data.start else {}
         set_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
-        for name in trained:
+        for name in adapted:
             adapters.inject(modules[name], name, start.get(name))
     except LoraFileError as e:
         raise LoraFileError(f"{data.init_lora}: {e}") from None
+    t = cfg.train
+    if t.new_tokens:  # after injection, which freezes each whole model
+        for encoder, tokenizer in zip(base.text_encoders, base.tokenizers):
+            add_trainable_words(encoder, tokenizer, t.new_tokens, t.new_token_vectors, t.new_token_init)
+    trained = adapted + [n for n in component_names(base.arch) if t.new_tokens and n not in adapted]
     if cfg.model.quantize_base == "fp8":  # after injection, or peft would create the adapters in fp8 too
         store_fp8(base.unet, dtype)
     if cfg.train.gradient_checkpointing:
@@ -301,7 +324,7 @@ def _setup_models(run: Run, data: Data) -> Models:
     n_trainable, n_total = count_parameters(list(modules.values()))
     logger.info(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%) "
                 f"in {', '.join(trained)}", main_process_only=True)
-    return Models(base, modules, trained, adapters, n_trainable)
+    return Models(base, modules, adapted, trained, adapters, n_trainable)
 
 
 def _setup_caches(run: Run, data: Data, models: Models) -> Caches:
@@ -313,7 +336,7 @@ def _setup_caches(run: Run, data: Data, models: Models) -> Caches:
     latents = None
     if cfg.data.cache_latents != "none":
         with run.accelerator.main_process_first():
-            latents = build_latent_cache(data.records, base.vae, cfg.data.cache_latents, cfg.data.flip_aug)
+            latents = build_latent_cache(data.records, base.vae, cfg.data.cache_latents)
     text = build_text_cache(base, data.records, cfg.data) if cfg.data.cache_text_encoder_outputs else None
     if text is not None and cfg.train.preservation_weight:  # frozen encoders: the preservation prompts too
         prompts = cfg.train.preservation_prompts or preservation_prompts(list(text), 0, cfg)
@@ -335,7 +358,7 @@ def _setup_optimizer(run: Run, models: Models) -> Optimization:
 
     cfg, t = run.cfg, run.cfg.train
     optimizer = make_optimizer(t, {name: models.modules[name] for name in models.trained},
-                               fused=run.device.type == "cuda")
+                               fused=run.device.type == "cuda", lora=cfg.lora)
     lr_scheduler = make_lr_scheduler(t, optimizer)
     prediction_type = cfg.model.prediction_type or models.base.prediction_type
     noise_scheduler = DDPMScheduler.from_config(
@@ -390,7 +413,7 @@ def _announce(run: Run, data: Data, models: Models, opt: Optimization) -> None:
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         write_text(run.out / "config.toml", dump_toml(cfg))
-        accelerator.init_trackers("sdlora", config=_flat_hparams(cfg))
+        _start_trackers(run)
 
 
 def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimization, position: Position,
@@ -472,9 +495,11 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                     _save(run, data, models, opt, due, after)
                 if due.sample and accelerator.is_main_process:
                     with accelerator.autocast(), opt.averaged():
-                        render_samples(models.base, models.unwrapped(accelerator, "unet"),
-                                       [accelerator.unwrap_model(m) for m in models.encoders()], cfg.sample,
-                                       cfg.data.resolution, run.out / "samples", f"step{position.step:08d}")
+                        samples = render_samples(models.base, models.unwrapped(accelerator, "unet"),
+                                                 [accelerator.unwrap_model(m) for m in models.encoders()], cfg.sample,
+                                                 max(cfg.data.resolutions()), run.out / "samples",
+                                                 f"step{position.step:08d}")
+                    _log_samples(accelerator, samples, position.step)
                 if due.final:
                     break
             position.epoch, position.batch_in_epoch = position.epoch + 1, 0
@@ -613,18 +638,26 @@ def _save(run: Run, data: Data, models: Models, opt: Optimization, due: Due, aft
 
 def _export(run: Run, data: Data, models: Models, opt: Optimization, at: Position, path: Path, keep: int) -> None:
     cfg, base = run.cfg, models.base
-    layers = {name: models.adapters.layers(name, models.unwrapped(run.accelerator, name)) for name in models.trained}
+    layers = {name: models.adapters.layers(name, models.unwrapped(run.accelerator, name)) for name in models.adapted}
     training = [r for r in data.records if not r.is_reg]
     info = RunInfo(steps=at.step, epoch=at.epoch, num_train_images=sum(r.repeats for r in training),
                    training_started_at=run.started_at, training_finished_at=time.time(),
                    tag_frequency=tag_frequency(data.records), dataset_dirs=_dataset_dirs(training),
                    sd_model_name=Path(cfg.model.base_model).name, prediction_type=opt.prediction_type,
                    clip_skip=cfg.model.clip_skip,
-                   num_reg_images=sum(r.repeats for r in data.reg), reg_dataset_dirs=_dataset_dirs(data.reg))
+                   num_reg_images=sum(r.repeats for r in data.reg), reg_dataset_dirs=_dataset_dirs(data.reg),
+                   # as kohya with a --dataset_config: each subset's options
+                   extra={"ss_datasets": json.dumps(kohya_datasets(data.records, cfg.train.batch_size))}
+                   if cfg.data.subsets else {})
     metadata = build_metadata(cfg, base.arch, info)
     dtype = torch_dtype(cfg.export.dtype)
+    words = _trained_words(run, models)
     if "kohya" in cfg.export.formats:
-        save_kohya_lora(layers, base.arch, path, metadata, dtype, dict(base.unet.config))
+        bundle = bundle_tensors(words, base.arch, dtype) if cfg.export.bundle_embeddings else {}
+        save_kohya_state_dict({**to_kohya_state_dict(layers, base.arch, dtype, dict(base.unet.config)), **bundle},
+                              path, metadata)
+    if words and path.stem in (cfg.train.output_name, _best_path(run).stem):  # not beside intermediate files
+        save_embeddings(words, base.arch, _embeddings_dir(run, path.stem))
     if "peft" in cfg.export.formats:
         save_peft_lora(layers, path.with_suffix(""), dtype)
     if keep:
@@ -679,6 +712,12 @@ def _finish(run: Run, models: Models, step_seconds: list[float], history: list[d
     if accelerator.is_main_process and _best_path(run).is_file():
         final = out / f"{t.output_name}.safetensors"
         os.replace(_best_path(run), final)  # one rename: the final name always holds a whole file
+        if t.new_tokens:
+            best_embeddings = _embeddings_dir(run, _best_path(run).stem)
+            with atomic_dir(_embeddings_dir(run, t.output_name)) as folder:
+                for file in best_embeddings.iterdir():
+                    os.replace(file, folder / file.name)
+            best_embeddings.rmdir()
         logger.info(f"early stopping: {final.name} is the LoRA of step {lowest['step'] if lowest else 0}, the lowest "
                     "validation loss", main_process_only=True)
     accelerator.wait_for_everyone()
@@ -706,6 +745,20 @@ def _dataset_dirs(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
         entry = dirs.setdefault(r.dataset_dir, {"n_repeats": r.repeats, "img_count": 0})
         entry["img_count"] += 1
     return dirs
+
+
+def _trained_words(run: Run, models: Models) -> dict[str, dict[str, torch.Tensor]]:
+    """{text encoder: {new word: its trained vectors}} (empty without train.new_tokens)."""
+    t = run.cfg.train
+    if not t.new_tokens:
+        return {}
+    return {name: split_vectors(trained_vectors(models.unwrapped(run.accelerator, name)), t.new_tokens)
+            for name in component_names(models.base.arch)}
+
+
+def _embeddings_dir(run: Run, lora_stem: str) -> Path:
+    """Where the standalone embeddings of the LoRA file `<lora_stem>.safetensors` go."""
+    return run.out / "embeddings" / lora_stem
 
 
 def _best_path(run: Run) -> Path:
@@ -750,6 +803,50 @@ def _nonfinite_message(t: TrainConfig, streak: int, step: int, out: Path) -> str
     return (f"loss or gradients were NaN/Inf for {streak} steps in a row (steps {step - streak + 1}-{step}); "
             f"those updates were skipped, so the weights and the checkpoints in {out} are intact. Likely fix: "
             + ", or ".join(causes))
+
+
+def _trackers(t: TrainConfig) -> list[str]:
+    """accelerate's trackers for train.log_with. sdlora's "all" is TensorBoard and wandb: accelerate's own "all"
+    would start any other tracker that happens to be installed."""
+    trackers: list[str] = ["tensorboard", "wandb"] if t.log_with == "all" else [t.log_with]
+    if "wandb" in trackers:
+        try:  # accelerate leaves out a tracker it cannot import without a word
+            import wandb  # noqa: F401
+        except ImportError:
+            raise TrainingError(f"train.log_with = \"{t.log_with}\" needs wandb: pip install 'sdlora[wandb]'") from None
+    return trackers
+
+
+def _start_trackers(run: Run) -> None:
+    """accelerate's trackers, with the config as their hyperparameters. accelerate has one project name for all of
+    them: wandb's project, and TensorBoard's folder under logs/ (kohya's log_tracker_name names both too)."""
+    cfg, t, accelerator = run.cfg, run.cfg.train, run.accelerator
+    if t.log_with == "tensorboard":
+        accelerator.init_trackers("sdlora", config=_flat_hparams(cfg))
+        return
+    import wandb
+
+    # wandb's lines (banner, links, sync notes, warnings) would mix into sdlora's output. Its terminal is set up once
+    # per process, so a run's own settings leave the warnings on; sdlora names the run itself below.
+    wandb.setup(wandb.Settings(silent=True))
+    accelerator.init_trackers(t.wandb_project, config=_flat_hparams(cfg),
+                              init_kwargs={"wandb": {"name": t.wandb_run_name or None, "dir": str(run.out)}})
+    wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+    # An offline run (WANDB_MODE=offline) has no link, and asking it for one prints a warning.
+    where = run.out / "wandb" if wandb_run.offline else wandb_run.url
+    if where:  # none with WANDB_MODE=disabled
+        logger.info(f"wandb run: {where}", main_process_only=True)
+
+
+def _log_samples(accelerator: Accelerator, paths: list[Path], step: int) -> None:
+    """The samples beside the loss, one image per prompt, through each tracker's log_images (TensorBoard's takes
+    an NHWC batch, wandb's a list of images: one array of one image is both)."""
+    images = {}
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            images[f"samples/{i:02d}"] = np.asarray(image.convert("RGB"))[None]
+    for tracker in accelerator.trackers:
+        tracker.log_images(images, step=step, **({"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}))
 
 
 def _flat_hparams(cfg: Config) -> dict:

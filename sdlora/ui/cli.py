@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="repeatable; weight 1.0 by default")
     p.add_argument("--lora-dir", default="outputs", help="where <lora:name> tags in the prompt are looked up")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="repeatable: a textual-inversion embedding (.safetensors); its file name is the word to "
+                        "write in the prompt. Embeddings bundled in a LoRA file load with it")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
     p.add_argument("--steps", type=int, default=20)
@@ -371,15 +374,18 @@ def _cmd_generate(args, extra) -> int:
                               width=args.width, height=args.height, seed=args.seed, sampler=args.sampler,
                               clip_skip=args.clip_skip)
     check_params(replace(params, width=args.width or 512, height=args.height or 512), args.count)
-    for spec in loras:
-        if not spec.path.is_file():
-            raise MissingFileError(f"{spec.path}: no such LoRA file")
+    for path, what in [(spec.path, "LoRA") for spec in loras] + [(Path(e), "embedding") for e in args.embedding]:
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no such {what} file")
     pipe = load_pipeline(args.model, *default_device(), allow_unsafe_pickle=args.allow_unsafe_pickle)
     pipe.set_progress_bar_config(disable=True)
     size = default_size(pipe)
     params = replace(params, width=args.width or size, height=args.height or size)
-    result = generate_images(pipe, LoraCache(pipe, strict=args.strict), params, loras, args.count, out_dir=args.out,
-                             lora_dir=args.lora_dir, model_name=model_label(args.model), batch_size=args.batch_size)
+    cache = LoraCache(pipe, strict=args.strict)
+    for embedding in args.embedding:
+        cache.embed(embedding)
+    result = generate_images(pipe, cache, params, loras, args.count, out_dir=args.out, lora_dir=args.lora_dir,
+                             model_name=model_label(args.model), batch_size=args.batch_size)
     _print_warnings(result.warnings)
     for path in result.paths:
         print(path)

@@ -1,0 +1,122 @@
+"""Pivotal tuning (train.new_tokens): new words trained beside the LoRA, bundled in the LoRA file as A1111 reads
+them and written standalone as kohya does; sdlora and diffusers' load_textual_inversion read back what training
+used; resume is exact."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import assert_same, make_cfg
+
+from sdlora.adapters.embeddings import read_bundle, read_embedding_file
+from sdlora.errors import ConfigError, LoraFileError
+from sdlora.generate.pipeline import LoraCache, LoraSpec, list_lora_files, load_pipeline
+from sdlora.generate.prompt import encode_prompt_embeds
+from sdlora.models.loading import expand_vectors, load_base_model
+from sdlora.models.tiny import tiny_model_path
+from sdlora.train.recipe import train
+
+pytestmark = pytest.mark.usefixtures("single_thread_plain_kernels")
+
+PIVOTAL = ['train.new_tokens=["zkw"]', "train.new_token_vectors=2", 'data.caption_prefix="zkw, "',
+           "train.embedding_lr=0.05", "train.report=false", "train.save_last_k=0"]
+PROMPT = "zkw, a boat on the sea"
+
+
+@pytest.fixture(scope="module", params=["tiny-sd15", "tiny-sdxl"])
+def trained(request, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    return request.param, out, train(make_cfg(dataset, out, f'model.base_model="{request.param}"', *PIVOTAL))
+
+
+def test_the_words_train_and_both_files_hold_them(trained):
+    model, out, lora = trained
+    bundle = read_bundle(load_file(str(lora)), lora)
+    standalone = read_embedding_file(load_file(str(out / "embeddings" / "lora" / "zkw.safetensors")), "zkw")
+    assert list(bundle) == ["zkw"]
+    base = load_base_model(model)
+    components = ["text_encoder", "text_encoder_2"][:len(base.text_encoders)]
+    assert set(bundle["zkw"]) == set(standalone) == set(components)
+    for component, encoder in zip(components, base.text_encoders):
+        vectors = standalone[component]
+        assert vectors.shape == (2, encoder.get_input_embeddings().weight.shape[1])
+        assert torch.equal(bundle["zkw"][component], vectors)  # export.dtype fp32
+        start = encoder.get_input_embeddings().weight.mean(0)  # new_token_init "" = the vocabulary's mean
+        assert (vectors - start).abs().max() > 1e-3, f"{component}: the new word did not train"
+
+
+def test_diffusers_reads_what_sdlora_generates_with(trained):
+    """diffusers' own loaders (load_lora_weights without the bundle, load_textual_inversion of the standalone file,
+    as its docs show for SDXL) give the prompt embedding sdlora's LoraCache gives with the bundled file."""
+    model, out, lora = trained
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    ours = load_pipeline(model)
+    LoraCache(ours).activate([LoraSpec(lora)])
+    expected = encode_prompt_embeds(ours, PROMPT)
+
+    sdxl = model == "tiny-sdxl"
+    theirs = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(tiny_model_path(model))
+    theirs.load_lora_weights({k: v for k, v in load_file(str(lora)).items() if not k.startswith("bundle_emb.")})
+    file = load_file(str(out / "embeddings" / "lora" / "zkw.safetensors"))
+    if sdxl:
+        theirs.load_textual_inversion(file["clip_l"], token="zkw", text_encoder=theirs.text_encoder,
+                                      tokenizer=theirs.tokenizer)
+        theirs.load_textual_inversion(file["clip_g"], token="zkw", text_encoder=theirs.text_encoder_2,
+                                      tokenizer=theirs.tokenizer_2)
+        embeds, _, pooled, _ = theirs.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+        torch.testing.assert_close(pooled, expected["pooled_prompt_embeds"])
+    else:
+        theirs.load_textual_inversion(str(out / "embeddings" / "lora" / "zkw.safetensors"), token="zkw")
+        embeds, _ = theirs.encode_prompt(PROMPT, "cpu", 1, False)
+    torch.testing.assert_close(embeds, expected["prompt_embeds"])
+    assert expand_vectors(PROMPT, theirs.tokenizer) == "zkw zkw_1, a boat on the sea"
+
+
+def test_reloading_a_changed_file_replaces_its_words_and_embeddings_load_alone(trained, tmp_path):
+    model, out, lora = trained
+    pipe = load_pipeline(model)
+    cache = LoraCache(pipe)
+    cache.load(lora)
+    before = encode_prompt_embeds(pipe, PROMPT)["prompt_embeds"]
+    lora.touch()
+    cache.load(lora)  # a retrained file: its words are unloaded and loaded again, not refused as loaded already
+    torch.testing.assert_close(encode_prompt_embeds(pipe, PROMPT)["prompt_embeds"], before)
+    with pytest.raises(LoraFileError, match="already loaded"):
+        cache.embed(out / "embeddings" / "lora" / "zkw.safetensors")
+    assert lora in list_lora_files(out) and not any("embeddings" in p.parts for p in list_lora_files(out))
+
+
+def test_resume_is_exact_with_new_words(dataset, tmp_path):
+    straight = train(make_cfg(dataset, tmp_path / "a", *PIVOTAL, "train.checkpoint_every_n_steps=3"))
+    resumed = train(make_cfg(dataset, tmp_path / "b", *PIVOTAL), resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert_same(load_file(str(straight)), load_file(str(resumed)))
+
+
+def test_words_alone_leave_the_text_encoders_without_lora(dataset, tmp_path):
+    lora = train(make_cfg(dataset, tmp_path, *PIVOTAL, "lora.train_text_encoder=false"))
+    keys = load_file(str(lora))
+    assert not any(k.startswith("lora_te") for k in keys) and "bundle_emb.zkw.string_to_param.*" in keys
+
+
+@pytest.mark.parametrize("word, message", [("boat", "already a token"), ("ZKW", "lower-case"),
+                                           ("two words", "lower-case")])
+def test_bad_words_are_refused_in_one_line(dataset, tmp_path, word, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        train(make_cfg(dataset, tmp_path, f'train.new_tokens=["{word}"]'))
+    assert "\n" not in str(error.value)
+
+
+def test_new_words_cannot_use_cached_text_outputs(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="cache_text_encoder_outputs"):
+        make_cfg(dataset, tmp_path, *PIVOTAL, "lora.train_text_encoder=false", "data.cache_text_encoder_outputs=true")
+
+
+def test_merge_into_base_leaves_bundled_words_out_with_a_note(trained):
+    """A merged checkpoint keeps the base model's vocabulary (A1111 and ComfyUI load no other), so merge-into-base
+    loads the file without its words and says where they are."""
+    model, _, lora = trained
+    pipe = load_pipeline(model)
+    cache = LoraCache(pipe, embeddings=False)
+    cache.load(lora)
+    assert "bundled embeddings (zkw) are left out" in cache.notes[lora.resolve()]
+    assert "zkw" not in pipe.tokenizer.get_vocab()
