@@ -55,6 +55,8 @@ ROWS = [
     ("LoRA, logit-normal timesteps", ["train.timestep_sampling=logit_normal"]),
     ("LoRA, pseudo-Huber loss (snr)", ["train.loss_type=huber"]),
     ("LoRA, debiased estimation", ["train.debiased_estimation=true"]),
+    # Pivotal tuning (issue 20): the trigger word becomes a new token trained beside the LoRA.
+    ("LoRA + pivotal word (lr 5e-3)", ['train.new_tokens=["zkstyle"]', "train.embedding_lr=5e-3"]),
 ]
 
 

@@ -72,17 +72,28 @@ def test_diffusers_reads_what_sdlora_generates_with(trained):
     assert expand_vectors(PROMPT, theirs.tokenizer) == "zkw zkw_1, a boat on the sea"
 
 
-def test_reloading_a_changed_file_replaces_its_words_and_embeddings_load_alone(trained, tmp_path):
+def test_each_file_brings_its_own_vectors_of_a_shared_word(trained, tmp_path):
+    """The epochs of one run bundle the same word: a grid switches between them, so activating a file loads its
+    vectors; a changed file is read again; a standalone file of the word takes its place."""
+    from safetensors.torch import save_file
+
     model, out, lora = trained
+    other = tmp_path / "other.safetensors"
+    save_file({k: v * 2 if k.startswith("bundle_emb.") else v for k, v in load_file(str(lora)).items()}, str(other))
     pipe = load_pipeline(model)
     cache = LoraCache(pipe)
-    cache.load(lora)
-    before = encode_prompt_embeds(pipe, PROMPT)["prompt_embeds"]
-    lora.touch()
-    cache.load(lora)  # a retrained file: its words are unloaded and loaded again, not refused as loaded already
-    torch.testing.assert_close(encode_prompt_embeds(pipe, PROMPT)["prompt_embeds"], before)
-    with pytest.raises(LoraFileError, match="already loaded"):
-        cache.embed(out / "embeddings" / "lora" / "zkw.safetensors")
+
+    def embeds(*files):
+        cache.activate([LoraSpec(f) for f in files])
+        return encode_prompt_embeds(pipe, PROMPT)["prompt_embeds"]
+
+    first = embeds(lora)
+    assert not torch.equal(embeds(other), first)
+    torch.testing.assert_close(embeds(lora), first)
+    lora.touch()  # a retrained file: its words are unloaded and loaded again
+    torch.testing.assert_close(embeds(lora), first)
+    assert cache.embed(out / "embeddings" / "lora" / "zkw.safetensors") == ["zkw"]
+    torch.testing.assert_close(encode_prompt_embeds(pipe, PROMPT)["prompt_embeds"], first)
     assert lora in list_lora_files(out) and not any("embeddings" in p.parts for p in list_lora_files(out))
 
 
@@ -120,3 +131,18 @@ def test_merge_into_base_leaves_bundled_words_out_with_a_note(trained):
     cache.load(lora)
     assert "bundled embeddings (zkw) are left out" in cache.notes[lora.resolve()]
     assert "zkw" not in pipe.tokenizer.get_vocab()
+
+
+def test_lora_tools_carry_the_bundle_and_inspect_lists_it(trained, tmp_path):
+    from sdlora.adapters.files import inspect_lora
+    from sdlora.adapters.tools import merge_lora_files, resize_lora_file
+
+    _, _, lora = trained
+    bundled = {k: v for k, v in load_file(str(lora)).items() if k.startswith("bundle_emb.")}
+    resize_lora_file(lora, tmp_path / "resized.safetensors", rank=2, dtype=torch.float32)
+    merge_lora_files([(lora, 0.5), (tmp_path / "resized.safetensors", 0.5)], tmp_path / "merged.safetensors")
+    for name in ("resized", "merged"):
+        out = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert_same({k: v for k, v in out.items() if k.startswith("bundle_emb.")}, bundled)
+    report = inspect_lora(lora)
+    assert "Bundled embedding: zkw (2 vectors" in report and "not LoRA weights" not in report

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import TrainableTokensConfig, inject_adapter_in_model
 
 from sdlora.atomic import atomic_dir
 from sdlora.errors import ConfigError, LoraFileError
@@ -56,6 +55,7 @@ def add_trainable_words(encoder: Any, tokenizer, words: list[str], vectors: int,
 
     Call after the LoRA adapters are injected: injection freezes the whole model.
     """
+    from peft import TrainableTokensConfig, inject_adapter_in_model  # seconds to import: `inspect` needs none of it
     for word in words:
         check_new_word(word, tokenizer)
     names = [name for word in words for name in vector_names(word, vectors)]
@@ -184,8 +184,8 @@ def load_words(pipe, words: Mapping[str, Mapping[str, torch.Tensor]], label: str
     `load_textual_inversion` (each component's vectors into its own encoder); returns the words loaded.
 
     Raises:
-        LoraFileError: a word the pipeline has already, vectors of the wrong width, or an SDXL embedding without
-            both encoders' vectors (or one for another model family).
+        LoraFileError: a word that is a token of the model (or loaded already: unload it first), vectors of the
+            wrong width, or an SDXL embedding without both encoders' vectors (or one for another model family).
     """
     components = ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
     for word, per_component in words.items():
@@ -195,8 +195,8 @@ def load_words(pipe, words: Mapping[str, Mapping[str, torch.Tensor]], label: str
         for component in components:
             tokenizer = getattr(pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer")
             if word in tokenizer.get_vocab():
-                raise LoraFileError(f"{label}: the word {word!r} is already loaded (from another file, or a token "
-                                    "of the model); unload that file or rename the embedding")
+                raise LoraFileError(f"{label}: the embedding's word {word!r} is a token of this model already; "
+                                    "rename the embedding (its file name, or the word it bundles)")
             encoder = getattr(pipe, component)
             width = encoder.get_input_embeddings().weight.shape[-1]
             if per_component[component].shape[-1] != width:

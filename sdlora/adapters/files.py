@@ -313,8 +313,12 @@ def inspect_lora(path: str | Path) -> str:
         LoraFileError: see `read_lora_file`; and a file that holds no LoRA module (a checkpoint, a VAE, another
             LyCORIS network), in one line saying what it looks like.
     """
+    from sdlora.adapters.embeddings import BUNDLE_PREFIX, read_bundle
+
     path = Path(path)
     sd, metadata = read_lora_file(path)
+    bundle = read_bundle(sd, path)
+    sd = {key: value for key, value in sd.items() if not key.startswith(BUNDLE_PREFIX)}
     refuse_other_networks(path, sd, lycoris=True)
     modules, unknown = group_lora_keys(sd)
     algos = {module: lycoris_algo(parts) for module, parts in modules.items()}
@@ -389,6 +393,9 @@ def inspect_lora(path: str | Path) -> str:
         for (comp, block), counter in sorted(groups.items(), key=lambda kv: _block_order(kv[0])):
             if comp == component:
                 lines.append(f"    {block:<22} {sum(counter.values()):>4} modules  {_ranks_text(counter)}")
+    for word, vectors in bundle.items():  # pivotal tuning: A1111 loads them with the file
+        lines.append(f"Bundled embedding: {word} ({next(iter(vectors.values())).shape[0]} vectors; "
+                     f"{', '.join(vectors)})")
     lines += _metadata_lines(path, metadata, warnings)
     if warnings:
         lines.append("Warnings:")

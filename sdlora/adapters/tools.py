@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sdlora.adapters.embeddings import BUNDLE_PREFIX, read_bundle
 from sdlora.adapters.export import (
     COMPONENTS,
     arch_metadata,
@@ -68,6 +69,7 @@ class LoraFile:
     arch: str  # "sd1", "sd2" or "sdxl"
     modules: dict[str, LoraWeights]  # kohya module name -> fp32 weights
     metadata: dict[str, str]
+    bundle: dict[str, torch.Tensor] = field(default_factory=dict)  # bundled embeddings' keys, carried to outputs
 
     @property
     def v_prediction(self) -> bool:
@@ -88,6 +90,8 @@ def read_lora(path: str | Path) -> LoraFile:
     """
     path = Path(path)
     tensors, metadata = read_lora_file(path)
+    read_bundle(tensors, path)  # checks the layout
+    bundle = {key: tensors.pop(key) for key in list(tensors) if key.startswith(BUNDLE_PREFIX)}
     unsupported = unsupported_network_type(tensors)
     if unsupported:
         raise LoraFileError(f"{path}: a {unsupported[0]} network (e.g. key {unsupported[1]!r}), not a plain LoRA")
@@ -112,7 +116,7 @@ def read_lora(path: str | Path) -> LoraFile:
         if weights.up.numel() != weights.up.shape[0] * weights.rank:
             raise LoraFileError(f"{path}: module {key}: up {tuple(weights.up.shape)} is not [out, rank(, 1, 1)]")
         modules[name] = weights
-    return LoraFile(path, arch, modules, metadata)
+    return LoraFile(path, arch, modules, metadata, bundle)
 
 
 def _kohya_name(key: str, arch: str, path: Path) -> str:
@@ -375,9 +379,10 @@ def _write_all(parts: list[tuple], dtype: torch.dtype, report: ToolReport) -> tu
 
 
 def save_lora_modules(modules: Mapping[str, LoraWeights], path: str | Path, metadata: Mapping[str, str],
-                      dtype: torch.dtype = torch.float16) -> Path:
-    """Write kohya-named modules as a kohya `.safetensors` file (atomically, with `sshs_*` hashes)."""
-    tensors: dict[str, torch.Tensor] = {}
+                      dtype: torch.dtype = torch.float16, bundle: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write kohya-named modules (and bundled embeddings' tensors, as read) as a kohya `.safetensors` file
+    (atomically, with `sshs_*` hashes)."""
+    tensors: dict[str, torch.Tensor] = dict(bundle or {})
     for name, weights in modules.items():
         tensors.update(kohya_module_tensors(name, weights, dtype))
     return save_kohya_state_dict(tensors, path, metadata)
@@ -399,8 +404,25 @@ def merge_lora_files(sources: Sequence[tuple[str | Path, float]], out: str | Pat
         "modelspec.merged_from": ", ".join(lora.path.name for lora, _ in loras),
         "ss_training_comment": f"merged from {len(loras)} LoRAs ({how})",
     })
-    save_lora_modules(merged, out, metadata, dtype)
+    save_lora_modules(merged, out, metadata, dtype, _joined_bundles([lora for lora, _ in loras]))
     return report
+
+
+def _joined_bundles(loras: list[LoraFile]) -> dict[str, torch.Tensor]:
+    """The embeddings the merged files bundle, each word once (weights do not apply to words).
+
+    Raises:
+        LoraFileError: two files bundle the same word with different vectors.
+    """
+    joined: dict[str, tuple[torch.Tensor, Path]] = {}
+    for lora in loras:
+        for key, value in lora.bundle.items():
+            if key in joined and not torch.equal(joined[key][0], value):
+                word = key[len(BUNDLE_PREFIX):].partition(".")[0]
+                raise LoraFileError(f"{lora.path}: bundles the word {word!r} as {joined[key][1]} does, with other "
+                                    "vectors; a merged file can hold one (rename it in one of them)")
+            joined.setdefault(key, (value, lora.path))
+    return {key: value for key, (value, _) in joined.items()}
 
 
 def resize_lora_file(path: str | Path, out: str | Path, rank: int | None = None, energy: float | None = None,
@@ -420,7 +442,7 @@ def resize_lora_file(path: str | Path, out: str | Path, rank: int | None = None,
         "sdlora_resized_from": json.dumps({"file": lora.path.name, "sshs_model_hash": _model_hash(lora),
                                            "rank": rank, "energy": energy}),
     }
-    save_lora_modules(resized, out, metadata, dtype)
+    save_lora_modules(resized, out, metadata, dtype, lora.bundle)
     return report
 
 

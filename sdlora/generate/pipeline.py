@@ -313,14 +313,17 @@ class LoraCache:
     refused: never dropped silently, whichever way the file is loaded.
     Embeddings bundled in a file (pivotal tuning, `bundle_emb.*`) load with it as A1111 loads them: their words
     work in prompts while the file is loaded, whatever its weight; with `embeddings` False they are left out with a
-    note. Standalone embedding files load with `embed`.
+    note. Standalone embedding files load with `embed`. Files that bundle the same word (the epochs of one run, in
+    a grid) each get their own vectors: `activate` loads the active files' vectors of each word.
     """
 
     def __init__(self, pipe, strict: bool = False, embeddings: bool = True):
         self.pipe = pipe
         self.strict = strict
         self.embeddings = embeddings
-        self._words: dict[Path, tuple[list[str], tuple[int, int]]] = {}  # file -> (its words, (mtime_ns, size))
+        self._bundles: dict[Path, dict[str, dict[str, torch.Tensor]]] = {}  # file -> {word: {component: vectors}}
+        self._word_source: dict[str, Path] = {}  # word -> the file whose vectors the pipeline holds now
+        self._embedding_stamps: dict[Path, tuple[int, int]] = {}  # standalone embedding file -> (mtime_ns, size)
         self.notes: dict[Path, str] = {}  # file -> what was left out of it when it was loaded
         # file -> (its adapter names, (mtime_ns, size))
         self._adapters: dict[Path, tuple[tuple[str, ...], tuple[int, int]]] = {}
@@ -338,7 +341,7 @@ class LoraCache:
                 weight difference, ...), another architecture than the pipeline's, keys/shapes that do not fit the
                 model, or with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
-        from sdlora.adapters.embeddings import BUNDLE_PREFIX, load_words, read_bundle
+        from sdlora.adapters.embeddings import BUNDLE_PREFIX, read_bundle
         from sdlora.adapters.export import match_lora_keys
         from sdlora.adapters.files import (
             detect_arch,
@@ -358,7 +361,7 @@ class LoraCache:
                 self._delete(name)
             del self._adapters[path]
             self.notes.pop(path, None)
-            self._unload_words(path)
+            self._forget_words(path)
         started = time.perf_counter()
         tensors, metadata = read_lora_file(path)
         bundle = read_bundle(tensors, path)
@@ -403,7 +406,8 @@ class LoraCache:
             dropped = [next(iter(keys.values())) for target, keys in matched.items() if target not in adapted]
             note = self._strays(path, unmatched + dropped, len(matched) - len(dropped))
             if bundle and self.embeddings:
-                self._words[path] = (load_words(self.pipe, bundle, str(path)), stamp)
+                self._bundles[path] = bundle
+                self._use_words(path)
             elif bundle:
                 left_out = (f"{path.name}: its bundled embeddings ({', '.join(bundle)}) are left out; load the "
                             "standalone files from the run's embeddings/ folder")
@@ -435,32 +439,53 @@ class LoraCache:
             LoraFileError: not a safetensors embedding file, its word is loaded already, or it is for another model
                 family.
         """
-        from sdlora.adapters.embeddings import load_words, read_embedding_file
+        from sdlora.adapters.embeddings import read_embedding_file
         from sdlora.adapters.files import read_lora_file
 
         path = Path(path).resolve()
-        tensors, _ = read_lora_file(path)
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if path in self._words:
-            if self._words[path][1] == stamp:
-                return self._words[path][0]
-            self._unload_words(path)
-        self._words[path] = (load_words(self.pipe, {path.stem: read_embedding_file(tensors, path)}, str(path)), stamp)
-        return self._words[path][0]
+        stat = path.stat() if path.is_file() else None
+        stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
+        if self._embedding_stamps.get(path) != stamp:
+            tensors, _ = read_lora_file(path)
+            self._forget_words(path)
+            self._bundles[path] = {path.stem: read_embedding_file(tensors, path)}
+            self._embedding_stamps[path] = stamp
+        self._use_words(path)
+        return list(self._bundles[path])
 
-    def _unload_words(self, path: Path) -> None:
-        """Take the words a file loaded out of the pipeline's tokenizers and text encoders again."""
-        words, _ = self._words.pop(path, ([], (0, 0)))
-        for word in words:
-            for component in ("text_encoder", "text_encoder_2"):
-                tokenizer = getattr(self.pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
-                if tokenizer is None or getattr(self.pipe, component, None) is None:
-                    continue
-                names = [name for name in tokenizer.added_tokens_encoder if name == word or
-                         re.fullmatch(rf"{re.escape(word)}_\d+", name)]
-                self.pipe.unload_textual_inversion(names, tokenizer=tokenizer,
-                                                   text_encoder=getattr(self.pipe, component))
+    def _use_words(self, path: Path) -> None:
+        """Make the pipeline hold `path`'s vectors of each word it bundles (another file's are unloaded first).
+
+        Raises:
+            LoraFileError: see `adapters.embeddings.load_words`.
+        """
+        from sdlora.adapters.embeddings import load_words
+
+        for word, vectors in self._bundles.get(path, {}).items():
+            if self._word_source.get(word) == path:
+                continue
+            if word in self._word_source:
+                self._unload_word(word)
+            load_words(self.pipe, {word: vectors}, str(path))
+            self._word_source[word] = path
+
+    def _forget_words(self, path: Path) -> None:
+        """Drop a file's bundled words, unloading those the pipeline holds from it."""
+        for word in self._bundles.pop(path, {}):
+            if self._word_source.get(word) == path:
+                self._unload_word(word)
+        self._embedding_stamps.pop(path, None)
+
+    def _unload_word(self, word: str) -> None:
+        """Take a word (all its vectors) out of the pipeline's tokenizers and text encoders."""
+        del self._word_source[word]
+        for component in ("text_encoder", "text_encoder_2"):
+            tokenizer = getattr(self.pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
+            if tokenizer is None or getattr(self.pipe, component, None) is None:
+                continue
+            names = [name for name in tokenizer.added_tokens_encoder
+                     if name == word or re.fullmatch(rf"{re.escape(word)}_\d+", name)]
+            self.pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=getattr(self.pipe, component))
 
     def _strays(self, path: Path, unmatched: list[str], matched: int) -> str | None:
         """The note on a file's modules that match nothing in the model (`unmatched` keys), if any.
@@ -540,6 +565,8 @@ class LoraCache:
             te = spec.unet_weight if spec.te_weight is None else spec.te_weight
             _, unet_total, te_total = weights.get(Path(spec.path).resolve(), (names, 0.0, 0.0))
             weights[Path(spec.path).resolve()] = [names, unet_total + spec.unet_weight, te_total + te]
+        for path in sorted(weights, key=str):  # a word in several listed files: the last file's vectors
+            self._use_words(path)
         active = [(name, u, te) for path in sorted(weights, key=str) if weights[path][1:] != [0.0, 0.0]
                   for names, u, te in [weights[path]] for name in names]
         if not self._adapters:
