@@ -146,3 +146,11 @@ def test_lora_tools_carry_the_bundle_and_inspect_lists_it(trained, tmp_path):
         assert_same({k: v for k, v in out.items() if k.startswith("bundle_emb.")}, bundled)
     report = inspect_lora(lora)
     assert "Bundled embedding: zkw (2 vectors" in report and "not LoRA weights" not in report
+
+
+def test_an_embedding_named_as_a_model_token_is_refused(trained, tmp_path):
+    model, out, _ = trained
+    clash = tmp_path / "boat.safetensors"
+    clash.write_bytes((out / "embeddings" / "lora" / "zkw.safetensors").read_bytes())
+    with pytest.raises(LoraFileError, match="'boat' is a token of this model"):
+        LoraCache(load_pipeline(model)).embed(clash)
