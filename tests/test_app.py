@@ -537,16 +537,19 @@ def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sd
                          train__loraplus_lr_ratio=4.0, sample__prompts="zkstyle, a boat --d 3\n\n a tent ",
                          train__save_every_n_steps=1.0,  # a whole float, as gr.Number sends it
                          train__ema_decay=0.9, model__clip_skip=2.0, train__min_timestep=100.0,
-                         train__max_timestep=900.0)
+                         train__max_timestep=900.0, train__new_tokens=" zkw, <q>,", train__embedding_lr=5e-3)
     cfg = train_config(local, *fields, advanced=advanced)
     assert (cfg.lora.targets, cfg.lora.train_text_encoder, cfg.lora.init, cfg.train.loraplus_lr_ratio) == (
         "attn_mlp", False, "gaussian", 4.0)
     assert (cfg.train.ema_decay, cfg.model.clip_skip, cfg.train.min_timestep, cfg.train.max_timestep) == (
         0.9, 2, 100, 900)
+    assert (cfg.train.new_tokens, cfg.train.embedding_lr) == (["zkw", "<q>"], 5e-3)
     for empty in (None, 0, 0.0):  # an emptied number field comes from the page as 0
         unset = train_config(local, *fields, advanced=_advanced(
-            local, model__clip_skip=empty, train__max_timestep=empty, train__text_encoder_lr=empty))
-        assert (unset.model.clip_skip, unset.train.max_timestep, unset.train.text_encoder_lr) == (None, None, None)
+            local, model__clip_skip=empty, train__max_timestep=empty, train__text_encoder_lr=empty,
+            train__embedding_lr=empty))
+        assert (unset.model.clip_skip, unset.train.max_timestep, unset.train.text_encoder_lr,
+                unset.train.embedding_lr) == (None, None, None, None)
     assert cfg.sample.prompts == ["zkstyle, a boat --d 3", "a tent"] and cfg.train.save_every_n_steps == 1
     # A bad value is refused with the CLI's own line (the same config code), through the app's error path.
     for key, bad, override in (("train__batch_size", 0.0, "train.batch_size=0"),
@@ -563,13 +566,16 @@ def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sd
     assert load_config(path) == cfg  # the preset is the config the tab made
     assert preset_values(local, "mine.toml")[:5] == ("imgs", "zkstyle", 4, 1e-3, 1)  # the folder as the tab names it
     assert preset_advanced(local, "mine.toml") == tuple(
-        "zkstyle, a boat --d 3\na tent" if isinstance(v, str) and "boat" in v else v for v in advanced)
+        {"zkstyle, a boat --d 3\n\n a tent ": "zkstyle, a boat --d 3\na tent", " zkw, <q>,": "zkw, <q>"}.get(v, v)
+        if isinstance(v, str) else v for v in advanced)
     for name, message in (("mine", "exists"), ("../evil", "preset name"), ("", "preset name")):
         with pytest.raises(gr.Error, match=message):
             save_preset(local, name, *fields, advanced=advanced)
     assert main(["train", str(path)]) == 0  # `sdlora train` runs it, into the LoRA folder
     lora = local.lora_dir / "saved" / "saved.safetensors"
     assert lora.is_file() and not any(k.startswith("lora_te") for k in load_file(str(lora)))  # no text encoder
+    assert {k for k in load_file(str(lora)) if k.startswith("bundle_emb.")} == {  # the new words, no encoder LoRA
+        "bundle_emb.zkw.string_to_param.*", "bundle_emb.<q>.string_to_param.*"}
     assert len(list((local.lora_dir / "saved" / "samples").glob("*.png"))) == 2
 
 

@@ -632,10 +632,14 @@ def _data_name(settings: AppSettings, folder: str) -> str:
 ADVANCED_KEYS = ("lora.targets", "lora.train_text_encoder", "train.text_encoder_lr", "data.resolution",
                  "train.batch_size", "lora.init", "model.quantize_base", "train.loraplus_lr_ratio", "sample.prompts",
                  "sample.every_n_steps", "train.save_every_n_epochs", "train.save_every_n_steps", "train.ema_decay",
-                 "model.clip_skip", "train.min_timestep", "train.max_timestep")
+                 "model.clip_skip", "train.min_timestep", "train.max_timestep", "train.new_tokens",
+                 "train.embedding_lr")
 # Advanced fields whose empty value means "unset" (the config's None). The page sends an emptied number field as 0,
 # so 0 means unset too (the text encoder is switched off by its own checkbox, not by a zero learning rate).
-_UNSET_WHEN_EMPTY = ("train.text_encoder_lr", "model.clip_skip", "train.max_timestep")
+_UNSET_WHEN_EMPTY = ("train.text_encoder_lr", "model.clip_skip", "train.max_timestep", "train.embedding_lr")
+# Advanced fields that hold a list, shown joined by the first and read back split at the second: one item per line
+# (sample prompts) or per comma (new words).
+_LIST_SEPARATORS = {"sample.prompts": ("\n", "\n"), "train.new_tokens": (", ", ",")}
 
 
 def key_choices(key: str) -> list[str]:
@@ -650,8 +654,8 @@ def key_choices(key: str) -> list[str]:
 
 
 def preset_advanced(settings: AppSettings, preset: str | None) -> tuple:
-    """The values of ADVANCED_KEYS in a preset, as the Train tab's advanced fields show them (sample prompts one per
-    line)."""
+    """The values of ADVANCED_KEYS in a preset, as the Train tab's advanced fields show them (lists joined by
+    _LIST_SEPARATORS)."""
     from sdlora.config import load_config
 
     cfg = load_config(resolve_inside(settings.configs_dir, preset) if preset else None)
@@ -659,7 +663,7 @@ def preset_advanced(settings: AppSettings, preset: str | None) -> tuple:
     for key in ADVANCED_KEYS:
         table, _, name = key.partition(".")
         value = getattr(getattr(cfg, table), name)
-        values.append("\n".join(value) if key == "sample.prompts" else value)
+        values.append(_LIST_SEPARATORS[key][0].join(value) if key in _LIST_SEPARATORS else value)
     return tuple(values)
 
 
@@ -668,11 +672,11 @@ def advanced_changes(values) -> dict:
     floats: whole ones become ints and the rest stay as typed, so `validate` reports them as the CLI would."""
     changes = {}
     for key, value in zip(ADVANCED_KEYS, values, strict=True):
-        if key == "sample.prompts":
-            value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        if key in _LIST_SEPARATORS:
+            value = [item.strip() for item in (value or "").split(_LIST_SEPARATORS[key][1]) if item.strip()]
         elif key in _UNSET_WHEN_EMPTY and value in (None, "", 0):
             value = None  # empty: the learning rate, no clip skip, the schedule's end
-        elif key == "train.text_encoder_lr":
+        elif key in ("train.text_encoder_lr", "train.embedding_lr"):
             value = float(value)
         elif isinstance(value, float) and value.is_integer() and key not in ("train.loraplus_lr_ratio",
                                                                              "train.ema_decay"):
@@ -1198,6 +1202,12 @@ def build_app(settings: AppSettings):
                                 adv_max_t = gr.Number(adv["train.max_timestep"], precision=0,
                                                       label="Max timestep (empty or 0: 1000)",
                                                       elem_id="adv-max-t")
+                            with gr.Row():
+                                adv_words = gr.Textbox(adv["train.new_tokens"], label="New words (pivotal tuning; "
+                                                       "comma-separated, put them in the captions)",
+                                                       elem_id="adv-new-words")
+                                adv_embedding_lr = gr.Number(adv["train.embedding_lr"], label="New words' LR (empty "
+                                                             "or 0: the learning rate)", elem_id="adv-embedding-lr")
                             with gr.Row(equal_height=True):
                                 preset_name = gr.Textbox(label=f"Preset name (saved in {settings.configs_dir}/)",
                                                          elem_id="preset-name", scale=3)
@@ -1205,7 +1215,7 @@ def build_app(settings: AppSettings):
                         advanced = [adv_targets, adv_te, adv_te_lr, adv_resolution, adv_batch, adv_init,
                                     adv_quantize, adv_loraplus, adv_prompts, adv_sample_every, adv_save_epochs,
                                     adv_save_steps, adv_ema, adv_clip_skip, adv_min_t,
-                                    adv_max_t]  # in ADVANCED_KEYS order
+                                    adv_max_t, adv_words, adv_embedding_lr]  # in ADVANCED_KEYS order
                         with gr.Row():
                             train_go = gr.Button("Train", variant="primary", elem_id="train")
                             train_stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
