@@ -730,6 +730,9 @@ def _check_ranges(cfg: Config) -> list[str]:
         *[(False, problem) for problem in _block_problems(lo)],
         (0 <= lo.rank_dropout < 1 and 0 <= lo.module_dropout < 1,
          "lora.rank_dropout/module_dropout: must be in [0, 1)"),
+        (lo.method in ("loha", "lokr") or not (lo.rank_dropout or lo.module_dropout),
+         "lora.rank_dropout/module_dropout: peft's LoRA layers have neither (they would do nothing); they work with "
+         "lora.method = \"loha\" or \"lokr\", and lora.dropout drops a LoRA's inputs"),
         (lo.decompose_factor == -1 or lo.decompose_factor >= 1, "lora.decompose_factor: -1 or at least 1"),
         (lo.method not in ("loha", "lokr") or (lo.init == "default" and not lo.use_rslora and not lo.dropout),
          f"lora.method: \"{lo.method}\" has its own initialisation and scale alpha / rank, and drops rows or modules "

@@ -31,6 +31,8 @@ def test_defaults_without_file():
         ("[data]\ncache_text_encoder_outputs = true\n", "needs lora.train_text_encoder = false"),
         ("[train]\nlearning_rate = true\n", "train.learning_rate: expected float, got bool"),
         ("[train\n", "not valid TOML"),
+        ("[lora]\nmodule_dropout = 0.1\n", "peft's LoRA layers have neither"),
+        ("[train]\nnew_tokens = [\"zkw\", \"zkw\"]\n", "train.new_tokens: a word is listed twice"),
     ],
 )
 def test_bad_config_names_key(tmp_path, toml, message):
