@@ -57,6 +57,7 @@ ROWS = [
     ("LoRA, debiased estimation", ["train.debiased_estimation=true"]),
     # Pivotal tuning (issue 20): the trigger word becomes a new token trained beside the LoRA.
     ("LoRA + pivotal word (lr 5e-3)", ['train.new_tokens=["zkstyle"]', "train.embedding_lr=5e-3"]),
+    ("LoRA + pivotal word (lr 1e-3)", ['train.new_tokens=["zkstyle"]', "train.embedding_lr=1e-3"]),
 ]
 
 
