@@ -154,3 +154,23 @@ def test_an_embedding_named_as_a_model_token_is_refused(trained, tmp_path):
     clash.write_bytes((out / "embeddings" / "lora" / "zkw.safetensors").read_bytes())
     with pytest.raises(LoraFileError, match="'boat' is a token of this model"):
         LoraCache(load_pipeline(model)).embed(clash)
+
+
+def test_generate_loads_the_embeddings_a_prompt_names(trained, tmp_path):
+    """`sdlora generate --embedding-dir` (and the app's embeddings folder) loads what the prompt names, as A1111;
+    `--embedding FILE` loads a file whatever the prompt says."""
+    from sdlora.cli import main
+    from sdlora.generate.pipeline import embeddings_named
+
+    model, out, _ = trained
+    folder = tmp_path / "embeddings" / "styles"
+    folder.mkdir(parents=True)
+    (folder / "zkw.safetensors").write_bytes((out / "embeddings" / "lora" / "zkw.safetensors").read_bytes())
+    assert embeddings_named(tmp_path, "a (zkw:1.2) boat") == [folder / "zkw.safetensors"]
+    assert embeddings_named(tmp_path, "a zkwx boat", "zk") == []
+    common = ["generate", "--model", model, "--steps", "1", "--width", "64", "--height", "64", "--out"]
+    assert main([*common, str(tmp_path / "a"), "--prompt", PROMPT, "--embedding-dir", str(tmp_path)]) == 0
+    assert main([*common, str(tmp_path / "b"), "--prompt", PROMPT, "--embedding", str(folder / "zkw.safetensors")]) == 0
+    assert main([*common, str(tmp_path / "c"), "--prompt", PROMPT]) == 0
+    images = [(tmp_path / run / "00001-1.png").read_bytes() for run in "abc"]
+    assert images[0] == images[1] != images[2]

@@ -649,6 +649,19 @@ def list_lora_files(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def embeddings_named(folder: str | Path, *texts: str) -> list[Path]:
+    """The embedding files under `folder` (recursively, not through hidden folders or symlinks out of it) whose
+    file name appears as a word in one of `texts`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    root = folder.resolve()
+    words = {w for text in texts for w in re.findall(r"[^\s,()\[\]{}:|]+", text.lower())}
+    return sorted(path for path in folder.rglob("*.safetensors")
+                  if path.stem.lower() in words and not any(p.startswith(".") for p in path.relative_to(folder).parts)
+                  and path.resolve().is_relative_to(root))
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -663,7 +676,8 @@ class GenerationResult:
 
 def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs: Sequence[LoraSpec] = (),
                     count: int = 1, out_dir: str | Path | None = None, lora_dir: str | Path | None = None,
-                    model_name: str = "", batch_size: int = 1, vae_name: str = "") -> GenerationResult:
+                    model_name: str = "", batch_size: int = 1, vae_name: str = "",
+                    embedding_dir: str | Path | None = None) -> GenerationResult:
     """Render `count` batches of `batch_size` images (seeds seed, seed+1, ... across all of them, as A1111 numbers
     them) with LoRAs; what `sdlora generate` and the app both call.
 
@@ -680,6 +694,8 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
             stems of `lora_specs`.
         model_name: written as `Model:` in the PNG parameters.
         vae_name: the VAE used instead of the model's own, written as `VAE:` ("" = the model's own).
+        embedding_dir: the embeddings (`.safetensors`, recursively) whose file name the prompt or negative prompt
+            holds as a word are loaded, as A1111 finds them in its embeddings folder.
 
     Returns:
         Images, seeds, the saved parameters and paths, warnings (malformed or unknown tags, modules of a LoRA
@@ -707,6 +723,8 @@ def generate_images(pipe, loras: LoraCache, params: GenerationParams, lora_specs
         tag_names.append(tag.name)
     loaded_before = dict(loras.load_seconds)
     loras.activate(specs)
+    for path in embeddings_named(embedding_dir, params.prompt, params.negative_prompt) if embedding_dir else []:
+        loras.embed(path)  # after the LoRAs: a standalone file of a word takes the place of a bundled one
     load_seconds = sum(t for p, t in loras.load_seconds.items() if loaded_before.get(p) != t)
     used = dict.fromkeys(Path(spec.path).resolve() for spec in specs)
     notes += [loras.notes[path] for path in used if path in loras.notes]

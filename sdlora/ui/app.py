@@ -59,6 +59,7 @@ class AppSettings:
     data_dir: Path = Path(".")  # Train tab: dataset folders must be inside this one
     configs_dir: Path = Path("configs")  # Train tab: the presets (*.toml)
     strict: bool = False  # refuse LoRA files with modules that match nothing in the model (else: a warning)
+    embedding_dir: Path = Path("models/embeddings")  # embeddings a prompt names by file name (A1111's folder)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,6 +413,7 @@ def run_generate(engine: Engine, model, prompt, negative, sampler, steps, cfg, w
         model_loaded = not engine.loaded(model, vae)
         pipe, loras = engine.pipeline(model, vae)
         result = generate_images(pipe, loras, params, specs, int(count), out_dir=engine.settings.out_dir,
+                                 embedding_dir=engine.settings.embedding_dir,
                                  lora_dir=engine.settings.lora_dir, model_name=model_label(model),
                                  batch_size=int(batch_size), vae_name=engine.vae)
         if result.paths:

@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="repeatable: a textual-inversion embedding (.safetensors); its file name is the word to "
                         "write in the prompt. Embeddings bundled in a LoRA file load with it")
+    p.add_argument("--embedding-dir", default="", metavar="DIR",
+                   help="load the embeddings in DIR (recursively) whose file name the prompt holds, as A1111 does")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
     p.add_argument("--steps", type=int, default=20)
@@ -114,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy-sd15",
                    help="base model selected at start (toy-sd15, a tiny model, or a name in --models-dir)")
     p.add_argument("--models-dir", default="models", help="diffusers folders / .safetensors checkpoints to offer")
+    p.add_argument("--embedding-dir", default="", help="textual-inversion embeddings a prompt may name (as A1111's "
+                                                         "embeddings folder; default: <models-dir>/embeddings)")
     p.add_argument("--lora-dir", default="outputs", help="LoRA files to offer (searched recursively)")
     p.add_argument("--out", default="outputs/app", help="where generated PNGs are saved")
     p.add_argument("--data-dir", default=".", help="Train tab: dataset folders must be inside this folder")
@@ -385,7 +389,8 @@ def _cmd_generate(args, extra) -> int:
     for embedding in args.embedding:
         cache.embed(embedding)
     result = generate_images(pipe, cache, params, loras, args.count, out_dir=args.out, lora_dir=args.lora_dir,
-                             model_name=model_label(args.model), batch_size=args.batch_size)
+                             model_name=model_label(args.model), batch_size=args.batch_size,
+                             embedding_dir=args.embedding_dir or None)
     _print_warnings(result.warnings)
     for path in result.paths:
         print(path)
@@ -403,7 +408,8 @@ def _cmd_app(args, extra) -> int:
     from sdlora.ui.app import AppSettings, launch
 
     settings = AppSettings(models_dir=Path(args.models_dir), lora_dir=Path(args.lora_dir), out_dir=Path(args.out),
-                           model=args.model, data_dir=Path(args.data_dir), strict=args.strict)
+                           model=args.model, data_dir=Path(args.data_dir), strict=args.strict,
+                           embedding_dir=Path(args.embedding_dir or Path(args.models_dir) / "embeddings"))
     launch(settings, listen=args.listen, share=args.share, port=args.port)
     return 0
 
