@@ -29,6 +29,8 @@ BUNDLE_PREFIX = "bundle_emb."
 BUNDLED_KEY = "string_to_param.*"
 STANDALONE_KEY = "emb_params"
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+# The same table read the other way: a tensor name -> the text encoder its vectors are for.
+_COMPONENT_OF = {BUNDLED_KEY: "text_encoder", STANDALONE_KEY: "text_encoder", **{v: k for k, v in SDXL_KEYS.items()}}
 TOKENS_ADAPTER = "sdlora_tokens"
 
 
@@ -151,8 +153,7 @@ def read_bundle(tensors: Mapping[str, torch.Tensor], path: str | Path) -> dict[s
         if not key.startswith(BUNDLE_PREFIX):
             continue
         word, _, name = key[len(BUNDLE_PREFIX):].partition(".")
-        component = {BUNDLED_KEY: "text_encoder", STANDALONE_KEY: "text_encoder",
-                     **{v: k for k, v in SDXL_KEYS.items()}}.get(name)
+        component = _COMPONENT_OF.get(name)
         if component is None or not word:
             raise LoraFileError(f"{path}: bundled embedding key {key!r} is not one A1111 reads "
                                 f"(bundle_emb.<word>.{BUNDLED_KEY}, .clip_l or .clip_g)")
