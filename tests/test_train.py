@@ -290,7 +290,8 @@ def skip_path(request, monkeypatch):
         import sdlora.train.recipe as train_module
 
         real = train_module.make_optimizer
-        monkeypatch.setattr(train_module, "make_optimizer", lambda t, trained, fused: real(t, trained, fused=True))
+        monkeypatch.setattr(train_module, "make_optimizer",
+                            lambda t, trained, fused, **kwargs: real(t, trained, fused=True, **kwargs))
     return request.param
 
 

@@ -430,6 +430,9 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
                         "module_dropout": str(lo.module_dropout), "sdlora_alpha": metadata_number(lo.alpha)}
         if lo.method == "lokr":
             network_args["factor"] = str(lo.decompose_factor)
+    for key, value in lo.block_settings().items():  # as kohya records --network_args: strings, lists comma-separated
+        network_args[key] = value if isinstance(value, str) else ",".join(
+            map(metadata_number, value if isinstance(value, list) else [value]))
 
     date = info.date or datetime.datetime.fromtimestamp(
         float(info.training_finished_at), tz=datetime.timezone.utc

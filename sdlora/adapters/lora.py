@@ -19,6 +19,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 
+from sdlora.adapters.blocks import block_patterns
 from sdlora.config import LoraConfig
 from sdlora.errors import ConfigError, LoraFileError
 
@@ -84,14 +85,23 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
             a LoCon): those modules are adapted too, each at the file's own rank and scale alpha / rank (peft's
             rank_pattern and alpha_pattern), with the file's weights.
 
+    The other UNet modules get the rank and alpha of their kohya block where lora.block_dims etc. say
+    (`blocks.block_patterns`).
+
     Raises:
         LoraFileError: a module of `start` does not fit the model's.
+        ConfigError: see `blocks.block_patterns`, or a module of `start` is in a block that gets no adapter.
     """
     if cfg.method not in ("lora", "dora"):
         raise ValueError(f"inject_lora: lora.method {cfg.method!r} goes through adapters.methods.adapters_for")
     start = dict(start or {})
     names = target_module_names(model, component, cfg.targets)
     names += [name for name in start if name not in names]
+    names, rank_pattern, alpha_pattern = block_patterns(cfg, model, component, names)
+    left_out = [name for name in start if name not in names]
+    if left_out:
+        raise ConfigError(f"lora.block_dims/*_lr_weight: the block of {left_out[0]} gets no adapter (dim or learning "
+                          "rate 0), but the LoRA file to continue has it")
     if not names:
         raise ValueError(f"no LoRA target modules found in the {component} for targets={cfg.targets!r}")
     if cfg.init == "pissa":
@@ -111,9 +121,9 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
         use_dora=cfg.method == "dora",
         target_modules=names,
         # peft matches these keys as regular expressions against the end of each module name.
-        rank_pattern={re.escape(name): w.rank for name, w in start.items()},
-        alpha_pattern={re.escape(name): w.alpha / w.rank * (math.sqrt(w.rank) if cfg.use_rslora else w.rank)
-                       for name, w in start.items()},
+        rank_pattern=rank_pattern | {re.escape(name): w.rank for name, w in start.items()},
+        alpha_pattern=alpha_pattern | {re.escape(name): w.alpha / w.rank * (math.sqrt(w.rank) if cfg.use_rslora
+                                                                          else w.rank) for name, w in start.items()},
     )
     # peft's own entry point for both the UNet and the text encoders: transformers' add_adapter demands its own
     # pairing of peft versions, and diffusers' only adds bookkeeping that pipelines need for loaded files.

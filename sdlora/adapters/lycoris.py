@@ -22,6 +22,7 @@ from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lokr.layer import make_weight_cp
 from peft.tuners.lycoris_utils import LycorisLayer
 
+from sdlora.adapters.blocks import block_patterns
 from sdlora.adapters.files import LYCORIS_NAMES, LYCORIS_PARTS, lycoris_missing, lycoris_rank
 from sdlora.adapters.lora import ADAPTER, LoraWeights, StepFreeAdapters, target_module_names
 from sdlora.config import LoraConfig
@@ -77,20 +78,23 @@ class LycorisAdapters(StepFreeAdapters):
 
     def inject(self, model: torch.nn.Module, component: str,
                start: Mapping[str, LoraWeights] | None = None) -> list[str]:
-        """Freeze `model` and add a trainable fp32 LoHa / LoKr adapter (peft) to the modules of lora.targets."""
+        """Freeze `model` and add a trainable fp32 LoHa / LoKr adapter (peft) to the modules of lora.targets, UNet
+        modules at the rank and alpha of their kohya block where lora.block_dims etc. say (`blocks.block_patterns`)."""
         cfg = self.cfg
         if start:  # methods.read_init_lora refuses such runs before the model loads
             raise ValueError(f"lora.method = {cfg.method!r} starts from zero; it cannot continue a LoRA file")
         names = target_module_names(model, component, cfg.targets)
         if not names:
             raise ValueError(f"no target modules found in the {component} for targets={cfg.targets!r}")
+        names, rank_pattern, alpha_pattern = block_patterns(cfg, model, component, names)
         model.requires_grad_(False)
         config = _CONFIGS[cfg.method](
             r=cfg.rank,
             # peft annotates alpha as int but only divides by it (scaling = alpha / r): a float alpha is exact.
             alpha=cfg.alpha,  # type: ignore[arg-type]
             rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
-            use_effective_conv2d=cfg.effective_conv, target_modules=names,
+            use_effective_conv2d=cfg.effective_conv, target_modules=names, rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
         )
         if isinstance(config, LoKrConfig):
             config.decompose_factor = cfg.decompose_factor

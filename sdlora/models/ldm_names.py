@@ -182,3 +182,24 @@ def unet_path_to_ldm(path: str, layout: UnetLayout) -> str:
     if ldm is None:
         raise ValueError(f"UNet module {path!r} has no LDM name")
     return ldm
+
+
+def kohya_block(path: str, layout: UnetLayout, sdxl: bool) -> str:
+    """kohya's block (`config.KOHYA_BLOCKS`) of a diffusers UNet module, named after its LDM block: "IN04" for
+    input_blocks.4, "OUT02" for output_blocks.2, "MID" (SDXL: "MID00" - "MID02"), SDXL's "BASE" / "OUT" for the
+    time/label embedding and the final layers.
+
+    As sd-scripts' networks/lora.py get_block_index numbers them: on SDXL, kohya's UNet has the LDM names and each
+    of the middle block's resnet, transformer, resnet is a block; on SD 1.x it counts diffusers' down/up blocks
+    three slots a level (1 + 3 i + j), which is the LDM input_blocks / output_blocks index of every UNet whose
+    levels have two layers, and one MID.
+
+    Raises:
+        ValueError: the module has no LDM name.
+    """
+    level, _, rest = unet_path_to_ldm(path, layout).partition(".")
+    number = int(rest.partition(".")[0])
+    if level == "middle_block":
+        return f"MID{number:02d}" if sdxl else "MID"
+    names = {"input_blocks": "IN", "output_blocks": "OUT"}
+    return f"{names[level]}{number:02d}" if level in names else ("OUT" if level == "out" else "BASE")
