@@ -812,7 +812,9 @@ def _trackers(t: TrainConfig) -> list[str]:
     if "wandb" in trackers:
         try:  # accelerate leaves out a tracker it cannot import without a word
             import wandb  # noqa: F401
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != "wandb":
+                raise  # installed but broken: its own error says more
             raise TrainingError(f"train.log_with = \"{t.log_with}\" needs wandb: pip install 'sdlora[wandb]'") from None
     return trackers
 

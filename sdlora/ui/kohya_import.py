@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdlora.config import Config, derive
+from sdlora.config import Config, SubsetConfig, derive
 from sdlora.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -81,6 +81,8 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "caption_dropout_rate": ("data.caption_dropout", _number(float)),
     "caption_tag_dropout_rate": ("data.tag_dropout", _number(float)),
     "caption_prefix": ("data.caption_prefix", str),
+    "caption_suffix": ("data.caption_suffix", str),
+    "num_repeats": ("data.repeats", _number(int)),
     "flip_aug": ("data.flip_aug", _flag),
     "random_crop": ("data.random_crop", _flag),
     "cache_text_encoder_outputs": ("data.cache_text_encoder_outputs", _flag),
@@ -127,14 +129,20 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "save_precision": ("export.dtype", _choice(_PRECISIONS)),
     "sample_every_n_steps": ("sample.every_n_steps", _number(int)),
     "sample_every_n_epochs": ("sample.every_n_epochs", _number(int)),
+    "log_with": ("train.log_with", str),
+    "log_tracker_name": ("train.wandb_project", str),
+    "wandb_run_name": ("train.wandb_run_name", str),
 }
-# Subset and dataset options of a dataset config that sdlora has one value of for the whole run.
+# Subset and dataset options of a dataset config: those whose sdlora key a [[data.subsets]] table has may differ
+# between subsets; sdlora has one value of the others for the whole run.
 _DATASET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                  "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "caption_dropout_rate",
-                 "caption_tag_dropout_rate", "caption_prefix", "flip_aug", "random_crop", "batch_size")
+                 "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "flip_aug", "random_crop",
+                 "num_repeats", "batch_size")
+_SUBSET_FIELDS = {f.name for f in fields(SubsetConfig)}
 # Keys that mean nothing for a LoRA run or that other keys already carry: not reported as lost.
-_IGNORED = {"network_module", "network_args", "LoRA_type", "image_dir", "num_repeats", "is_reg",
-            "class_tokens", "logging_dir", "log_with", "save_model_as", "sdxl", "v2", "v_parameterization",
+_IGNORED = {"network_module", "network_args", "LoRA_type", "image_dir", "is_reg",
+            "class_tokens", "logging_dir", "save_model_as", "sdxl", "v2", "v_parameterization",
             "datasets", "general", "subsets", "max_train_epochs", "epoch"}
 
 
@@ -178,6 +186,7 @@ def translate(training: Mapping[str, Any], dataset: Mapping[str, Any] | None = N
         ConfigError: the values that map do not make a valid sdlora config (the message names the sdlora key).
     """
     settings = dict(_flatten(training))
+    api_key = settings.pop("wandb_api_key", None)  # never echoed: the report gets pasted into issues and chats
     unmapped: list[str] = []
     changes: dict[str, Any] = {}
     mapped: list[str] = []
@@ -196,6 +205,9 @@ def translate(training: Mapping[str, Any], dataset: Mapping[str, Any] | None = N
         elif key not in KEYS and key not in _IGNORED and value not in ("", None, False, 0, 0.0):
             unmapped.append(f"{key} = {value!r}: sdlora has no such setting")
     changes.update(_network(settings, mapped, unmapped))
+    if api_key:
+        unmapped.append("wandb_api_key: not carried over, a key in a config file travels with it; log in once with "
+                        "`wandb login` or set WANDB_API_KEY")
     epochs = settings.get("max_train_epochs") or settings.get("epoch")
     if epochs:  # kohya then trains that many epochs, whatever max_train_steps says
         unmapped.append(f"max_train_epochs / epoch = {epochs!r}: sdlora counts train.max_train_steps; set it to "
@@ -247,42 +259,71 @@ def _network(settings: Mapping[str, Any], mapped: list[str], unmapped: list[str]
 
 def _dataset_settings(dataset: Mapping[str, Any], changes: dict[str, Any], mapped: list[str],
                       unmapped: list[str]) -> dict[str, Any]:
-    """The dataset config: its image and reg folders and repeats into `changes`, and as flat kohya settings each
-    option that has one value for every subset (the subset's, else its dataset's, else [general]'s, as kohya
-    resolves them)."""
+    """The dataset config, each subset's options resolved (the subset's, else its dataset's, else [general]'s, as
+    kohya resolves them). An option with one value for every subset is returned as a flat kohya setting; when some
+    differ, each subset becomes a [[data.subsets]] table (into `changes`) holding its own values of those, else the
+    image folders become data.dirs and data.reg_dirs."""
     general = dataset.get("general", {})
-    datasets = dataset.get("datasets", [])
-    if len(datasets) > 1:
-        unmapped.append(f"datasets: {len(datasets)} datasets; sdlora trains one, so their subsets are joined")
-    values: dict[str, set] = {}
-    dirs: list[str] = []
-    reg_dirs: list[str] = []
-    repeats: set[int] = set()
-    for ds in datasets:
+    resolved = []
+    for ds in dataset.get("datasets", []):
         for subset in ds.get("subsets", []):
-            resolved = {**general, **{k: v for k, v in ds.items() if k != "subsets"}, **subset}
-            (reg_dirs if _flag(resolved.get("is_reg", False)) else dirs).append(str(subset.get("image_dir", "")))
-            repeats.add(int(resolved.get("num_repeats", 1)))
-            if resolved.get("class_tokens") and not subset.get("caption_extension"):
-                unmapped.append(f"class_tokens = {resolved['class_tokens']!r}: the caption of images without a "
-                                f"caption file; name the folder <repeats>_{resolved['class_tokens']} instead")
-            for key in _DATASET_KEYS:
-                if key in resolved:
-                    values.setdefault(key, set()).add(json.dumps(resolved[key]))
+            options = {**general, **{k: v for k, v in ds.items() if k != "subsets"}, **subset}
+            resolved.append(options)
+            if options.get("class_tokens") and not subset.get("caption_extension"):
+                unmapped.append(f"class_tokens = {options['class_tokens']!r}: the caption of images without a "
+                                f"caption file; name the folder <repeats>_{options['class_tokens']} instead")
+            if subset.get("metadata_file"):
+                unmapped.append(f"metadata_file = {subset['metadata_file']!r}: kohya's fine-tuning captions; sdlora "
+                                "reads caption files or a metadata.jsonl beside the images")
     settings: dict[str, Any] = {}
-    for key, folders in (("data.dirs", dirs), ("data.reg_dirs", reg_dirs)):
+    differing = []
+    for key in _DATASET_KEYS:
+        seen = {json.dumps(options.get(key)) for options in resolved if key in options}
+        if len(seen) == 1 and all(key in options for options in resolved):
+            settings["train_batch_size" if key == "batch_size" else key] = json.loads(seen.pop())
+        elif seen and KEYS.get(key, ("",))[0].removeprefix("data.") in _SUBSET_FIELDS:
+            differing.append(key)
+        elif seen:
+            unset = [] if all(key in options for options in resolved) else ["unset"]
+            unmapped.append(f"{key}: differs between datasets ({', '.join(sorted(seen) + unset)}); sdlora has one "
+                            "value")
+    if differing:
+        subsets = [_subset(options, differing, i, mapped, unmapped) for i, options in enumerate(resolved)]
+        changes.update({"data.dirs": [], "data.reg_dirs": [], "data.subsets": subsets})
+        if "resolution" in differing:  # data.resolution must still lie in the bucket range: the subsets' largest
+            settings["resolution"] = max((s.resolution for s in subsets if isinstance(s.resolution, int)),
+                                         default=512)
+        return settings
+    for key, reg in (("data.dirs", False), ("data.reg_dirs", True)):
+        folders = [str(options.get("image_dir", "")) for options in resolved
+                   if _flag(options.get("is_reg", False)) == reg]
         if folders:
             changes[key] = folders
             mapped.append(f"subsets' image_dir -> {key} = {folders!r}")
-    for key, seen in values.items():
-        if len(seen) == 1:
-            settings["train_batch_size" if key == "batch_size" else key] = json.loads(next(iter(seen)))
-        else:
-            unmapped.append(f"{key}: differs between subsets ({', '.join(sorted(seen))}); sdlora has one value")
-    if len(repeats) > 1:
-        unmapped.append(f"num_repeats: differs between subsets ({sorted(repeats)}); name each folder "
-                        "<repeats>_<name> (kohya's folder convention), which sdlora reads")
-    elif repeats:
-        changes["data.repeats"] = repeats.pop()
-        mapped.append(f"num_repeats -> data.repeats = {changes['data.repeats']}")
     return settings
+
+
+def _subset(options: Mapping[str, Any], keys: list[str], index: int, mapped: list[str],
+            unmapped: list[str]) -> SubsetConfig:
+    """One kohya subset as a [[data.subsets]] table with its own values of `keys` (the options that differ)."""
+    own: dict[str, Any] = {}
+    is_reg = _flag(options.get("is_reg", False))
+    for key in keys:
+        if key not in options:
+            continue  # the data.* default, as kohya's default
+        target, convert = KEYS[key]
+        name = target.removeprefix("data.")
+        try:
+            value = convert(options[key])
+        except (TypeError, ValueError) as e:
+            unmapped.append(f"data.subsets[{index}] {key} = {options[key]!r}: {e}")
+            continue
+        if is_reg and name == "caption_prefix":
+            unmapped.append(f"data.subsets[{index}] caption_prefix = {value!r}: sdlora gives regularization images "
+                            "no prefix (it is the trigger word)")
+            continue
+        own[name] = value
+    subset = SubsetConfig(dir=str(options.get("image_dir", "")), is_reg=is_reg, **own)
+    detail = "".join(f", {name} = {value!r}" for name, value in own.items())
+    mapped.append(f"subset image_dir = {subset.dir!r}{' (is_reg)' if is_reg else ''} -> data.subsets[{index}]{detail}")
+    return subset
