@@ -7,10 +7,10 @@ import pytest
 from safetensors import safe_open
 
 from sdlora.cli import main
-from sdlora.config import load_config
+from sdlora.config import SubsetConfig, dump_toml, load_config
 from sdlora.errors import ConfigError
 from sdlora.train.recipe import train
-from sdlora.ui.kohya_import import translate
+from sdlora.ui.kohya_import import read_kohya_file, translate
 
 # sd-scripts' --config_file: its arguments, grouped in tables of any name.
 TRAINING_TOML = '''
@@ -134,11 +134,83 @@ def test_what_cannot_map_is_reported_or_refused():
         translate({"learning_rate": -1})
 
 
-def test_subsets_with_different_options_are_reported(tmp_path):
-    dataset = {"datasets": [{"subsets": [{"image_dir": "a", "num_repeats": 1, "flip_aug": True},
-                                         {"image_dir": "b", "num_repeats": 3, "flip_aug": False}]}]}
+def test_subsets_with_different_options_become_data_subsets():
+    dataset = {"general": {"keep_tokens": 1},
+               "datasets": [{"subsets": [{"image_dir": "a", "num_repeats": 1, "flip_aug": True},
+                                         {"image_dir": "b", "num_repeats": 3, "flip_aug": False, "is_reg": True}]}]}
     result = translate({}, dataset)
-    assert result.config.data.dirs == ["a", "b"]
-    assert any(line.startswith("flip_aug: differs between subsets") for line in result.unmapped)
-    assert any(line.startswith("num_repeats: differs between subsets ([1, 3])") for line in result.unmapped)
+    d = result.config.data
+    assert (d.dirs, d.reg_dirs, d.keep_tokens) == ([], [], 1)
+    assert d.subsets == [SubsetConfig(dir="a", repeats=1, flip_aug=True),
+                         SubsetConfig(dir="b", is_reg=True, repeats=3, flip_aug=False)]
+    assert not any("differs" in line for line in result.unmapped)
+    assert "subset image_dir = 'b' (is_reg) -> data.subsets[1], flip_aug = False, repeats = 3" in result.mapped
     assert json.loads(json.dumps(result.mapped))  # plain strings
+
+
+# sd-scripts' docs/config_README-en.md example, its folders and resolutions made small enough to train here.
+DOCS_DATASET_TOML = """
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+
+# This is a DreamBooth-style dataset
+[[datasets]]
+resolution = 64
+batch_size = 4
+keep_tokens = 2
+
+  [[datasets.subsets]]
+  image_dir = '{hoge}'
+  class_tokens = 'hoge girl'
+
+  [[datasets.subsets]]
+  image_dir = '{fuga}'
+  class_tokens = 'fuga boy'
+  keep_tokens = 3
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = '{reg}'
+  class_tokens = 'human'
+  keep_tokens = 1
+
+[[datasets]]
+resolution = [128, 128]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{hoge}'
+  metadata_file = 'piyo_md.json'
+"""
+
+
+def test_kohyas_documented_dataset_config_translates_and_trains(dataset, tmp_path):
+    folders = {}
+    for name, chosen in (("hoge", slice(0, 3)), ("fuga", slice(3, 6)), ("reg", slice(0, 2))):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for src in sorted(dataset.glob("*.png"))[chosen]:
+            (folders[name] / src.name).write_bytes(src.read_bytes())
+            (folders[name] / src.with_suffix(".txt").name).write_text("a, plain, picture", encoding="utf-8")
+    docs = tmp_path / "dataset.toml"
+    docs.write_text(DOCS_DATASET_TOML.format(**{k: v.as_posix() for k, v in folders.items()}), encoding="utf-8")
+    training = {"output_dir": (tmp_path / "run").as_posix(), "max_train_steps": 2, "network_dim": 4,
+                "network_alpha": 4, "min_bucket_reso": 64, "max_bucket_reso": 128, "mixed_precision": "no"}
+    result = translate(training, read_kohya_file(docs))
+    d = result.config.data
+    assert [(s.dir, s.is_reg, s.keep_tokens, s.resolution) for s in d.subsets] == [
+        (folders["hoge"].as_posix(), False, 2, 64), (folders["fuga"].as_posix(), False, 3, 64),
+        (folders["reg"].as_posix(), True, 1, 64), (folders["hoge"].as_posix(), False, 1, 128)]
+    assert d.shuffle_caption and d.caption_extensions == [".txt"] and d.dirs == []
+    assert any(line.startswith("batch_size: differs between datasets (2, 4)") for line in result.unmapped)
+    assert not any(line.startswith(("keep_tokens", "resolution")) for line in result.unmapped)
+    assert any(line.startswith("metadata_file = 'piyo_md.json': kohya's fine-tuning") for line in result.unmapped)
+    out = tmp_path / "sdlora.toml"
+    out.write_text(dump_toml(result.config), encoding="utf-8")
+    path = train(load_config(out))
+    with safe_open(str(path), "pt") as f:
+        datasets = json.loads(f.metadata()["ss_datasets"])
+    assert [(d["resolution"], len(d["subsets"]), d["num_reg_images"]) for d in datasets] == [
+        ([64, 64], 3, 6), ([128, 128], 1, 0)]

@@ -444,7 +444,8 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_network_alpha": dim_alpha,
         "ss_network_args": json.dumps(network_args),
         "ss_sd_model_name": _basename(str(info.sd_model_name or cfg.model.base_model)),
-        "ss_resolution": f"({d.resolution}, {d.resolution})",  # kohya writes the tuple's repr
+        # kohya writes the tuple's repr; of several resolutions the largest (ss_datasets has each subset's)
+        "ss_resolution": f"({max(d.resolutions())}, {max(d.resolutions())})",
         "ss_learning_rate": str(t.learning_rate),
         "ss_unet_lr": str(t.unet_lr if t.unet_lr is not None else t.learning_rate) if lo.train_unet else "0",
         "ss_text_encoder_lr": (
@@ -506,7 +507,7 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_max_grad_norm": str(t.max_grad_norm),
         **arch_metadata(arch, v_pred),
         "modelspec.title": ex.title or t.output_name,
-        "modelspec.resolution": f"{d.resolution}x{d.resolution}",
+        "modelspec.resolution": f"{max(d.resolutions())}x{max(d.resolutions())}",
         "modelspec.date": str(date),
     }
     for key, value in (("description", ex.description), ("author", ex.author), ("trigger_phrase", ex.trigger_phrase)):

@@ -2,7 +2,8 @@
 
 Latents use the VAE posterior's mean, not a sample, so cached and uncached training see identical latents
 (the posterior's std is tiny for SD VAEs, so nothing is lost). Disk caches sit beside the images in
-`.sdlora_cache/`, keyed by the image bytes, bucket, flip and VAE weights: a changed image gets a new entry.
+`.sdlora_cache/`, keyed by the image bytes, bucket, flip and VAE weights: a changed image gets a new entry, and an
+image trained at two resolutions (two records, two buckets) has one for each.
 """
 
 from __future__ import annotations
@@ -45,19 +46,17 @@ def vae_fingerprint(vae) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_latent_cache(
-    records: list[ImageRecord], vae, mode: str, flip_variants: bool, desc: str = "caching latents"
-) -> dict[CacheKey, dict]:
-    """Encode every record (and its mirror image when flip augmentation is on) once.
+def build_latent_cache(records: list[ImageRecord], vae, mode: str,
+                       desc: str = "caching latents") -> dict[CacheKey, dict]:
+    """Encode every record (and its mirror image when its flip_aug is on) once.
 
     Returns {(index, flipped): {"latents": [C,h,w], "mask": [1,H,W] or None, "original_size", "crop_top_left",
     "target_size"}} with tensors on the CPU.
     """
     fingerprint = vae_fingerprint(vae) if mode == "disk" else ""
     cache: dict[CacheKey, dict] = {}
-    flips = (False, True) if flip_variants else (False,)
     for index, record in enumerate(tqdm(records, desc=desc, unit="img")):
-        for flip in flips:
+        for flip in (False, True) if record.options.flip_aug else (False,):
             file = _disk_path(record, flip, fingerprint) if mode == "disk" else None
             entry = _read_entry(file) if file is not None and file.is_file() else None
             if entry is None:
@@ -105,7 +104,7 @@ def build_text_cache(base: BaseModel, records: list[ImageRecord], cfg: DataConfi
     """{caption: (states, pooled)} for every distinct caption, and the `extra` prompts; only valid when captions never
     change."""
     cache = {}
-    for caption in sorted({record_caption(r, cfg, sample_rng(0, 0, 0)) for r in records}.union(extra)):
+    for caption in sorted({record_caption(r, sample_rng(0, 0, 0)) for r in records}.union(extra)):
         ids = tokenize(base.tokenizers, [caption], cfg.max_token_length)
         states, pooled = encode_prompt(base.arch, base.text_encoders, ids)
         cache[caption] = (states[0], None if pooled is None else pooled[0])

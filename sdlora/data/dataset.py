@@ -15,14 +15,14 @@ import random
 import re
 import shlex
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from sdlora.config import DataConfig
+from sdlora.config import DataConfig, SubsetConfig, as_resolutions
 from sdlora.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,40 @@ class ImageRecord:
     mask_path: Path | None  # "<stem>_mask.png" beside the image (white = train), if present
     dataset_dir: str  # name of the folder it came from, for ss_tag_frequency
     is_reg: bool = False  # a regularization image (data.reg_dirs, auto class images): its loss is weighted
+    # The [data] table as it applies to this image: its subset's options over data.*, at this record's resolution
+    # (an image trained at two resolutions has a record for each).
+    options: DataConfig = field(default_factory=DataConfig)
+    subset: str = ""  # the config key of its folder ("data.dirs[0]", "data.subsets[2]"), for ss_datasets
+
+
+# --- subsets ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One folder as the config lists it: a data.dirs or data.reg_dirs entry, or a [[data.subsets]] table."""
+
+    key: str  # "data.dirs[0]", "data.reg_dirs[1]", "data.subsets[2]"
+    dir: str
+    is_reg: bool
+    options: tuple[DataConfig, ...]  # what its images train with, one per resolution
+
+
+def sources(cfg: DataConfig) -> list[Source]:
+    """Every folder of the config with its options: data.dirs, data.reg_dirs, then [[data.subsets]]."""
+    listed = ([(f"data.dirs[{i}]", SubsetConfig(dir=d)) for i, d in enumerate(cfg.dirs)]
+              + [(f"data.reg_dirs[{i}]", SubsetConfig(dir=d, is_reg=True)) for i, d in enumerate(cfg.reg_dirs)]
+              + [(f"data.subsets[{i}]", s) for i, s in enumerate(cfg.subsets)])
+    return [Source(key, subset.dir, subset.is_reg, subset_options(cfg, subset)) for key, subset in listed]
+
+
+def subset_options(cfg: DataConfig, subset: SubsetConfig) -> tuple[DataConfig, ...]:
+    """The [data] table as it applies to a subset's images: its own options over data.*, one table per resolution."""
+    own = {f.name: getattr(subset, f.name) for f in dataclasses.fields(subset)
+           if f.name not in ("dir", "is_reg", "resolution") and getattr(subset, f.name) is not None}
+    options = dataclasses.replace(cfg, dirs=[], reg_dirs=[], subsets=[], **own)
+    resolution = cfg.resolution if subset.resolution is None else subset.resolution
+    return tuple(dataclasses.replace(options, resolution=r) for r in as_resolutions(resolution))
 
 
 # --- discovery -------------------------------------------------------------------------------------------------
@@ -85,9 +119,11 @@ class Scan:
     folders: dict[Path, list[Path]]  # each folder read -> its training images, usable or not
 
 
-def scan(cfg: DataConfig, base_dir: Path | None = None) -> Scan:
-    """Read every folder of `cfg.dirs` as training reads it, once: a record for each usable image with its caption,
-    repeats, size, bucket and mask, and a finding for what stops training, is skipped or is left out.
+def scan(cfg: DataConfig, base_dir: Path | None = None, reg: bool = False) -> Scan:
+    """Read every training folder (`cfg.dirs` and the subsets; with `reg`, the regularization folders:
+    `cfg.reg_dirs` and the is_reg subsets) as training reads it, once: a record for each usable image and
+    resolution with its caption, repeats, size, bucket, mask and options, and a finding for what stops training,
+    is skipped or is left out.
 
     Each folder is read non-recursively, except that a folder holding kohya repeat folders (`10_mystyle/`) is read
     through those. Captions come from the first sidecar in `cfg.caption_extensions`, else `metadata.jsonl`, else a
@@ -101,11 +137,12 @@ def scan(cfg: DataConfig, base_dir: Path | None = None) -> Scan:
 
     Args:
         cfg: the `[data]` table.
-        base_dir: folder that relative entries of `cfg.dirs` are resolved against; the current directory if None.
+        base_dir: folder that relative folders are resolved against; the current directory if None.
+        reg: read the regularization folders instead of the training ones; their records have is_reg set.
 
     Returns:
-        The records ordered by folder (in `cfg.dirs` order, repeat folders by name), then by file name; the
-        findings in the order the walk met them.
+        The records ordered by folder (in `sources` order, repeat folders by name), then by file name, then by
+        resolution; the findings in the order the walk met them.
     """
     result = Scan([], [], {})
     bad = [ext for ext in cfg.caption_extensions if not ext.startswith(".")]
@@ -113,10 +150,11 @@ def scan(cfg: DataConfig, base_dir: Path | None = None) -> Scan:
         message = f"data.caption_extensions: {bad[0]!r} must start with a dot, e.g. '.{bad[0]}'"
         return Scan([], [Finding("error", "dataset", None, message)], {})
     base = Path.cwd() if base_dir is None else Path(base_dir)
-    roots = [(base / d).resolve() for d in cfg.dirs]
-    for root in roots:
+    chosen = [source for source in sources(cfg) if source.is_reg == reg]
+    roots = [(base / source.dir).resolve() for source in chosen]
+    for root, source in zip(roots, chosen):
         try:
-            folders = expand_folder(root, cfg.repeats)
+            folders = expand_folder(root, source.options[0].repeats, source.key)
         except DatasetError as e:
             result.findings.append(Finding("error", "dataset", None, str(e)))
             continue
@@ -127,7 +165,7 @@ def scan(cfg: DataConfig, base_dir: Path | None = None) -> Scan:
                 for p in sorted(root.iterdir()) if is_training_image(p)
             ]
         for folder, repeats, class_text in folders:
-            _scan_folder(folder, repeats, class_text, cfg, result)
+            _scan_folder(folder, repeats, class_text, source, result)
     if not result.records:
         names = ", ".join(str(f) for f in roots)
         result.findings.append(Finding("error", "dataset", None, f"no training images found in {names}; supported "
@@ -155,10 +193,11 @@ def scan_dataset(cfg: DataConfig, base_dir: Path | None = None) -> list[ImageRec
     return result.records
 
 
-def expand_folder(folder: Path, default_repeats: int) -> list[tuple[Path, int, str | None]]:
-    """The folders to read for one `data.dirs` entry, each with its repeats and class text (None if none)."""
+def expand_folder(folder: Path, default_repeats: int, key: str = "data.dirs") -> list[tuple[Path, int, str | None]]:
+    """The folders to read for one `data.dirs` entry (or the folder of config key `key`), each with its repeats and
+    class text (None if none)."""
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: image folder not found; fix data.dirs")
+        raise DatasetError(f"{folder}: image folder not found; fix {key}")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and _REPEAT_FOLDER.fullmatch(p.name))
     if subfolders:
         return [(p, *_parse_repeat_folder(p)) for p in subfolders]
@@ -187,7 +226,8 @@ def is_training_image(path: Path) -> bool:
     )
 
 
-def _scan_folder(folder: Path, repeats: int, class_text: str | None, cfg: DataConfig, result: Scan) -> None:
+def _scan_folder(folder: Path, repeats: int, class_text: str | None, source: Source, result: Scan) -> None:
+    cfg = source.options[0]  # all but the resolution are the same for each of them
     try:
         metadata = _read_metadata(folder / "metadata.jsonl")
     except DatasetError as e:
@@ -216,17 +256,21 @@ def _scan_folder(folder: Path, repeats: int, class_text: str | None, cfg: DataCo
         if problem:
             continue
         mask = path.with_name(path.stem + _MASK_SUFFIX + ".png")
-        result.records.append(ImageRecord(
+        result.records += [ImageRecord(
             path=path,
             caption=caption if caption is not None else metadata.get(path.name, class_text or ""),
             repeats=repeats,
             size=size,
-            bucket=assign_bucket(size, cfg),
+            bucket=assign_bucket(size, options),
             mask_path=mask if mask.is_file() else None,
             dataset_dir=folder.name,
-        ))
+            is_reg=source.is_reg,
+            options=options,
+            subset=source.key,
+        ) for options in source.options]
     if len(result.records) > count:
-        logger.info("%s: %d images, %d repeats", folder, len(result.records) - count, repeats)
+        logger.info("%s: %d images, %d repeats", folder, (len(result.records) - count) // len(source.options),
+                    repeats)
 
 
 def caption_file(image: Path, extensions: list[str]) -> Path | None:
@@ -367,16 +411,18 @@ def assign_bucket(size: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
 
     Args:
         size: (width, height) of the image after EXIF rotation.
-        cfg: the `[data]` table (resolution, bucket settings, max_upscale).
+        cfg: the `[data]` table as it applies to the image (`ImageRecord.options`: one resolution, bucket settings,
+            max_upscale).
 
     Returns:
         (width, height) of the bucket; (resolution, resolution) when bucketing is off.
     """
+    (resolution,) = as_resolutions(cfg.resolution)
     if not cfg.enable_bucket:
-        return cfg.resolution, cfg.resolution
+        return resolution, resolution
     width, height = size
     aspect = math.log(width / height)
-    buckets = make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_step)
+    buckets = make_buckets(resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_step)
     # Ties (same shape at two sizes) go to the larger bucket, then the smaller width, so the choice is stable.
     _, _, bucket = min((abs(math.log(w / h) - aspect), -w * h, (w, h)) for w, h in buckets)
     return _limit_upscale(bucket, size, cfg.max_upscale, cfg.bucket_step)
@@ -405,15 +451,18 @@ def bucket_summary(records: list[ImageRecord]) -> dict[tuple[int, int], int]:
 
 
 def process_caption(caption: str, cfg: DataConfig, rng: random.Random) -> str:
-    """The caption trained on this time: prefix, caption dropout, tag dropout and shuffling.
+    """The caption trained on this time: prefix, suffix, caption dropout, tag dropout and shuffling.
 
     Tags are the comma-separated parts. The prefix (`cfg.caption_prefix`, e.g. a trigger word) is added as its own
-    leading tag(s) unless the caption already starts with it. The first `cfg.keep_tokens` tags are never dropped or
-    moved; the prefix counts among them, and is always kept even when keep_tokens is smaller than its tag count.
+    leading tag(s) unless the caption already starts with it, the suffix (`cfg.caption_suffix`) as trailing tag(s)
+    unless it already ends with it. The first `cfg.keep_tokens` tags are never dropped or moved; the prefix counts
+    among them, and is always kept even when keep_tokens is smaller than its tag count. The suffix is shuffled and
+    dropped as the other tags are, as kohya does.
 
     Args:
         caption: the raw caption of an image.
-        cfg: the `[data]` table (caption_prefix, caption_dropout, keep_tokens, tag_dropout, shuffle_caption).
+        cfg: the `[data]` table as it applies to the image (`ImageRecord.options`): caption_prefix, caption_suffix,
+            caption_dropout, keep_tokens, tag_dropout, shuffle_caption.
         rng: this sample's generator (see `sample_rng`).
 
     Returns:
@@ -423,6 +472,9 @@ def process_caption(caption: str, cfg: DataConfig, rng: random.Random) -> str:
     prefix = _split_tags(cfg.caption_prefix)
     if prefix and tags[: len(prefix)] != prefix:
         tags = prefix + tags
+    suffix = _split_tags(cfg.caption_suffix)
+    if suffix and tags[len(tags) - len(suffix):] != suffix:
+        tags = tags + suffix
     if cfg.caption_dropout and rng.random() < cfg.caption_dropout:
         return ""
     keep = max(cfg.keep_tokens, len(prefix))
@@ -434,9 +486,13 @@ def process_caption(caption: str, cfg: DataConfig, rng: random.Random) -> str:
     return ", ".join(fixed + rest)
 
 
-def record_caption(record: ImageRecord, cfg: DataConfig, rng: random.Random) -> str:
-    """`process_caption` of a record: a regularization image's caption gets no prefix, which is the trigger word."""
-    return process_caption(record.caption, dataclasses.replace(cfg, caption_prefix="") if record.is_reg else cfg, rng)
+def record_caption(record: ImageRecord, rng: random.Random, as_written: bool = False) -> str:
+    """`process_caption` of a record with its own options; a regularization image's caption gets no prefix, which is
+    the trigger word. `as_written`: without the random parts (dropout, shuffling), as validation and checks read it."""
+    changes: dict = {"caption_prefix": ""} if record.is_reg else {}
+    if as_written:
+        changes.update(caption_dropout=0.0, tag_dropout=0.0, shuffle_caption=False)
+    return process_caption(record.caption, dataclasses.replace(record.options, **changes), rng)
 
 
 def _split_tags(caption: str) -> list[str]:
@@ -467,7 +523,14 @@ def trigger_of(cfg: DataConfig) -> str:
 def pair_regularization(train: list[ImageRecord], reg: list[ImageRecord]) -> list[ImageRecord]:
     """`reg` with repeats that make one epoch hold as many regularization images as training images, as kohya's
     DreamBoothDataset does: each reg image once with its folder's repeats, then one more repeat each, in order,
-    until the count (with repeats) reaches the training images' (with repeats). Extra reg images stay unused."""
+    until the count (with repeats) reaches the training images' (with repeats). Extra reg images stay unused.
+    Each resolution's reg images pair with the training images at that resolution, as each kohya dataset's do."""
+    return [paired for resolution in sorted({r.options.resolution for r in reg}, key=str)
+            for paired in _pair_regularization([r for r in train if r.options.resolution == resolution],
+                                               [r for r in reg if r.options.resolution == resolution])]
+
+
+def _pair_regularization(train: list[ImageRecord], reg: list[ImageRecord]) -> list[ImageRecord]:
     target = sum(r.repeats for r in train)
     repeats: dict[int, int] = {}
     n, first_loop = 0, True
@@ -484,14 +547,54 @@ def pair_regularization(train: list[ImageRecord], reg: list[ImageRecord]) -> lis
 def tag_frequency(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
     """kohya's `ss_tag_frequency`: {dataset folder: {tag: number of images whose caption has it}}.
 
-    Tags are lowercased as kohya does; repeats and duplicate tags within one caption count once.
+    Tags are lowercased as kohya does; repeats, resolutions and duplicate tags within one caption count once.
     """
     frequency: dict[str, dict[str, int]] = {}
-    for record in records:
+    for record in {(r.dataset_dir, r.path): r for r in records}.values():
         counts = frequency.setdefault(record.dataset_dir, {})
         for tag in dict.fromkeys(tag.lower() for tag in _split_tags(record.caption)):
             counts[tag] = counts.get(tag, 0) + 1
     return frequency
+
+
+def kohya_datasets(records: list[ImageRecord], batch_size: int) -> list[dict]:
+    """kohya's `ss_datasets` (what sd-scripts writes for a --dataset_config): a dataset per resolution, each with a
+    subset per folder and that folder's options; counts with repeats, as kohya's are."""
+    datasets = []
+    for resolution in sorted({r.options.resolution for r in records}):
+        chosen = [r for r in records if r.options.resolution == resolution]
+        folders: dict[tuple[str, str], list[ImageRecord]] = {}
+        for r in chosen:
+            folders.setdefault((r.subset, r.dataset_dir), []).append(r)
+        o = chosen[0].options
+        buckets = Counter(bucket for r in chosen for bucket in [r.bucket] * r.repeats)
+        datasets.append({
+            "is_dreambooth": True,
+            "batch_size_per_device": batch_size,
+            "num_train_images": sum(r.repeats for r in chosen if not r.is_reg),
+            "num_reg_images": sum(r.repeats for r in chosen if r.is_reg),
+            "resolution": [resolution, resolution],
+            "enable_bucket": o.enable_bucket,
+            "min_bucket_reso": o.min_bucket_reso,
+            "max_bucket_reso": o.max_bucket_reso,
+            "tag_frequency": tag_frequency(chosen),
+            "bucket_info": {"buckets": {str(i): {"resolution": list(b), "count": n}
+                                        for i, (b, n) in enumerate(sorted(buckets.items()))}},
+            "subsets": [{
+                "img_count": len(group),
+                "num_repeats": group[0].repeats,
+                "color_aug": False,
+                "flip_aug": group[0].options.flip_aug,
+                "random_crop": group[0].options.random_crop,
+                "shuffle_caption": group[0].options.shuffle_caption,
+                "keep_tokens": group[0].options.keep_tokens,
+                "caption_prefix": group[0].options.caption_prefix,
+                "caption_suffix": group[0].options.caption_suffix,
+                "image_dir": folder,
+                "is_reg": group[0].is_reg,
+            } for (_, folder), group in folders.items()],
+        })
+    return datasets
 
 
 # --- epoch order -----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from sdlora.data.dataset import (
     probe_image,
     record_caption,
     scan,
+    sources,
     to_rgb,
     trigger_of,
 )
@@ -72,7 +73,7 @@ class Report:
     images: int = 0  # usable images
     images_with_repeats: int = 0
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # images per (width, height) bucket
-    resolution: int = 0
+    resolution: int | list[int] = 0  # every resolution trained (a list when there are several)
     seconds: float = 0.0
 
     @property
@@ -112,7 +113,7 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
         duplicate, near-duplicate (warning): same bytes (sha256), or 8x8 DCT pHash within 4 bits and close colours.
         converted (info): CMYK, 16-bit, palette, grayscale or alpha (composited on white) become 8-bit RGB.
         exif-rotated (info): EXIF orientation is applied, so the image trains as viewers show it.
-    The regularization images of `cfg.reg_dirs` get the same checks, and
+    The regularization images (`cfg.reg_dirs`, is_reg subsets) get the same checks, and
         reg-count (info; warning when some go unused): how many pair with the training images each epoch.
         reg-trigger (warning): a regularization caption holds the trigger word, so it would teach the trigger the
             base model's look.
@@ -130,30 +131,34 @@ def diagnose(cfg: DataConfig, tokenizer=None, base_dir: Path | None = None) -> R
     start = time.perf_counter()
     with _quiet(logging.getLogger(scan.__module__)):  # the report says all the scan would log
         scanned = scan(cfg, base_dir)
-        reg = scan(replace(cfg, dirs=cfg.reg_dirs), base_dir) if cfg.reg_dirs else Scan([], [], {})
-    reg_records = [replace(r, is_reg=True) for r in reg.records]
-    # A folder listed twice in data.dirs is read twice: trained twice, but each file is judged once.
+        has_reg = any(source.is_reg for source in sources(cfg))
+        reg = scan(cfg, base_dir, reg=True) if has_reg else Scan([], [], {})
+    reg_records = reg.records
+    # A folder listed twice in data.dirs is read twice (an image at two resolutions has two records): trained twice,
+    # but each file is judged once, by its first record.
     findings = list(dict.fromkeys(scanned.findings + [_as_reg(f) for f in reg.findings]))
-    records = list({r.path: r for r in scanned.records + reg_records}.values())
+    records = list(reversed({r.path: r for r in reversed(scanned.records + reg_records)}.values()))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         facts = list(pool.map(_examine, [r.path for r in records]))
     for record, fact in zip(records, facts):
-        findings += _image_findings(record, fact, cfg)
+        findings += _image_findings(record, fact)
     if tokenizer is None:
         tokenizer = load_clip_tokenizer()
-    findings += _caption_findings(records, cfg, tokenizer)
+    findings += _caption_findings(records, tokenizer)
     findings += _duplicate_findings(records, facts)
     if reg_records:
         findings += _reg_findings(scanned.records, reg_records, cfg)
-    usable = [r for r, f in zip(records, facts) if not f.error and not r.is_reg]
+    broken = {r.path for r, f in zip(records, facts) if f.error}
+    usable = [r for r in scanned.records if r.path not in broken]
+    resolutions = cfg.resolutions()
     return Report(
         findings=findings,
         records=scanned.records,
         reg_records=reg_records,
-        images=len(usable),
+        images=len({r.path for r in usable}),
         images_with_repeats=sum(r.repeats for r in usable),
         buckets=bucket_summary(usable),
-        resolution=cfg.resolution,
+        resolution=resolutions[0] if len(resolutions) == 1 else resolutions,
         seconds=time.perf_counter() - start,
     )
 
@@ -232,7 +237,7 @@ def _phash(gray: Image.Image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def _image_findings(record: ImageRecord, facts: _Facts, cfg: DataConfig) -> list[Finding]:
+def _image_findings(record: ImageRecord, facts: _Facts) -> list[Finding]:
     path = record.path
     if facts.error:
         return [Finding("error", "unreadable", path, f"cannot decode the image ({facts.error}); re-save it")]
@@ -252,7 +257,7 @@ def _image_findings(record: ImageRecord, facts: _Facts, cfg: DataConfig) -> list
         findings.append(Finding("info", "exif-rotated", path, f"EXIF orientation {facts.orientation}: trained "
                                 f"{_ORIENTATIONS[facts.orientation]}, upright as viewers show it "
                                 f"({record.size[0]}x{record.size[1]})"))
-    findings += _size_findings(record, cfg)
+    findings += _size_findings(record)
     if record.mask_path is not None:
         try:
             mask_size = probe_image(record.mask_path)
@@ -267,7 +272,8 @@ def _image_findings(record: ImageRecord, facts: _Facts, cfg: DataConfig) -> list
     return findings
 
 
-def _size_findings(record: ImageRecord, cfg: DataConfig) -> list[Finding]:
+def _size_findings(record: ImageRecord) -> list[Finding]:
+    cfg = record.options
     (width, height), (bucket_w, bucket_h) = record.size, record.bucket
     scale = max(bucket_w / width, bucket_h / height)  # the image is resized to cover its bucket, then cropped
     full_w, full_h = assign_bucket(record.size, replace(cfg, max_upscale=math.inf))
@@ -294,14 +300,14 @@ def _size_findings(record: ImageRecord, cfg: DataConfig) -> list[Finding]:
 # --- captions --------------------------------------------------------------------------------------------------
 
 
-def _caption_findings(records: list[ImageRecord], cfg: DataConfig, tokenizer) -> list[Finding]:
+def _caption_findings(records: list[ImageRecord], tokenizer) -> list[Finding]:
     # The caption as trained, before any random dropout or shuffling: with the prefix.
-    plain = replace(cfg, caption_dropout=0.0, tag_dropout=0.0, shuffle_caption=False)
-    texts = [record_caption(r, plain, random.Random(0)) for r in records]
-    prefix = f" (only the prefix {cfg.caption_prefix!r})" if cfg.caption_prefix else ""
+    texts = [record_caption(r, random.Random(0), as_written=True) for r in records]
     findings = []
     ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
     for record, text, tokens in zip(records, texts, ids):
+        cfg = record.options
+        prefix = f" (only the prefix {cfg.caption_prefix!r})" if cfg.caption_prefix and not record.is_reg else ""
         sidecar = caption_file(record.path, cfg.caption_extensions)
         if not record.caption.strip():
             if sidecar is not None:
@@ -326,8 +332,9 @@ def _caption_findings(records: list[ImageRecord], cfg: DataConfig, tokenizer) ->
 
 
 def _as_reg(finding: Finding) -> Finding:
-    """A finding of the scan of data.reg_dirs, saying so where it names no file."""
-    return finding if finding.path is not None else replace(finding, message=f"data.reg_dirs: {finding.message}")
+    """A finding of the scan of the regularization folders, saying so where it names no file."""
+    return finding if finding.path is not None else replace(finding, message=f"regularization images: "
+                                                                              f"{finding.message}")
 
 
 def _reg_findings(train: list[ImageRecord], reg: list[ImageRecord], cfg: DataConfig) -> list[Finding]:
@@ -342,7 +349,7 @@ def _reg_findings(train: list[ImageRecord], reg: list[ImageRecord], cfg: DataCon
     findings = [count]
     trigger = trigger_of(cfg)
     if trigger:
-        findings += [Finding("warning", "reg-trigger", caption_file(r.path, cfg.caption_extensions) or r.path,
+        findings += [Finding("warning", "reg-trigger", caption_file(r.path, r.options.caption_extensions) or r.path,
                              f"the caption has the trigger word {trigger!r}: this image would teach the trigger the "
                              "base model's look; remove the word from the caption")
                      for r in reg if has_trigger(r.caption, trigger)]

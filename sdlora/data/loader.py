@@ -29,12 +29,13 @@ def load_batch(records: list[ImageRecord], indices: list[int], cfg: Config, epoc
     items, captions = [], []
     for i, index in enumerate(indices):
         rng = sample_rng(cfg.train.seed, epoch, position * 1024 + i)
-        flip = cfg.data.flip_aug and rng.random() < 0.5
+        options = records[index].options  # its subset's flip, crop and caption options
+        flip = options.flip_aug and rng.random() < 0.5
         if latent_cache is not None:
             items.append(latent_cache[(index, flip)])
         else:
-            items.append(load_image(records[index], flip=flip, rng=rng, random_crop=cfg.data.random_crop))
-        captions.append(record_caption(records[index], cfg.data, rng))
+            items.append(load_image(records[index], flip=flip, rng=rng, random_crop=options.random_crop))
+        captions.append(record_caption(records[index], rng))
     key = "latents" if latent_cache is not None else "pixels"
     batch = {
         key: torch.stack([item[key] for item in items]),

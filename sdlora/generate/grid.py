@@ -256,11 +256,11 @@ def run_config(run_dir: str | Path) -> dict:
 def sample_prompts(config: dict, size: int = 512) -> list[GenerationParams]:
     """The `[sample]` prompts of a run config as GenerationParams, as training renders them (kohya flags in a
     line win over the table's defaults; size 0 means data.resolution, or `size`, the model's, without one)."""
-    from sdlora.config import SampleConfig
+    from sdlora.config import SampleConfig, as_resolutions
 
     sample = config.get("sample", {})
     s = SampleConfig(**{f.name: sample[f.name] for f in fields(SampleConfig) if f.name in sample})
-    size = config.get("data", {}).get("resolution") or size
+    size = max(as_resolutions(config.get("data", {}).get("resolution") or size))  # of several, the largest
     defaults = GenerationParams(prompt="", steps=s.steps, cfg=s.cfg, seed=s.seed, sampler=s.sampler,
                                 width=s.width or size, height=s.height or size,
                                 clip_skip=config.get("model", {}).get("clip_skip") or 1)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdlora.atomic import write_text
-from sdlora.config import Config
+from sdlora.config import Config, DataConfig
 from sdlora.data.dataset import ImageRecord, record_caption, trigger_of, without_trigger
 from sdlora.generate.pipeline import GenerationParams, a1111_parameters, generate, load_pipeline, save_png
 
@@ -35,11 +35,13 @@ class ClassImage:
 
     params: GenerationParams
     path: Path
+    options: DataConfig  # the training image's: the class image trains as its subset's images do
 
     def record(self) -> ImageRecord:
         size = (self.params.width, self.params.height)
         return ImageRecord(path=self.path, caption=self.params.prompt, repeats=1, size=size, bucket=size,
-                           mask_path=None, dataset_dir=self.path.parent.name, is_reg=True)
+                           mask_path=None, dataset_dir=self.path.parent.name, is_reg=True, options=self.options,
+                           subset="class images")
 
 
 def plan_class_images(records: list[ImageRecord], cfg: Config) -> list[ClassImage]:
@@ -47,16 +49,16 @@ def plan_class_images(records: list[ImageRecord], cfg: Config) -> list[ClassImag
     trigger word, in its bucket, with seeds from train.seed."""
     d, s = cfg.data, cfg.sample
     folder = Path(d.class_images_dir or Path(cfg.train.output_dir) / FOLDER_NAME)
-    plain = dataclasses.replace(d, caption_dropout=0.0, tag_dropout=0.0, shuffle_caption=False)
     planned = []
     for i, record in enumerate(records):
-        prompt = without_trigger(record_caption(record, plain, random.Random(0)), trigger_of(d), d.class_word)
+        prompt = without_trigger(record_caption(record, random.Random(0), as_written=True), trigger_of(d), d.class_word)
         for k in range(d.class_images_per_image):
             params = GenerationParams(prompt=prompt, steps=s.steps, cfg=s.cfg, width=record.bucket[0],
                                       height=record.bucket[1], seed=cfg.train.seed + i * d.class_images_per_image + k,
                                       sampler=s.sampler)
             made_by = json.dumps([cfg.model.base_model, cfg.model.vae, dataclasses.asdict(params)])
-            planned.append(ClassImage(params, folder / f"{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.png"))
+            planned.append(ClassImage(params, folder / f"{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.png",
+                                      record.options))
     return planned
 
 

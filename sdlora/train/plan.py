@@ -185,7 +185,8 @@ def trace(cfg: Config) -> _Traced:
     trainable = [p.numel() for m in [unet, *encoders] for p in m.parameters() if p.requires_grad]
     lora_params, lora_params_8bit = sum(trainable), sum(n for n in trainable if n >= BNB_MIN_8BIT_SIZE)
 
-    latents, step, states, added = meta_unet_inputs(unet, cfg.data.resolution, dtype)
+    # The largest resolution trained is the one that must fit.
+    latents, step, states, added = meta_unet_inputs(unet, max(cfg.data.resolutions()), dtype)
 
     def forward():
         states.requires_grad_(not cfg.lora.train_unet)  # a frozen UNet still back-propagates to a trained TE
@@ -216,7 +217,8 @@ def _vae_peak(vae, cfg: Config) -> int:
     handles = [m.register_forward_hook(hook) for m in vae.encoder.modules()]
     try:
         with torch.no_grad():
-            vae.encoder(torch.empty(1, 3, cfg.data.resolution, cfg.data.resolution, device="meta"))
+            side = max(cfg.data.resolutions())
+            vae.encoder(torch.empty(1, 3, side, side, device="meta"))
     finally:
         for h in handles:
             h.remove()

@@ -20,7 +20,7 @@ import torch
 from sdlora.atomic import write_text
 from sdlora.config import Config, TrainConfig
 from sdlora.data.cache import encode_latents
-from sdlora.data.dataset import ImageRecord, load_image, process_caption, scan_dataset
+from sdlora.data.dataset import ImageRecord, load_image, record_caption, scan_dataset
 from sdlora.errors import DatasetError
 from sdlora.models.loading import BaseModel, encode_prompt, sdxl_time_ids, tokenize
 
@@ -50,27 +50,26 @@ def split_records(records: list[ImageRecord], cfg: Config) -> tuple[list[ImageRe
     """
     d = cfg.data
     if d.validation_dirs:
-        return records, scan_dataset(dataclasses.replace(d, dirs=d.validation_dirs, repeats=1))
+        return records, scan_dataset(dataclasses.replace(d, dirs=d.validation_dirs, subsets=[], repeats=1))
     if not d.validation_split:
         return records, []
-    n_val = max(1, round(len(records) * d.validation_split))
-    if n_val >= len(records):
+    images = list(dict.fromkeys(r.path for r in records))  # an image at two resolutions is held out at both
+    n_val = max(1, round(len(images) * d.validation_split))
+    if n_val >= len(images):
         raise DatasetError(f"data.validation_split = {d.validation_split} leaves no training image "
-                         f"({len(records)} images); lower it or add images")
-    held_out = set(random.Random(cfg.train.seed).sample(range(len(records)), n_val))
-    return ([r for i, r in enumerate(records) if i not in held_out],
-            [r for i, r in enumerate(records) if i in held_out])
+                         f"({len(images)} images); lower it or add images")
+    held_out = {images[i] for i in random.Random(cfg.train.seed).sample(range(len(images)), n_val)}
+    return [r for r in records if r.path not in held_out], [r for r in records if r.path in held_out]
 
 
 @torch.no_grad()
 def prepare_validation(records: list[ImageRecord], base: BaseModel, cfg: Config) -> list[ValidationItem]:
     """Encode the held-out images once (VAE mean, centre crop, no flip) and tokenize their captions as written
     (with the caption prefix, never shuffled or dropped)."""
-    as_written = dataclasses.replace(cfg.data, caption_dropout=0.0, tag_dropout=0.0, shuffle_caption=False)
     items = []
     for record in records:
         image = load_image(record, flip=False, rng=random.Random(0), random_crop=False)
-        caption = process_caption(record.caption, as_written, random.Random(0))
+        caption = record_caption(record, random.Random(0), as_written=True)
         time_ids = None
         if base.arch == "sdxl":
             time_ids = sdxl_time_ids([image["original_size"]], [image["crop_top_left"]], [image["target_size"]])
