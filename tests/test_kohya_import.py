@@ -214,3 +214,21 @@ def test_kohyas_documented_dataset_config_translates_and_trains(dataset, tmp_pat
         datasets = json.loads(f.metadata()["ss_datasets"])
     assert [(d["resolution"], len(d["subsets"]), d["num_reg_images"]) for d in datasets] == [
         ([64, 64], 3, 6), ([128, 128], 1, 0)]
+
+
+def test_network_args_map_per_block_settings_and_lycoris_options():
+    """sd-scripts' network_args strings become typed lora.* keys; what peft's LoRA lacks is reported, not lost."""
+    dims = ",".join(["4"] * 12 + ["8"] + ["2"] * 12)
+    translation = translate({"pretrained_model_name_or_path": "tiny-sd15", "network_module": "networks.lora",
+                             "network_dim": 4, "network_args": [f"block_dims={dims}", "down_lr_weight=sine+0.5",
+                                                                "mid_lr_weight=2", "block_lr_zero_threshold=0.1",
+                                                                "rank_dropout=0.1", "conv_dim=4", "unknown_arg=1"]})
+    lora = translation.config.lora
+    assert lora.block_dims == [4] * 12 + [8] + [2] * 12 and lora.down_lr_weight == "sine+0.5"
+    assert (lora.mid_lr_weight, lora.block_lr_zero_threshold, lora.targets) == ([2.0], 0.1, "all")
+    assert lora.rank_dropout == 0.0 and any("rank_dropout" in u and "no rank or module dropout" in u
+                                            for u in translation.unmapped)
+    assert any(u.startswith("network_args unknown_arg=1") for u in translation.unmapped)
+    loha = translate({"network_module": "lycoris.kohya", "network_dim": 4,
+                      "network_args": ["algo=loha", "rank_dropout=0.2", "use_tucker=True"]}).config.lora
+    assert (loha.method, loha.rank_dropout, loha.effective_conv) == ("loha", 0.2, True)

@@ -133,6 +133,34 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "log_tracker_name": ("train.wandb_project", str),
     "wandb_run_name": ("train.wandb_run_name", str),
 }
+def _numbers(kind: type) -> Callable[[Any], list]:
+    # network_args values are strings: "2,4,4,8".
+    return lambda v: [kind(float(x)) if kind is int else kind(x) for x in str(v).split(",") if x.strip()]
+
+
+def _lr_weight(v: Any) -> list[float] | str:
+    """down_lr_weight / up_lr_weight: numbers, or a preset name as kohya's ("sine", "cosine+0.5")."""
+    text = str(v).strip()
+    return text if text[:1].isalpha() else _numbers(float)(text)
+
+
+# sd-scripts' network_args (networks.lora, lycoris.kohya) -> (sdlora key, conversion from the "key=value" string).
+NETWORK_ARGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "block_dims": ("lora.block_dims", _numbers(int)),
+    "block_alphas": ("lora.block_alphas", _numbers(float)),
+    "conv_block_dims": ("lora.conv_block_dims", _numbers(int)),
+    "conv_block_alphas": ("lora.conv_block_alphas", _numbers(float)),
+    "down_lr_weight": ("lora.down_lr_weight", _lr_weight),
+    "mid_lr_weight": ("lora.mid_lr_weight", _numbers(float)),
+    "up_lr_weight": ("lora.up_lr_weight", _lr_weight),
+    "block_lr_zero_threshold": ("lora.block_lr_zero_threshold", _number(float)),
+    "rank_dropout": ("lora.rank_dropout", _number(float)),
+    "module_dropout": ("lora.module_dropout", _number(float)),
+    "factor": ("lora.decompose_factor", _number(int)),
+    "use_tucker": ("lora.effective_conv", _flag),
+}
+# network_args that the keys above or lora.targets already carry: not reported as lost.
+_NETWORK_ARGS_IGNORED = {"algo", "conv_dim", "conv_alpha", "preset"}
 # Subset and dataset options of a dataset config: those whose sdlora key a [[data.subsets]] table has may differ
 # between subsets; sdlora has one value of the others for the whole run.
 _DATASET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
@@ -237,24 +265,42 @@ def _flatten(training: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _network(settings: Mapping[str, Any], mapped: list[str], unmapped: list[str]) -> dict[str, Any]:
-    """lora.method and lora.targets from network_module / network_args (sd-scripts) or LoRA_type (the GUI)."""
+    """lora.method and lora.targets from network_module / network_args (sd-scripts) or LoRA_type (the GUI), and
+    the other network_args (NETWORK_ARGS: per-block settings, dropouts, LyCORIS' factor and Tucker cores)."""
+    args = {key.strip(): value.strip() for key, sep, value in
+            (str(a).partition("=") for a in settings.get("network_args") or []) if sep}
+    changes: dict[str, Any] = {}
+    for key, value in args.items():
+        if key in NETWORK_ARGS:
+            target, convert = NETWORK_ARGS[key]
+            try:
+                changes[target] = convert(value)
+            except (TypeError, ValueError) as e:
+                unmapped.append(f"network_args {key}={value}: {e}")
+                continue
+            mapped.append(f"network_args {key}={value} -> {target} = {changes[target]!r}")
+        elif key not in _NETWORK_ARGS_IGNORED:
+            unmapped.append(f"network_args {key}={value}: sdlora has no such setting")
     if "LoRA_type" in settings:
         kind = settings["LoRA_type"]
         if kind not in _GUI_LORA_TYPES:
             unmapped.append(f"LoRA_type = {kind!r}: sdlora trains {', '.join(_GUI_LORA_TYPES)}")
-            return {}
+            return changes
         method, targets = _GUI_LORA_TYPES[kind]
     else:
         module = str(settings.get("network_module", "networks.lora"))
-        args = dict(str(a).split("=", 1) for a in settings.get("network_args", []) or [] if "=" in str(a))
-        algo = args.get("algo", "lora").strip()
+        algo = args.get("algo", "lora")
         if module not in ("networks.lora", "lycoris.kohya") or algo not in ("lora", "locon", "loha", "lokr"):
             unmapped.append(f"network_module = {module!r} (algo {algo!r}): sdlora trains LoRA, LoHa and LoKr")
-            return {}
+            return changes
         method = {"locon": "lora"}.get(algo, algo)
         targets = "all" if "conv_dim" in args or algo == "locon" else "attn_mlp"
     mapped.append(f"network = {method} on {targets} -> lora.method = {method!r}, lora.targets = {targets!r}")
-    return {"lora.method": method, "lora.targets": targets}
+    for key in ("lora.rank_dropout", "lora.module_dropout"):
+        if method not in ("loha", "lokr") and key in changes:
+            unmapped.append(f"{key} = {changes.pop(key)!r}: peft's LoRA layers have no rank or module dropout "
+                            "(LoHa and LoKr have); lora.dropout drops a LoRA's inputs")
+    return {**changes, "lora.method": method, "lora.targets": targets}
 
 
 def _dataset_settings(dataset: Mapping[str, Any], changes: dict[str, Any], mapped: list[str],
