@@ -529,7 +529,15 @@ def _advanced(local, **changes) -> list:
 
 def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sdlora_train_runs(tmp_path):
     from sdlora.errors import ConfigError
-    from sdlora.ui.app import preset_advanced, preset_choices, preset_values, run_train, save_preset, train_config
+    from sdlora.ui.app import (
+        advanced_changes,
+        preset_advanced,
+        preset_choices,
+        preset_values,
+        run_train,
+        save_preset,
+        train_config,
+    )
 
     local = _train_settings(tmp_path)
     fields = ["mini.toml", "imgs", "saved", "zkstyle", 4, 1e-3, 1]
@@ -544,6 +552,8 @@ def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sd
     assert (cfg.train.ema_decay, cfg.model.clip_skip, cfg.train.min_timestep, cfg.train.max_timestep) == (
         0.9, 2, 100, 900)
     assert (cfg.train.new_tokens, cfg.train.embedding_lr) == (["zkw", "<q>"], 5e-3)
+    assert cfg.data.resolution == 64  # the field's text "64"
+    assert advanced_changes(_advanced(local, data__resolution=" 64, 128"))["data.resolution"] == [64, 128]
     for empty in (None, 0, 0.0):  # an emptied number field comes from the page as 0
         unset = train_config(local, *fields, advanced=_advanced(
             local, model__clip_skip=empty, train__max_timestep=empty, train__text_encoder_lr=empty,

@@ -640,8 +640,8 @@ ADVANCED_KEYS = ("lora.targets", "lora.train_text_encoder", "train.text_encoder_
 # so 0 means unset too (the text encoder is switched off by its own checkbox, not by a zero learning rate).
 _UNSET_WHEN_EMPTY = ("train.text_encoder_lr", "model.clip_skip", "train.max_timestep", "train.embedding_lr")
 # Advanced fields that hold a list, shown joined by the first and read back split at the second: one item per line
-# (sample prompts) or per comma (new words).
-_LIST_SEPARATORS = {"sample.prompts": ("\n", "\n"), "train.new_tokens": (", ", ",")}
+# (sample prompts) or per comma (new words, resolutions: "512, 768" trains at both, "512" is one number).
+_LIST_SEPARATORS = {"sample.prompts": ("\n", "\n"), "train.new_tokens": (", ", ","), "data.resolution": (", ", ",")}
 
 
 def key_choices(key: str) -> list[str]:
@@ -665,7 +665,9 @@ def preset_advanced(settings: AppSettings, preset: str | None) -> tuple:
     for key in ADVANCED_KEYS:
         table, _, name = key.partition(".")
         value = getattr(getattr(cfg, table), name)
-        values.append(_LIST_SEPARATORS[key][0].join(value) if key in _LIST_SEPARATORS else value)
+        if key in _LIST_SEPARATORS:
+            value = _LIST_SEPARATORS[key][0].join(map(str, value if isinstance(value, list) else [value]))
+        values.append(value)
     return tuple(values)
 
 
@@ -675,7 +677,10 @@ def advanced_changes(values) -> dict:
     changes = {}
     for key, value in zip(ADVANCED_KEYS, values, strict=True):
         if key in _LIST_SEPARATORS:
-            value = [item.strip() for item in (value or "").split(_LIST_SEPARATORS[key][1]) if item.strip()]
+            value = [item.strip() for item in str(value or "").split(_LIST_SEPARATORS[key][1]) if item.strip()]
+            if key == "data.resolution":
+                value = _typed_numbers(value)
+                value = value[0] if len(value) == 1 else value
         elif key in _UNSET_WHEN_EMPTY and value in (None, "", 0):
             value = None  # empty: the learning rate, no clip skip, the schedule's end
         elif key in ("train.text_encoder_lr", "train.embedding_lr"):
@@ -685,6 +690,20 @@ def advanced_changes(values) -> dict:
             value = int(value)
         changes[key] = value
     return changes
+
+
+def _typed_numbers(texts: list[str]) -> list:
+    """Typed numbers as the config reads them ("512" an int, "64.5" a float, which `validate` then refuses); a text
+    that is no number stays as typed, for `validate` to name."""
+    values: list = []
+    for text in texts:
+        try:
+            number = float(text)
+        except ValueError:
+            values.append(text)
+            continue
+        values.append(int(number) if number.is_integer() else number)
+    return values
 
 
 def _preset_start(settings: AppSettings, preset: str | None) -> tuple:
@@ -1178,8 +1197,8 @@ def build_app(settings: AppSettings):
                                 adv_loraplus = gr.Number(adv["train.loraplus_lr_ratio"], label="LoRA+ ratio (0: off)",
                                                          elem_id="adv-loraplus")
                             with gr.Row():
-                                adv_resolution = gr.Number(adv["data.resolution"], precision=0, label="Resolution",
-                                                           elem_id="adv-resolution")
+                                adv_resolution = gr.Textbox(adv["data.resolution"], label="Resolution (\"512, 768\": "
+                                                            "both)", elem_id="adv-resolution")
                                 adv_batch = gr.Number(adv["train.batch_size"], precision=0, label="Batch size",
                                                       elem_id="adv-batch")
                                 adv_save_epochs = gr.Number(adv["train.save_every_n_epochs"], precision=0,
