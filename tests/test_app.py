@@ -18,20 +18,11 @@ from test_generate import trained_loras
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.errors import PathError
-from sdlora.ui.app import (
-    SLOTS,
-    AppSettings,
-    Engine,
-    label_grid,
-    launch,
-    lora_choices,
-    model_choices,
-    read_png_parameters,
-    resolve_inside,
-    resolve_model,
-    run_generate,
-    run_grid,
-)
+from sdlora.generate.grid import label_grid
+from sdlora.ui.app.engine import Engine
+from sdlora.ui.app.generate import SLOTS, read_png_parameters, run_generate, run_grid
+from sdlora.ui.app.page import launch
+from sdlora.ui.app.settings import AppSettings, lora_choices, model_choices, resolve_inside, resolve_model
 
 COMMON = ("tiny-sd15", "zkstyle, a boat", "", "euler", 2, 7.0, 64, 64)  # model ... height; then seed
 ALPHA, BETA = "alpha/alpha.safetensors", "beta/beta.safetensors"
@@ -273,7 +264,7 @@ def test_running_app_through_gradio_client(settings):
 
 
 def test_train_tab(tmp_path):
-    from sdlora.ui.app import preset_choices, preset_values, run_train
+    from sdlora.ui.app.train import preset_choices, preset_values, run_train
 
     local = _train_settings(tmp_path)
     engine = Engine(local)
@@ -313,7 +304,7 @@ def _train_settings(tmp_path, preset_extra: str = "") -> AppSettings:
 
 
 def test_train_tab_stop_loss_curve_and_samples(tmp_path):
-    from sdlora.ui.app import run_train, stop_train
+    from sdlora.ui.app.train import run_train, stop_train
 
     local = _train_settings(tmp_path, 'log_every_n_steps = 2\n'  # the loss reaches the app at log steps
                                       '[sample]\nprompts = ["zkstyle, a boat --d 3"]\nsteps = 2\ngrid_weights = []\n')
@@ -341,7 +332,7 @@ def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
 
     import sdlora.train.plan
     from sdlora.config import load_config
-    from sdlora.ui.app import run_train
+    from sdlora.ui.app.train import run_train
 
     local = _train_settings(tmp_path)
     preset = load_config(local.configs_dir / "mini.toml", ["lora.rank=4", "lora.alpha=4.0"])  # as the tab sets it
@@ -356,19 +347,19 @@ def test_train_tab_fits_the_preset_to_the_gpu(tmp_path, monkeypatch):
 
 def test_training_errors_reach_the_page_as_their_own_message():
     from sdlora.errors import PlanError, TrainingError
-    from sdlora.ui.app import _user_errors
+    from sdlora.ui.app.engine import user_errors
 
     for error in (TrainingError("loss or gradients were NaN/Inf; set train.max_grad_norm = 1.0"),
                   PlanError("this config needs about 9.0 GB and the GPU has 8.0 GB")):
-        with pytest.raises(gr.Error) as caught, _user_errors():
+        with pytest.raises(gr.Error) as caught, user_errors():
             raise error
         assert caught.value.message == str(error)
-    with pytest.raises(gr.Error, match="unexpected KeyError"), _user_errors():
+    with pytest.raises(gr.Error, match="unexpected KeyError"), user_errors():
         raise KeyError("a bug")
 
 
 def test_caption_table_round_trip(tmp_path):
-    from sdlora.ui.app import load_captions, save_captions
+    from sdlora.ui.app.captions import load_captions, save_captions
 
     local = _train_settings(tmp_path)
     folder = tmp_path / "imgs"
@@ -397,7 +388,7 @@ def test_vae_override(engine, settings):
     from safetensors.torch import save_file
 
     from sdlora.generate.pipeline import load_pipeline
-    from sdlora.ui.app import OWN_VAE, vae_choices
+    from sdlora.ui.app.settings import OWN_VAE, vae_choices
 
     vae = load_pipeline("tiny-sd15").vae
     settings.models_dir.mkdir(exist_ok=True)
@@ -425,7 +416,7 @@ def test_vae_override(engine, settings):
 
 
 def test_uploads_are_checked_before_anything_is_written(tmp_path):
-    from sdlora.ui.app import add_uploads
+    from sdlora.ui.app.captions import add_uploads
 
     local = _train_settings(tmp_path)
     staged = tmp_path / "staged"
@@ -453,7 +444,8 @@ def test_lora_browser_facts_families_and_switching_on(engine, settings):
     import torch
     from safetensors.torch import save_file
 
-    from sdlora.ui.app import describe_lora, insert_trigger, lora_details, lora_table, slot_switch, switch_on
+    from sdlora.ui.app.generate import insert_trigger, lora_details, slot_switch, switch_on
+    from sdlora.ui.app.loras import describe_lora, lora_table
 
     info = describe_lora(settings, ALPHA)
     assert (info.family, info.method, info.rank, info.trained) == ("SD 1.x", "LoRA", "4", "epoch 2, step 2")
@@ -492,7 +484,8 @@ def test_lora_browser_facts_families_and_switching_on(engine, settings):
 
 
 def test_lora_pictures_samples_beside_the_file_else_the_first_image_made_with_it(engine, settings):
-    from sdlora.ui.app import lora_details, lora_preview
+    from sdlora.ui.app.generate import lora_details
+    from sdlora.ui.app.loras import lora_preview
 
     alpha, beta = settings.lora_dir / ALPHA, settings.lora_dir / BETA
     for lora in (alpha, beta):
@@ -520,7 +513,7 @@ def test_lora_pictures_samples_beside_the_file_else_the_first_image_made_with_it
 
 def _advanced(local, **changes) -> list:
     """The Train tab's advanced fields as a preset fills them, with `changes` (keys as in ADVANCED_KEYS, dots as __)."""
-    from sdlora.ui.app import ADVANCED_KEYS, preset_advanced
+    from sdlora.ui.app.train import ADVANCED_KEYS, preset_advanced
 
     values = dict(zip(ADVANCED_KEYS, preset_advanced(local, "mini.toml")))
     values.update({key.replace("__", "."): value for key, value in changes.items()})
@@ -529,7 +522,7 @@ def _advanced(local, **changes) -> list:
 
 def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sdlora_train_runs(tmp_path):
     from sdlora.errors import ConfigError
-    from sdlora.ui.app import (
+    from sdlora.ui.app.train import (
         advanced_changes,
         preset_advanced,
         preset_choices,
@@ -590,7 +583,7 @@ def test_advanced_options_are_validated_as_the_cli_does_and_saved_as_a_preset_sd
 
 
 def test_resume_a_stopped_run_from_the_app(tmp_path):
-    from sdlora.ui.app import resumable_runs, run_resume, run_train, stop_train
+    from sdlora.ui.app.train import resumable_runs, run_resume, run_train, stop_train
 
     local = _train_settings(tmp_path, "log_every_n_steps = 1\n")
     engine = Engine(local)
@@ -614,7 +607,7 @@ def test_resume_a_stopped_run_from_the_app(tmp_path):
 
 
 def test_captions_of_kohya_repeat_folders(tmp_path):
-    from sdlora.ui.app import load_captions, save_captions
+    from sdlora.ui.app.captions import load_captions, save_captions
 
     local = _train_settings(tmp_path)
     for folder in ("10_cat", "3_dog"):

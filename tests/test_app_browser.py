@@ -28,7 +28,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is miss
 
 def _serve(settings):
     """The app on a free local port for the module's tests, closed after them."""
-    from sdlora.ui.app import launch
+    from sdlora.ui.app.page import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +40,7 @@ def _serve(settings):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from sdlora.ui.app import AppSettings
+    from sdlora.ui.app.settings import AppSettings
 
     root = tmp_path_factory.mktemp("browser")
     shutil.copytree(trained_loras(tmp_path_factory), root / "loras")
@@ -169,7 +169,8 @@ def train_app(tmp_path_factory):
     """The app over a data folder, a preset and a run stopped at step 2 of 4 (with its checkpoint)."""
     from test_app import _train_settings
 
-    from sdlora.ui.app import Engine, run_train, stop_train
+    from sdlora.ui.app.engine import Engine
+    from sdlora.ui.app.train import run_train, stop_train
 
     root = tmp_path_factory.mktemp("browser-train")
     settings = _train_settings(root)

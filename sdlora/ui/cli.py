@@ -405,7 +405,8 @@ def _print_warnings(warnings: list[str]) -> None:
 
 
 def _cmd_app(args, extra) -> int:
-    from sdlora.ui.app import AppSettings, launch
+    from sdlora.ui.app.page import launch
+    from sdlora.ui.app.settings import AppSettings
 
     settings = AppSettings(models_dir=Path(args.models_dir), lora_dir=Path(args.lora_dir), out_dir=Path(args.out),
                            model=args.model, data_dir=Path(args.data_dir), strict=args.strict,
