@@ -223,13 +223,7 @@ def translate(training: Mapping[str, Any], dataset: Mapping[str, Any] | None = N
         settings.update(_dataset_settings(dataset, changes, mapped, unmapped))
     for key, value in settings.items():
         if key in KEYS and value not in ("", None):
-            target, convert = KEYS[key]
-            try:
-                changes[target] = convert(value)
-            except (TypeError, ValueError) as e:
-                unmapped.append(f"{key} = {value!r}: {e}")
-                continue
-            mapped.append(f"{key} = {value!r} -> {target} = {changes[target]!r}")
+            _map(KEYS[key], value, f"{key} = {value!r}", changes, mapped, unmapped)
         elif key not in KEYS and key not in _IGNORED and value not in ("", None, False, 0, 0.0):
             unmapped.append(f"{key} = {value!r}: sdlora has no such setting")
     changes.update(_network(settings, mapped, unmapped))
@@ -253,6 +247,18 @@ def translate(training: Mapping[str, Any], dataset: Mapping[str, Any] | None = N
     return Translation(config, mapped, unmapped)
 
 
+def _map(entry: tuple[str, Callable[[Any], Any]], value: Any, label: str, changes: dict[str, Any],
+         mapped: list[str], unmapped: list[str]) -> None:
+    """One kohya setting (`label` in the report) through its (sdlora key, conversion) into `changes`."""
+    target, convert = entry
+    try:
+        changes[target] = convert(value)
+    except (TypeError, ValueError) as e:
+        unmapped.append(f"{label}: {e}")
+        return
+    mapped.append(f"{label} -> {target} = {changes[target]!r}")
+
+
 def _flatten(training: Mapping[str, Any]) -> dict[str, Any]:
     """sd-scripts' `--config_file` TOML groups its arguments in tables of any name; the GUI's JSON is flat."""
     flat: dict[str, Any] = {}
@@ -272,13 +278,7 @@ def _network(settings: Mapping[str, Any], mapped: list[str], unmapped: list[str]
     changes: dict[str, Any] = {}
     for key, value in args.items():
         if key in NETWORK_ARGS:
-            target, convert = NETWORK_ARGS[key]
-            try:
-                changes[target] = convert(value)
-            except (TypeError, ValueError) as e:
-                unmapped.append(f"network_args {key}={value}: {e}")
-                continue
-            mapped.append(f"network_args {key}={value} -> {target} = {changes[target]!r}")
+            _map(NETWORK_ARGS[key], value, f"network_args {key}={value}", changes, mapped, unmapped)
         elif key not in _NETWORK_ARGS_IGNORED:
             unmapped.append(f"network_args {key}={value}: sdlora has no such setting")
     if "LoRA_type" in settings:
