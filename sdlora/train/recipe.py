@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from PIL import Image
 from tqdm.auto import tqdm
 
 from sdlora.adapters.embeddings import (
@@ -47,7 +45,7 @@ from sdlora.adapters.export import (
 from sdlora.adapters.lora import count_parameters, trainable_parameters
 from sdlora.adapters.methods import Adapters, adapters_for, read_init_lora
 from sdlora.atomic import atomic_dir, write_text
-from sdlora.config import Config, TrainConfig, config_to_dict, derive, dump_toml, torch_dtype
+from sdlora.config import Config, TrainConfig, derive, dump_toml, torch_dtype
 from sdlora.data.cache import build_latent_cache, build_text_cache, encode_latents, from_text_cache
 from sdlora.data.dataset import (
     ImageRecord,
@@ -72,6 +70,7 @@ from sdlora.train.loss import compute_loss
 from sdlora.train.optimizer import evaluation_weights, make_lr_scheduler, make_optimizer
 from sdlora.train.plan import check_fits, offloads
 from sdlora.train.preservation import adapters_off, preservation_loss, preservation_prompts
+from sdlora.train.trackers import log_samples, start_trackers, tracker_names
 from sdlora.train.validation import (
     ValidationItem,
     best,
@@ -236,7 +235,7 @@ def _setup_accelerator(cfg: Config) -> Run:
     accelerator = Accelerator(
         cpu=cpu_ranks,
         mixed_precision=cfg.train.mixed_precision,
-        log_with=_trackers(cfg.train),
+        log_with=tracker_names(cfg.train),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     if torch.cuda.is_available():
@@ -413,7 +412,7 @@ def _announce(run: Run, data: Data, models: Models, opt: Optimization) -> None:
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         write_text(run.out / "config.toml", dump_toml(cfg))
-        _start_trackers(run)
+        start_trackers(run.accelerator, run.cfg, run.out)
 
 
 def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimization, position: Position,
@@ -499,7 +498,7 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                                                  [accelerator.unwrap_model(m) for m in models.encoders()], cfg.sample,
                                                  max(cfg.data.resolutions()), run.out / "samples",
                                                  f"step{position.step:08d}")
-                    _log_samples(accelerator, samples, position.step)
+                    log_samples(accelerator, samples, position.step)
                 if due.final:
                     break
             position.epoch, position.batch_in_epoch = position.epoch + 1, 0
@@ -803,58 +802,3 @@ def _nonfinite_message(t: TrainConfig, streak: int, step: int, out: Path) -> str
     return (f"loss or gradients were NaN/Inf for {streak} steps in a row (steps {step - streak + 1}-{step}); "
             f"those updates were skipped, so the weights and the checkpoints in {out} are intact. Likely fix: "
             + ", or ".join(causes))
-
-
-def _trackers(t: TrainConfig) -> list[str]:
-    """accelerate's trackers for train.log_with. sdlora's "all" is TensorBoard and wandb: accelerate's own "all"
-    would start any other tracker that happens to be installed."""
-    trackers: list[str] = ["tensorboard", "wandb"] if t.log_with == "all" else [t.log_with]
-    if "wandb" in trackers:
-        try:  # accelerate leaves out a tracker it cannot import without a word
-            import wandb  # noqa: F401
-        except ModuleNotFoundError as e:
-            if e.name != "wandb":
-                raise  # installed but broken: its own error says more
-            raise TrainingError(f"train.log_with = \"{t.log_with}\" needs wandb: pip install 'sdlora[wandb]'") from None
-    return trackers
-
-
-def _start_trackers(run: Run) -> None:
-    """accelerate's trackers, with the config as their hyperparameters. accelerate has one project name for all of
-    them: wandb's project, and TensorBoard's folder under logs/ (kohya's log_tracker_name names both too)."""
-    cfg, t, accelerator = run.cfg, run.cfg.train, run.accelerator
-    if t.log_with == "tensorboard":
-        accelerator.init_trackers("sdlora", config=_flat_hparams(cfg))
-        return
-    import wandb
-
-    # wandb's lines (banner, links, sync notes, warnings) would mix into sdlora's output. Its terminal is set up once
-    # per process, so a run's own settings leave the warnings on; sdlora names the run itself below.
-    wandb.setup(wandb.Settings(silent=True))
-    accelerator.init_trackers(t.wandb_project, config=_flat_hparams(cfg),
-                              init_kwargs={"wandb": {"name": t.wandb_run_name or None, "dir": str(run.out)}})
-    wandb_run = accelerator.get_tracker("wandb", unwrap=True)
-    # An offline run (WANDB_MODE=offline) has no link, and asking it for one prints a warning.
-    where = run.out / "wandb" if wandb_run.offline else wandb_run.url
-    if where:  # none with WANDB_MODE=disabled
-        logger.info(f"wandb run: {where}", main_process_only=True)
-
-
-def _log_samples(accelerator: Accelerator, paths: list[Path], step: int) -> None:
-    """The samples beside the loss, one image per prompt, through each tracker's log_images (TensorBoard's takes
-    an NHWC batch, wandb's a list of images: one array of one image is both)."""
-    images = {}
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            images[f"samples/{i:02d}"] = np.asarray(image.convert("RGB"))[None]
-    for tracker in accelerator.trackers:
-        tracker.log_images(images, step=step, **({"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}))
-
-
-def _flat_hparams(cfg: Config) -> dict:
-    """TensorBoard hparams take scalars only: dotted keys, lists as JSON strings."""
-    flat = {}
-    for table, values in config_to_dict(cfg).items():
-        for key, value in values.items():
-            flat[f"{table}.{key}"] = json.dumps(value) if isinstance(value, list) else value
-    return flat
