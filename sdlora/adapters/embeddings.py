@@ -13,6 +13,7 @@ through diffusers' `load_textual_inversion`.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 # The same table read the other way: a tensor name -> the text encoder its vectors are for.
 _COMPONENT_OF = {BUNDLED_KEY: "text_encoder", STANDALONE_KEY: "text_encoder", **{v: k for k, v in SDXL_KEYS.items()}}
 TOKENS_ADAPTER = "sdlora_tokens"
+# A diffusers pipeline's text encoders and the tokenizer of each, by attribute name.
+_PIPE_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 def vector_names(word: str, vectors: int) -> list[str]:
@@ -188,17 +191,15 @@ def load_words(pipe, words: Mapping[str, Mapping[str, torch.Tensor]], label: str
         LoraFileError: a word that is a token of the model (or loaded already: unload it first), vectors of the
             wrong width, or an SDXL embedding without both encoders' vectors (or one for another model family).
     """
-    components = ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
+    encoders = _pipe_encoders(pipe)
     for word, per_component in words.items():
-        if set(per_component) != set(components):
+        if set(per_component) != set(encoders):
             have = "SDXL" if "text_encoder_2" in per_component else "SD 1.x/2.x"
             raise LoraFileError(f"{label}: the embedding {word!r} is for {have}, not for this base model")
-        for component in components:
-            tokenizer = getattr(pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer")
+        for component, (tokenizer, encoder) in encoders.items():
             if word in tokenizer.get_vocab():
                 raise LoraFileError(f"{label}: the embedding's word {word!r} is a token of this model already; "
                                     "rename the embedding (its file name, or the word it bundles)")
-            encoder = getattr(pipe, component)
             width = encoder.get_input_embeddings().weight.shape[-1]
             if per_component[component].shape[-1] != width:
                 raise LoraFileError(f"{label}: the embedding {word!r} is {per_component[component].shape[-1]} wide, "
@@ -207,3 +208,18 @@ def load_words(pipe, words: Mapping[str, Mapping[str, torch.Tensor]], label: str
                                         text_encoder=encoder)
             fix_pooling(encoder, tokenizer)
     return list(words)
+
+
+def unload_word(pipe, word: str) -> None:
+    """Take a word that `load_words` loaded (all its vectors: `word`, `word_1`, ...) out of a pipeline's tokenizers
+    and text encoders again, with diffusers' `unload_textual_inversion`."""
+    for tokenizer, encoder in _pipe_encoders(pipe).values():
+        names = [name for name in tokenizer.added_tokens_encoder
+                 if name == word or re.fullmatch(rf"{re.escape(word)}_\d+", name)]
+        pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=encoder)
+
+
+def _pipe_encoders(pipe) -> dict[str, tuple[Any, Any]]:
+    """{component: (tokenizer, text encoder)} of a pipeline's text encoders (SD's one, SDXL's two)."""
+    return {component: (getattr(pipe, tokenizer), getattr(pipe, component))
+            for component, tokenizer in _PIPE_TOKENIZERS.items() if getattr(pipe, component, None) is not None}

@@ -351,8 +351,7 @@ class LoraCache:
             split_lora_key,
         )
         path = Path(path).resolve()
-        stat = path.stat() if path.is_file() else None
-        stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
+        stamp = _stamp(path)
         if path in self._adapters:
             names, loaded_stamp = self._adapters[path]
             if loaded_stamp == stamp:
@@ -443,8 +442,7 @@ class LoraCache:
         from sdlora.adapters.files import read_lora_file
 
         path = Path(path).resolve()
-        stat = path.stat() if path.is_file() else None
-        stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
+        stamp = _stamp(path)
         if self._embedding_stamps.get(path) != stamp:
             tensors, _ = read_lora_file(path)
             self._forget_words(path)
@@ -477,15 +475,10 @@ class LoraCache:
         self._embedding_stamps.pop(path, None)
 
     def _unload_word(self, word: str) -> None:
-        """Take a word (all its vectors) out of the pipeline's tokenizers and text encoders."""
+        from sdlora.adapters.embeddings import unload_word
+
         del self._word_source[word]
-        for component in ("text_encoder", "text_encoder_2"):
-            tokenizer = getattr(self.pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer", None)
-            if tokenizer is None or getattr(self.pipe, component, None) is None:
-                continue
-            names = [name for name in tokenizer.added_tokens_encoder
-                     if name == word or re.fullmatch(rf"{re.escape(word)}_\d+", name)]
-            self.pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=getattr(self.pipe, component))
+        unload_word(self.pipe, word)
 
     def _strays(self, path: Path, unmatched: list[str], matched: int) -> str | None:
         """The note on a file's modules that match nothing in the model (`unmatched` keys), if any.
@@ -592,6 +585,12 @@ class LoraCache:
             with contextlib.suppress(Exception), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # peft: "Adapter ... was active which is now deleted"
                 self.pipe.delete_adapters([name])
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(mtime_ns, size) of a file, (0, 0) when there is none: a file loaded again when it changes on disk."""
+    stat = path.stat() if path.is_file() else None
+    return (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
 
 
 def _misread_by_diffusers(tensors: dict[str, torch.Tensor]) -> bool:
