@@ -66,7 +66,8 @@ class AdaLora:
             lora_alpha=effective_scale(self.cfg) * init_rank,  # type: ignore[arg-type]
         )
         self.tuners[component] = AdaLoraModel(model, config, ADAPTER)
-        # fp32 whatever the base dtype, as in lora.inject_lora; ranknum too, so the scale is exact in the forward.
+        # fp32 whatever the base dtype, as lora.trained_in_fp32 makes them; ranknum too, so the scale is exact in the
+        # forward.
         for name, param in model.named_parameters():
             if param.requires_grad or ".ranknum." in name:
                 param.data = param.data.float()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sdlora.adapters.lora import trained_in_fp32
 from sdlora.atomic import atomic_dir
 from sdlora.errors import ConfigError, LoraFileError
 
@@ -82,10 +83,7 @@ def add_trainable_words(encoder: Any, tokenizer, words: list[str], vectors: int,
         warnings.filterwarnings("ignore", message=".*peft_config.*")
         inject_adapter_in_model(TrainableTokensConfig(token_indices=new_ids, target_modules=[target]), encoder,
                                 adapter_name=TOKENS_ADAPTER)
-    for name, param in encoder.named_parameters():
-        if is_embedding(name):  # fp32 whatever the base dtype, as the LoRA adapters
-            param.data = param.data.float()
-            param.requires_grad_(True)
+    trained_in_fp32(encoder)
     return new_ids
 
 

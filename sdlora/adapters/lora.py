@@ -128,12 +128,17 @@ def inject_lora(model: torch.nn.Module, component: str, cfg: LoraConfig,
     # peft's own entry point for both the UNet and the text encoders: transformers' add_adapter demands its own
     # pairing of peft versions, and diffusers' only adds bookkeeping that pipelines need for loaded files.
     inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
-    # Adapter weights stay fp32 whatever the base dtype: fp16 updates of small LoRA values underflow.
+    trained_in_fp32(model)
+    set_lora_layers(model, start)
+    return names
+
+
+def trained_in_fp32(model: torch.nn.Module) -> None:
+    """The trainable (adapter) weights of `model` in fp32 whatever the base dtype: fp16 updates of small adapter
+    values underflow."""
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    set_lora_layers(model, start)
-    return names
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraWeights]:

@@ -24,7 +24,7 @@ from peft.tuners.lycoris_utils import LycorisLayer
 
 from sdlora.adapters.blocks import block_patterns
 from sdlora.adapters.files import LYCORIS_NAMES, LYCORIS_PARTS, lycoris_missing, lycoris_rank
-from sdlora.adapters.lora import ADAPTER, LoraWeights, StepFreeAdapters, target_module_names
+from sdlora.adapters.lora import ADAPTER, LoraWeights, StepFreeAdapters, target_module_names, trained_in_fp32
 from sdlora.config import LoraConfig
 from sdlora.errors import LoraFileError
 
@@ -99,9 +99,7 @@ class LycorisAdapters(StepFreeAdapters):
         if isinstance(config, LoKrConfig):
             config.decompose_factor = cfg.decompose_factor
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-        for param in model.parameters():  # fp32 whatever the base dtype, as in lora.inject_lora
-            if param.requires_grad:
-                param.data = param.data.float()
+        trained_in_fp32(model)
         return names
 
     def layers(self, component: str, model: torch.nn.Module) -> dict[str, LycorisWeights]:
