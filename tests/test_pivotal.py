@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import assert_same, make_cfg
 
-from sdlora.adapters.embeddings import read_bundle, read_embedding_file
+from sdlora.adapters.embeddings import read_embedding_file, split_bundle
 from sdlora.errors import ConfigError, LoraFileError
 from sdlora.generate.pipeline import LoraCache, LoraSpec, list_lora_files, load_pipeline
 from sdlora.generate.prompt import encode_prompt_embeds
@@ -30,7 +30,7 @@ def trained(request, dataset, tmp_path_factory):
 
 def test_the_words_train_and_both_files_hold_them(trained):
     model, out, lora = trained
-    bundle = read_bundle(load_file(str(lora)), lora)
+    bundle, _ = split_bundle(load_file(str(lora)), lora)
     standalone = read_embedding_file(load_file(str(out / "embeddings" / "lora" / "zkw.safetensors")), "zkw")
     assert list(bundle) == ["zkw"]
     base = load_base_model(model)

@@ -143,15 +143,19 @@ def _key(component: str, arch: str, bundled: bool) -> str:
     return BUNDLED_KEY if bundled else STANDALONE_KEY
 
 
-def read_bundle(tensors: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The embeddings bundled in a LoRA file's tensors as {word: {component: vectors [n, dim]}}.
+def split_bundle(tensors: Mapping[str, torch.Tensor],
+                 path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A LoRA file's tensors as (the embeddings bundled in it as {word: {component: vectors [n, dim]}}, the other
+    tensors).
 
     Raises:
         LoraFileError: a bundled embedding in a layout A1111 does not read either.
     """
     found: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(BUNDLE_PREFIX):
+            rest[key] = value
             continue
         word, _, name = key[len(BUNDLE_PREFIX):].partition(".")
         component = _COMPONENT_OF.get(name)
@@ -159,7 +163,7 @@ def read_bundle(tensors: Mapping[str, torch.Tensor], path: str | Path) -> dict[s
             raise LoraFileError(f"{path}: bundled embedding key {key!r} is not one A1111 reads "
                                 f"(bundle_emb.<word>.{BUNDLED_KEY}, .clip_l or .clip_g)")
         found.setdefault(word, {})[component] = value.reshape(-1, value.shape[-1])
-    return found
+    return found, rest
 
 
 def read_embedding_file(tensors: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:

@@ -313,12 +313,11 @@ def inspect_lora(path: str | Path) -> str:
         LoraFileError: see `read_lora_file`; and a file that holds no LoRA module (a checkpoint, a VAE, another
             LyCORIS network), in one line saying what it looks like.
     """
-    from sdlora.adapters.embeddings import BUNDLE_PREFIX, read_bundle
+    from sdlora.adapters.embeddings import split_bundle
 
     path = Path(path)
     sd, metadata = read_lora_file(path)
-    bundle = read_bundle(sd, path)
-    sd = {key: value for key, value in sd.items() if not key.startswith(BUNDLE_PREFIX)}
+    bundle, sd = split_bundle(sd, path)
     refuse_other_networks(path, sd, lycoris=True)
     modules, unknown = group_lora_keys(sd)
     algos = {module: lycoris_algo(parts) for module, parts in modules.items()}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdlora.adapters.embeddings import BUNDLE_PREFIX, read_bundle
+from sdlora.adapters.embeddings import BUNDLE_PREFIX, split_bundle
 from sdlora.adapters.export import (
     COMPONENTS,
     arch_metadata,
@@ -90,8 +90,10 @@ def read_lora(path: str | Path) -> LoraFile:
     """
     path = Path(path)
     tensors, metadata = read_lora_file(path)
-    read_bundle(tensors, path)  # checks the layout
-    bundle = {key: tensors.pop(key) for key in list(tensors) if key.startswith(BUNDLE_PREFIX)}
+    _, lora_tensors = split_bundle(tensors, path)
+    # the bundled embeddings' tensors as the file has them, written into the outputs unchanged
+    bundle = {key: value for key, value in tensors.items() if key not in lora_tensors}
+    tensors = lora_tensors
     unsupported = unsupported_network_type(tensors)
     if unsupported:
         raise LoraFileError(f"{path}: a {unsupported[0]} network (e.g. key {unsupported[1]!r}), not a plain LoRA")

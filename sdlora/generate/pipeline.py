@@ -341,7 +341,7 @@ class LoraCache:
                 weight difference, ...), another architecture than the pipeline's, keys/shapes that do not fit the
                 model, or with `strict` modules that match nothing in it. The pipeline is left as it was.
         """
-        from sdlora.adapters.embeddings import BUNDLE_PREFIX, read_bundle
+        from sdlora.adapters.embeddings import split_bundle
         from sdlora.adapters.export import match_lora_keys
         from sdlora.adapters.files import (
             detect_arch,
@@ -363,8 +363,7 @@ class LoraCache:
             self._forget_words(path)
         started = time.perf_counter()
         tensors, metadata = read_lora_file(path)
-        bundle = read_bundle(tensors, path)
-        tensors = {key: value for key, value in tensors.items() if not key.startswith(BUNDLE_PREFIX)}
+        bundle, tensors = split_bundle(tensors, path)
         refuse_other_networks(path, tensors, lycoris=True)
         if not any(split_lora_key(key) for key in tensors):
             raise LoraFileError(f"{path}: holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B keys)")
