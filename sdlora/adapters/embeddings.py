@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from sdlora.adapters.lora import trained_in_fp32
 from sdlora.atomic import atomic_dir
 from sdlora.errors import ConfigError, LoraFileError
 
@@ -61,7 +60,10 @@ def add_trainable_words(encoder: Any, tokenizer, words: list[str], vectors: int,
 
     Call after the LoRA adapters are injected: injection freezes the whole model.
     """
-    from peft import TrainableTokensConfig, inject_adapter_in_model  # seconds to import: `inspect` needs none of it
+    # peft (also under adapters.lora) takes seconds to import: `inspect`, which reads bundles, needs none of it.
+    from peft import TrainableTokensConfig, inject_adapter_in_model
+
+    from sdlora.adapters.lora import trained_in_fp32
     for word in words:
         check_new_word(word, tokenizer)
     names = [name for word in words for name in vector_names(word, vectors)]
