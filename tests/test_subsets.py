@@ -167,6 +167,9 @@ def test_two_subsets_at_two_resolutions_train_export_and_resume_exactly(two_fold
     assert [(s["image_dir"], s["num_repeats"], s["flip_aug"], s["caption_prefix"]) for s in datasets[0]["subsets"]] \
         == [("a", 1, True, "zk"), ("b", 2, False, "")]
     assert datasets[1]["num_train_images"] == 3 and meta["ss_resolution"] == "(128, 128)"
+    # "a" trains at two resolutions: its three images still count once each
+    assert json.loads(meta["ss_dataset_dirs"]) == {"a": {"n_repeats": 1, "img_count": 3},
+                                                   "b": {"n_repeats": 2, "img_count": 3}}
     resumed = train(cfg(tmp_path / "b"), resume=str(tmp_path / "a" / "checkpoint-2"))
     assert_same(adapter(straight), adapter(resumed))
 

@@ -738,9 +738,10 @@ def _counts(records: list[ImageRecord]) -> str:
 
 
 def _dataset_dirs(records: list[ImageRecord]) -> dict[str, dict[str, int]]:
-    """kohya's ss_dataset_dirs / ss_reg_dataset_dirs: {folder: {"n_repeats", "img_count"}}."""
+    """kohya's ss_dataset_dirs / ss_reg_dataset_dirs: {folder: {"n_repeats", "img_count"}}; an image trained at two
+    resolutions (a record for each) counts once, as in ss_tag_frequency."""
     dirs: dict[str, dict[str, int]] = {}
-    for r in records:
+    for r in {(r.dataset_dir, r.path): r for r in records}.values():
         entry = dirs.setdefault(r.dataset_dir, {"n_repeats": r.repeats, "img_count": 0})
         entry["img_count"] += 1
     return dirs
