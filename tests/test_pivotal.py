@@ -2,9 +2,11 @@
 them and written standalone as kohya does; sdlora and diffusers' load_textual_inversion read back what training
 used; resume is exact."""
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from test_train import assert_same, make_cfg
 
 from sdlora.adapters.embeddings import read_embedding_file, split_bundle
@@ -174,3 +176,38 @@ def test_generate_loads_the_embeddings_a_prompt_names(trained, tmp_path):
     assert main([*common, str(tmp_path / "c"), "--prompt", PROMPT]) == 0
     images = [(tmp_path / run / "00001-1.png").read_bytes() for run in "abc"]
     assert images[0] == images[1] != images[2]
+
+
+def test_the_apps_generate_and_grid_load_the_embeddings_a_prompt_names(trained, tmp_path):
+    """The app's embeddings folder serves the Generate tab and every cell of the X/Y grid; the grid's LoRA here bundles
+    no words, so only the folder can bring the word in."""
+    from sdlora.ui.app.engine import Engine
+    from sdlora.ui.app.generate import SLOTS, run_generate, run_grid
+    from sdlora.ui.app.settings import AppSettings
+
+    model, out, lora = trained
+    (tmp_path / "loras").mkdir()
+    tensors = load_file(str(lora))
+    save_file(split_bundle(tensors, lora)[1], str(tmp_path / "loras" / "plain.safetensors"))
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "zkw.safetensors").write_bytes((out / "embeddings" / "lora" / "zkw.safetensors").read_bytes())
+    fields = (model, PROMPT, "", "euler", 1, 7.0, 64, 64, 3)
+    off = [False, None, 1.0] * SLOTS
+
+    def images(embedding_dir):
+        engine = Engine(AppSettings(models_dir=tmp_path / "models", lora_dir=tmp_path / "loras",
+                                    out_dir=tmp_path / "out", embedding_dir=embedding_dir))
+        grid, _ = run_grid(engine, *fields, "plain.safetensors", "0", "seed", "3", *off)  # first: a word loaded
+        generated, _, _ = run_generate(engine, *fields, 1, *off)  # stays loaded
+        with Image.open(generated[0][0]) as image, Image.open(grid) as cells:
+            cell = cells.crop((cells.width - 64, cells.height - 64, cells.width, cells.height))
+            return np.asarray(image.convert("RGB"), float), np.asarray(cell.convert("RGB"), float)
+
+    def differ(a, b):
+        return np.abs(a - b).mean()
+
+    with_word, without = images(tmp_path / "emb"), images(tmp_path / "nothing")
+    # The cell equals the Generate tab's image up to a few rounded pixels (0.0001 here): loading a LoRA moves the
+    # buffers, and a CPU matmul's last bit depends on their alignment. The word moves the image 0.7-1.1 levels.
+    assert differ(*with_word) < 0.01 and differ(*without) < 0.01
+    assert differ(with_word[0], without[0]) > 0.1 and differ(with_word[1], without[1]) > 0.1

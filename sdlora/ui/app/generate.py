@@ -231,7 +231,8 @@ def run_grid(engine: Engine, model, prompt, negative, sampler, steps, cfg, width
                 if progress is not None:
                     progress((r * len(weights) + c, total), desc="X/Y grid")
                 result = generate_images(pipe, loras, p, [*others, *extra, LoraSpec(x_lora, weight)],
-                                         lora_dir=lora_dir, model_name=model_label(model))
+                                         lora_dir=lora_dir, model_name=model_label(model),
+                                         embedding_dir=engine.settings.embedding_dir)
                 notes.update(dict.fromkeys(result.warnings))
                 row.append(result.images[0])
             cells.append(row)
