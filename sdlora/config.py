@@ -70,6 +70,12 @@ class KohyaBlocks:
     def names(self) -> tuple[str, ...]:
         return self.ends[:1] + self.down + self.mid + self.up + self.ends[1:]
 
+    def count(self, key: str) -> int:
+        """How many values the list lora.<key> takes: one per down / mid / up block for the *_lr_weight keys, one
+        per block for the others."""
+        part = {"down_lr_weight": self.down, "mid_lr_weight": self.mid, "up_lr_weight": self.up}.get(key, self.names)
+        return len(part)
+
 
 def _numbered(prefix: str, n: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{i:02d}" for i in range(n))
@@ -230,6 +236,10 @@ class DataConfig:
         for subset in self.subsets:
             found += as_resolutions(subset.resolution) if subset.resolution is not None else []
         return sorted(set(found))
+
+    def largest_resolution(self) -> int:
+        """The resolution that stands for a run of several: the memory plan, the samples and ss_resolution use it."""
+        return self.resolutions()[-1]
 
 
 def as_resolutions(resolution: int | list[int]) -> list[int]:
@@ -839,9 +849,7 @@ def _block_problems(lo: LoraConfig) -> list[str]:
     families: dict[str, set[str]] = {}  # key -> the families whose block count its length is
     for key, value in settings.items():
         if isinstance(value, list):
-            parts = {"down_lr_weight": "down", "up_lr_weight": "up", "mid_lr_weight": "mid"}
-            lengths = {arch: len(getattr(blocks, parts[key]) if key in parts else blocks.names)
-                       for arch, blocks in KOHYA_BLOCKS.items()}
+            lengths = {arch: blocks.count(key) for arch, blocks in KOHYA_BLOCKS.items()}
             families[key] = {arch for arch, n in lengths.items() if n == len(value)}
             if not families[key]:
                 problems.append(f"lora.{key}: {len(value)} values; give one per block: {lengths['sd1']} for SD "

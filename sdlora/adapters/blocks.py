@@ -50,9 +50,8 @@ def unet_blocks(cfg: LoraConfig, unet: torch.nn.Module, names: list[str]) -> dic
     config = cast(Mapping[str, Any], unet.config)
     arch = detect_arch({}, dict(config))
     blocks = kohya_blocks(arch)
-    sizes = {"down_lr_weight": len(blocks.down), "up_lr_weight": len(blocks.up), "mid_lr_weight": len(blocks.mid)}
     for key, value in settings.items():
-        if isinstance(value, list) and len(value) != sizes.get(key, len(blocks.names)):
+        if isinstance(value, list) and len(value) != blocks.count(key):
             raise ConfigError(f"lora.{key}: {len(value)} values, but the base model is {ARCH_NAMES[arch]}, whose kohya "
                               f"blocks are {len(blocks.names)} ({_span(blocks.names)}): {len(blocks.down)} down "
                               f"({_span(blocks.down)}), {len(blocks.mid)} mid, {len(blocks.up)} up")

@@ -434,6 +434,7 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         network_args[key] = value if isinstance(value, str) else ",".join(
             map(metadata_number, value if isinstance(value, list) else [value]))
 
+    side = d.largest_resolution()
     date = info.date or datetime.datetime.fromtimestamp(
         float(info.training_finished_at), tz=datetime.timezone.utc
     ).isoformat(timespec="seconds")
@@ -445,7 +446,7 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_network_args": json.dumps(network_args),
         "ss_sd_model_name": _basename(str(info.sd_model_name or cfg.model.base_model)),
         # kohya writes the tuple's repr; of several resolutions the largest (ss_datasets has each subset's)
-        "ss_resolution": f"({max(d.resolutions())}, {max(d.resolutions())})",
+        "ss_resolution": f"({side}, {side})",
         "ss_learning_rate": str(t.learning_rate),
         "ss_unet_lr": str(t.unet_lr if t.unet_lr is not None else t.learning_rate) if lo.train_unet else "0",
         "ss_text_encoder_lr": (
@@ -507,7 +508,7 @@ def build_metadata(cfg: Config, arch: str, info: RunInfo) -> dict[str, str]:
         "ss_max_grad_norm": str(t.max_grad_norm),
         **arch_metadata(arch, v_pred),
         "modelspec.title": ex.title or t.output_name,
-        "modelspec.resolution": f"{max(d.resolutions())}x{max(d.resolutions())}",
+        "modelspec.resolution": f"{side}x{side}",
         "modelspec.date": str(date),
     }
     for key, value in (("description", ex.description), ("author", ex.author), ("trigger_phrase", ex.trigger_phrase)):

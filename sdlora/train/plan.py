@@ -186,7 +186,7 @@ def trace(cfg: Config) -> _Traced:
     lora_params, lora_params_8bit = sum(trainable), sum(n for n in trainable if n >= BNB_MIN_8BIT_SIZE)
 
     # The largest resolution trained is the one that must fit.
-    latents, step, states, added = meta_unet_inputs(unet, max(cfg.data.resolutions()), dtype)
+    latents, step, states, added = meta_unet_inputs(unet, cfg.data.largest_resolution(), dtype)
 
     def forward():
         states.requires_grad_(not cfg.lora.train_unet)  # a frozen UNet still back-propagates to a trained TE
@@ -217,7 +217,7 @@ def _vae_peak(vae, cfg: Config) -> int:
     handles = [m.register_forward_hook(hook) for m in vae.encoder.modules()]
     try:
         with torch.no_grad():
-            side = max(cfg.data.resolutions())
+            side = cfg.data.largest_resolution()
             vae.encoder(torch.empty(1, 3, side, side, device="meta"))
     finally:
         for h in handles:

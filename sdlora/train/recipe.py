@@ -496,7 +496,7 @@ def _loop(run: Run, data: Data, models: Models, caches: Caches, opt: Optimizatio
                     with accelerator.autocast(), opt.averaged():
                         samples = render_samples(models.base, models.unwrapped(accelerator, "unet"),
                                                  [accelerator.unwrap_model(m) for m in models.encoders()], cfg.sample,
-                                                 max(cfg.data.resolutions()), run.out / "samples",
+                                                 cfg.data.largest_resolution(), run.out / "samples",
                                                  f"step{position.step:08d}")
                     log_samples(accelerator, samples, position.step)
                 if due.final:

@@ -50,13 +50,12 @@ def run_demo(out: Path, config: Path | None = None) -> dict[str, Path | None]:
     cache = LoraCache(pipe)
     # First, while no adapter was ever loaded into the pipeline, so that "weight 0 renders the base model bit for
     # bit" compares with the untouched base. Rendered as the samples are (the config's steps, CFG, sampler, size).
-    settings = RenderSettings(steps=cfg.sample.steps, cfg=cfg.sample.cfg, sampler=cfg.sample.sampler,
-                              size=max(cfg.data.resolutions()))
+    size = cfg.data.largest_resolution()
+    settings = RenderSettings(steps=cfg.sample.steps, cfg=cfg.sample.cfg, sampler=cfg.sample.sampler, size=size)
     quality = measure(pipe, cache, lora, settings=settings)
     save(quality, out / QUALITY_NAME)
     defaults = GenerationParams(prompt="", steps=cfg.sample.steps, cfg=cfg.sample.cfg, seed=cfg.sample.seed,
-                                width=max(cfg.data.resolutions()), height=max(cfg.data.resolutions()),
-                                sampler=cfg.sample.sampler)
+                                width=size, height=size, sampler=cfg.sample.sampler)
     rows, prompts = [], []
     for i, line in enumerate(cfg.sample.prompts):
         params = parse_sample_prompt(line, defaults)
